@@ -1,0 +1,240 @@
+//! The command line: virtiofsd 1.14's flags, with the same names and meanings.
+//!
+//! A user who swaps `virtiofsd` for `leasefsd` in a launch script must not have to touch the
+//! rest of the line, so every flag here keeps virtiofsd's spelling, defaults and value syntax.
+
+use std::path::PathBuf;
+
+use clap::{Parser, ValueEnum};
+
+/// What the guest may cache, with virtiofsd's timeouts and open flags.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, ValueEnum)]
+pub enum CacheMode {
+    /// No data, attribute or dentry caching: every access goes to the host.
+    Never,
+    /// Attributes and dentries are cached for a day; file data is not.
+    Metadata,
+    /// Attributes and dentries for one second; data is dropped when a file's mtime changed at open.
+    Auto,
+    /// Everything is cached for a day (stale when the host changes the directory).
+    Always,
+}
+
+/// How the daemon is confined before it serves the guest.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, ValueEnum)]
+pub enum SandboxMode {
+    /// New mount, pid and network namespaces, with the shared directory as the root.
+    Namespace,
+    /// chroot(2) into the shared directory (needs CAP_SYS_CHROOT).
+    Chroot,
+    /// No confinement: the daemon sees the host's whole filesystem.
+    None,
+}
+
+/// Whether inodes are referenced by O_PATH descriptors or by file handles.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, ValueEnum)]
+pub enum InodeFileHandles {
+    /// Always keep an O_PATH descriptor per inode.
+    Never,
+    /// Use file handles where the filesystem supports them, descriptors elsewhere.
+    Prefer,
+    /// Use file handles; refuse to start where they are not supported.
+    Mandatory,
+}
+
+/// Log verbosity, as virtiofsd spells it.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, ValueEnum)]
+pub enum LogLevel {
+    Error,
+    Warn,
+    Info,
+    Debug,
+    Trace,
+    Off,
+}
+
+impl LogLevel {
+    pub fn filter(self) -> log::LevelFilter {
+        match self {
+            LogLevel::Error => log::LevelFilter::Error,
+            LogLevel::Warn => log::LevelFilter::Warn,
+            LogLevel::Info => log::LevelFilter::Info,
+            LogLevel::Debug => log::LevelFilter::Debug,
+            LogLevel::Trace => log::LevelFilter::Trace,
+            LogLevel::Off => log::LevelFilter::Off,
+        }
+    }
+}
+
+/// The largest virtqueue a guest may configure; QEMU accepts up to this with virtiofsd too.
+pub const MAX_QUEUE_SIZE: usize = 32768;
+
+/// leasefsd: a vhost-user virtio-fs daemon (drop-in for virtiofsd).
+#[derive(Debug, Parser)]
+#[command(name = "leasefsd", version, about)]
+pub struct Options {
+    /// vhost-user socket path.
+    #[arg(long = "socket-path", alias = "socket", value_name = "PATH",
+          required_unless_present_any = ["fd", "print_capabilities"])]
+    pub socket_path: Option<PathBuf>,
+
+    /// File descriptor of an already listening vhost-user socket.
+    #[arg(long, value_name = "FD", conflicts_with = "socket_path")]
+    pub fd: Option<i32>,
+
+    /// Name of the group that owns the vhost-user socket.
+    #[arg(long = "socket-group", value_name = "GROUP")]
+    pub socket_group: Option<String>,
+
+    /// Shared directory path.
+    #[arg(
+        long = "shared-dir",
+        value_name = "DIR",
+        required_unless_present = "print_capabilities"
+    )]
+    pub shared_dir: Option<PathBuf>,
+
+    /// Tag the guest mounts (`mount -t virtiofs TAG`); also announced through the device's
+    /// config space when the VMM asks for it.
+    #[arg(long, value_name = "TAG")]
+    pub tag: Option<String>,
+
+    /// What the guest may cache.
+    #[arg(long, value_enum, default_value_t = CacheMode::Auto)]
+    pub cache: CacheMode,
+
+    /// Sandbox mechanism to isolate the daemon process.
+    #[arg(long, value_enum, default_value_t = SandboxMode::Namespace)]
+    pub sandbox: SandboxMode,
+
+    /// Maximum number of threads serving requests of one queue (0: serve in the queue's own
+    /// thread).
+    #[arg(long = "thread-pool-size", value_name = "N", default_value_t = 0)]
+    pub thread_pool_size: usize,
+
+    /// Export the directory read-only.
+    #[arg(long)]
+    pub readonly: bool,
+
+    /// Enable support for extended attributes.
+    #[arg(long)]
+    pub xattr: bool,
+
+    /// Enable support for POSIX ACLs (implies --xattr).
+    #[arg(long = "posix-acl")]
+    pub posix_acl: bool,
+
+    /// Reference inodes by file handles instead of O_PATH descriptors.
+    #[arg(long = "inode-file-handles", value_enum, default_value_t = InodeFileHandles::Never,
+          num_args = 0..=1, default_missing_value = "prefer")]
+    pub inode_file_handles: InodeFileHandles,
+
+    /// Enable writeback caching in the guest.
+    #[arg(long)]
+    pub writeback: bool,
+
+    /// Honour O_DIRECT from the guest instead of filtering it out.
+    #[arg(long = "allow-direct-io")]
+    pub allow_direct_io: bool,
+
+    /// Tell the guest about host submounts so it can give them their own st_dev.
+    #[arg(long = "announce-submounts")]
+    pub announce_submounts: bool,
+
+    /// Log level.
+    #[arg(long = "log-level", value_enum, default_value_t = LogLevel::Info)]
+    pub log_level: LogLevel,
+
+    /// Log to syslog instead of stderr.
+    #[arg(long)]
+    pub syslog: bool,
+
+    /// Set the maximum number of open files (0: leave the limit unchanged; default: raise it to
+    /// the system maximum).
+    #[arg(long = "rlimit-nofile", value_name = "N")]
+    pub rlimit_nofile: Option<u64>,
+
+    /// Print the vhost-user.json backend program capabilities and exit.
+    #[arg(long = "print-capabilities")]
+    pub print_capabilities: bool,
+
+    /// How many request queues to offer the VMM (QEMU's `num-request-queues` may ask for up to
+    /// this many).
+    #[arg(long = "max-request-queues", value_name = "N", default_value_t = 8,
+          value_parser = clap::value_parser!(u16).range(1..=64))]
+    pub max_request_queues: u16,
+}
+
+/// The capabilities document of QEMU's docs/interop/vhost-user.json for a "fs" backend.
+pub fn capabilities_json() -> &'static str {
+    // No "migrate-precopy": leasefsd does not transfer device state, so it must not claim to.
+    "{\n  \"type\": \"fs\",\n  \"features\": [\n    \"separate-options\"\n  ]\n}"
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use clap::CommandFactory;
+
+    fn parse(args: &[&str]) -> Result<Options, clap::Error> {
+        Options::try_parse_from(std::iter::once("leasefsd").chain(args.iter().copied()))
+    }
+
+    #[test]
+    fn command_definition_is_consistent() {
+        Options::command().debug_assert();
+    }
+
+    #[test]
+    fn virtiofsd_line_parses_with_virtiofsd_defaults() {
+        let o = parse(&["--socket-path", "/tmp/s", "--shared-dir", "/srv"]).unwrap();
+        assert_eq!(o.cache, CacheMode::Auto);
+        assert_eq!(o.sandbox, SandboxMode::Namespace);
+        assert_eq!(o.inode_file_handles, InodeFileHandles::Never);
+        assert_eq!(o.thread_pool_size, 0);
+        assert!(!o.readonly && !o.xattr && !o.writeback);
+    }
+
+    #[test]
+    fn equals_syntax_and_bare_inode_file_handles() {
+        let o = parse(&[
+            "--socket-path=/tmp/s",
+            "--shared-dir=/srv",
+            "--cache=always",
+            "--sandbox=none",
+            "--inode-file-handles",
+        ])
+        .unwrap();
+        assert_eq!(o.cache, CacheMode::Always);
+        assert_eq!(o.sandbox, SandboxMode::None);
+        assert_eq!(o.inode_file_handles, InodeFileHandles::Prefer);
+    }
+
+    #[test]
+    fn unknown_flag_and_missing_dir_are_errors() {
+        assert!(parse(&["--socket-path", "/s", "--shared-dir", "/d", "--bogus"]).is_err());
+        assert!(parse(&["--socket-path", "/s"]).is_err());
+        assert!(parse(&[
+            "--socket-path",
+            "/s",
+            "--shared-dir",
+            "/d",
+            "--cache",
+            "sometimes"
+        ])
+        .is_err());
+    }
+
+    #[test]
+    fn print_capabilities_needs_nothing_else() {
+        let o = parse(&["--print-capabilities"]).unwrap();
+        assert!(o.print_capabilities);
+        assert!(capabilities_json().contains("\"type\": \"fs\""));
+    }
+
+    #[test]
+    fn fd_and_socket_path_conflict() {
+        assert!(parse(&["--fd", "3", "--socket-path", "/s", "--shared-dir", "/d"]).is_err());
+        assert!(parse(&["--fd", "3", "--shared-dir", "/d"]).is_ok());
+    }
+}

@@ -1,0 +1,307 @@
+//! One daemon run: check the command line against the host, confine the process, serve one
+//! VMM connection, exit when it ends.
+
+use std::fs::File;
+use std::io;
+use std::os::fd::{AsRawFd, FromRawFd};
+use std::os::unix::fs::{FileTypeExt, PermissionsExt};
+use std::os::unix::net::UnixStream;
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicI32, Ordering};
+use std::sync::Arc;
+
+use log::{info, warn};
+use vhost::vhost_user::{Error as VhostUserError, Listener};
+use vhost_user_backend::{Error as BackendError, VhostUserDaemon};
+use vm_memory::{GuestMemoryAtomic, GuestMemoryMmap};
+
+use crate::cli::{capabilities_json, InodeFileHandles, Options, SandboxMode};
+use crate::device::FsDevice;
+use crate::filesystem;
+use crate::fuse::FuseDispatcher;
+use crate::sandbox::{self, Sandbox, SandboxError};
+
+/// Everything that stops the daemon, each naming its cause for the one-line error.
+#[derive(Debug, thiserror::Error)]
+pub enum DaemonError {
+    #[error("shared directory {path}: {source}")]
+    SharedDir { path: PathBuf, source: io::Error },
+    #[error("vhost-user socket {path}: {reason}")]
+    Socket { path: String, reason: String },
+    #[error("--socket-group {0}: no such group")]
+    Group(String),
+    #[error("--rlimit-nofile: {0}")]
+    Rlimit(io::Error),
+    #[error("logging: {0}")]
+    Logging(String),
+    #[error(transparent)]
+    Sandbox(#[from] SandboxError),
+    #[error("opening the shared directory for serving: {0}")]
+    Filesystem(io::Error),
+    #[error("device: {0}")]
+    Device(io::Error),
+    #[error("vhost-user: {0}")]
+    VhostUser(String),
+}
+
+pub fn run(options: Options) -> Result<(), DaemonError> {
+    if options.print_capabilities {
+        println!("{}", capabilities_json());
+        return Ok(());
+    }
+    init_logging(&options)?;
+    let shared_dir = check_shared_dir(options.shared_dir.as_deref().expect("clap requires it"))?;
+    if options.inode_file_handles == InodeFileHandles::Mandatory {
+        filesystem::check_file_handles(&shared_dir).map_err(DaemonError::Filesystem)?;
+    }
+    set_rlimit_nofile(options.rlimit_nofile)?;
+    let (mut listener, socket_name) = listen(&options)?;
+
+    let sandbox = Sandbox::new(options.sandbox, &shared_dir, options.readonly);
+    sandbox.enter_namespaces()?;
+    let root = File::open(&shared_dir).map_err(|source| DaemonError::SharedDir {
+        path: shared_dir.clone(),
+        source,
+    })?;
+    let served_root = match options.sandbox {
+        SandboxMode::None => shared_dir.as_path(),
+        SandboxMode::Chroot | SandboxMode::Namespace => Path::new("/"),
+    };
+    let fs = filesystem::open(&options, served_root).map_err(DaemonError::Filesystem)?;
+    sandbox.enter_root()?;
+    if options.sandbox != SandboxMode::None {
+        sandbox::drop_capabilities().map_err(|e| {
+            DaemonError::Sandbox(SandboxError::Step {
+                step: "drop capabilities",
+                source: e,
+            })
+        })?;
+    }
+    install_exit_handlers(&root);
+
+    let dispatcher = Arc::new(FuseDispatcher::new(fs, root, options.readonly));
+    let device = FsDevice::new(
+        dispatcher,
+        options.max_request_queues as usize,
+        options.tag.clone(),
+        options.thread_pool_size,
+    )
+    .map_err(DaemonError::Device)?;
+    let mut daemon = VhostUserDaemon::new(
+        "leasefsd".to_string(),
+        Arc::new(device),
+        GuestMemoryAtomic::new(GuestMemoryMmap::new()),
+    )
+    .map_err(|e| DaemonError::VhostUser(e.to_string()))?;
+
+    info!("waiting for a vhost-user connection on {socket_name}");
+    daemon
+        .start(&mut listener)
+        .map_err(|e| DaemonError::VhostUser(format!("accepting the VMM: {e}")))?;
+    info!("VMM connected; serving {}", shared_dir.display());
+    let result = daemon.wait();
+    // The queue threads only stop when told to; the daemon's drop would wait for them forever.
+    for handler in daemon.get_epoll_handlers() {
+        handler.send_exit_event();
+    }
+    sync_shared_dir();
+    match result {
+        Ok(())
+        | Err(BackendError::HandleRequest(VhostUserError::Disconnected))
+        | Err(BackendError::HandleRequest(VhostUserError::PartialMessage)) => {
+            info!("VMM disconnected; exiting");
+            Ok(())
+        }
+        Err(e) => Err(DaemonError::VhostUser(format!("serving the VMM: {e}"))),
+    }
+}
+
+fn init_logging(options: &Options) -> Result<(), DaemonError> {
+    let level = options.log_level.filter();
+    if options.syslog {
+        let formatter = syslog::Formatter3164 {
+            facility: syslog::Facility::LOG_DAEMON,
+            hostname: None,
+            process: "leasefsd".into(),
+            pid: std::process::id(),
+        };
+        let logger =
+            syslog::unix(formatter).map_err(|e| DaemonError::Logging(format!("syslog: {e}")))?;
+        log::set_boxed_logger(Box::new(syslog::BasicLogger::new(logger)))
+            .map_err(|e| DaemonError::Logging(e.to_string()))?;
+        log::set_max_level(level);
+    } else {
+        env_logger::Builder::new()
+            .filter_level(level)
+            .format_timestamp_millis()
+            .try_init()
+            .map_err(|e| DaemonError::Logging(e.to_string()))?;
+    }
+    Ok(())
+}
+
+/// The shared directory must exist, be a directory and be readable by the daemon; anything
+/// else is a start-up error, not a guest that sees an empty or broken mount.
+fn check_shared_dir(path: &Path) -> Result<PathBuf, DaemonError> {
+    let error = |source| DaemonError::SharedDir {
+        path: path.to_path_buf(),
+        source,
+    };
+    let canonical = path.canonicalize().map_err(error)?;
+    if !canonical.is_dir() {
+        return Err(error(io::Error::new(
+            io::ErrorKind::NotADirectory,
+            "not a directory",
+        )));
+    }
+    std::fs::read_dir(&canonical).map_err(error)?;
+    Ok(canonical)
+}
+
+fn set_rlimit_nofile(requested: Option<u64>) -> Result<(), DaemonError> {
+    let target = match requested {
+        Some(0) => return Ok(()),
+        Some(n) => n,
+        // Like virtiofsd: every inode the guest knows holds a descriptor, so take all we may.
+        None => std::fs::read_to_string("/proc/sys/fs/nr_open")
+            .ok()
+            .and_then(|s| s.trim().parse().ok())
+            .unwrap_or(1 << 20),
+    };
+    let limit = libc::rlimit {
+        rlim_cur: target,
+        rlim_max: target,
+    };
+    // SAFETY: limit is a valid rlimit.
+    if unsafe { libc::setrlimit(libc::RLIMIT_NOFILE, &limit) } == 0 {
+        return Ok(());
+    }
+    let error = io::Error::last_os_error();
+    if requested.is_some() {
+        return Err(DaemonError::Rlimit(error));
+    }
+    // Unprivileged: raise the soft limit as far as the hard limit allows.
+    let mut current = libc::rlimit {
+        rlim_cur: 0,
+        rlim_max: 0,
+    };
+    // SAFETY: current is a valid out-pointer.
+    unsafe {
+        libc::getrlimit(libc::RLIMIT_NOFILE, &mut current);
+        current.rlim_cur = current.rlim_max;
+        libc::setrlimit(libc::RLIMIT_NOFILE, &current);
+    }
+    Ok(())
+}
+
+/// Create the vhost-user listener: from `--fd`, or bound at `--socket-path`. A path that a live
+/// daemon is listening on is refused; a stale socket left by a dead one is replaced.
+fn listen(options: &Options) -> Result<(Listener, String), DaemonError> {
+    if let Some(fd) = options.fd {
+        let name = format!("fd {fd}");
+        let mut stat: libc::stat = unsafe { std::mem::zeroed() };
+        // SAFETY: stat is a valid out-pointer.
+        let is_socket = unsafe { libc::fstat(fd, &mut stat) } == 0
+            && stat.st_mode & libc::S_IFMT == libc::S_IFSOCK;
+        if !is_socket {
+            return Err(DaemonError::Socket {
+                path: name,
+                reason: "--fd is not an open socket".into(),
+            });
+        }
+        // SAFETY: the descriptor was handed to us to own.
+        return Ok((unsafe { Listener::from_raw_fd(fd) }, name));
+    }
+    let path = options
+        .socket_path
+        .as_ref()
+        .expect("clap requires --fd or --socket-path");
+    let name = path.display().to_string();
+    let error = |reason: String| DaemonError::Socket {
+        path: name.clone(),
+        reason,
+    };
+    match std::fs::symlink_metadata(path) {
+        Ok(meta) if meta.file_type().is_socket() => {
+            if UnixStream::connect(path).is_ok() {
+                return Err(error("in use by another process".into()));
+            }
+            std::fs::remove_file(path).map_err(|e| error(format!("removing stale socket: {e}")))?;
+        }
+        Ok(_) => return Err(error("exists and is not a socket".into())),
+        Err(e) if e.kind() == io::ErrorKind::NotFound => {}
+        Err(e) => return Err(error(e.to_string())),
+    }
+    let listener = Listener::new(path, true).map_err(|e| error(e.to_string()))?;
+    if let Some(group) = &options.socket_group {
+        set_socket_group(path, group)?;
+    }
+    Ok((listener, name))
+}
+
+fn set_socket_group(path: &Path, group: &str) -> Result<(), DaemonError> {
+    let name = std::ffi::CString::new(group).map_err(|_| DaemonError::Group(group.into()))?;
+    // SAFETY: name is a valid C string; getgrnam's result is only read before the next call.
+    let entry = unsafe { libc::getgrnam(name.as_ptr()) };
+    if entry.is_null() {
+        return Err(DaemonError::Group(group.into()));
+    }
+    // SAFETY: entry is non-null and points to a valid struct group.
+    let gid = unsafe { (*entry).gr_gid };
+    let socket_error = |e: io::Error| DaemonError::Socket {
+        path: path.display().to_string(),
+        reason: format!("giving it to group {group}: {e}"),
+    };
+    std::os::unix::fs::chown(path, None, Some(gid)).map_err(socket_error)?;
+    std::fs::set_permissions(path, std::fs::Permissions::from_mode(0o770)).map_err(socket_error)
+}
+
+/// The shared directory's descriptor, for flushing on the way out.
+static ROOT_FD: AtomicI32 = AtomicI32::new(-1);
+
+fn sync_shared_dir() {
+    let fd = ROOT_FD.load(Ordering::Relaxed);
+    // SAFETY: syncfs on a descriptor we keep open for the whole run (or -1: EBADF, harmless).
+    if fd >= 0 && unsafe { libc::syncfs(fd) } != 0 {
+        warn!(
+            "syncfs on the shared directory: {}",
+            io::Error::last_os_error()
+        );
+    }
+}
+
+extern "C" fn exit_on_signal(_signal: libc::c_int) {
+    let fd = ROOT_FD.load(Ordering::Relaxed);
+    // SAFETY: syncfs and _exit are async-signal-safe system calls. Every write the guest got a
+    // reply for is already in the host's page cache; syncfs also puts it on disk.
+    unsafe {
+        if fd >= 0 {
+            libc::syncfs(fd);
+        }
+        libc::_exit(0);
+    }
+}
+
+/// SIGTERM and SIGINT end the daemon with status 0. A real handler, not SIG_DFL, is needed:
+/// as pid 1 of its namespace the daemon would otherwise ignore them.
+fn install_exit_handlers(root: &File) {
+    ROOT_FD.store(root.as_raw_fd(), Ordering::Relaxed);
+    for signal in [libc::SIGTERM, libc::SIGINT] {
+        // SAFETY: the handler only makes async-signal-safe calls.
+        unsafe { libc::signal(signal, exit_on_signal as *const () as libc::sighandler_t) };
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn missing_and_non_directory_shares_are_refused_with_the_path() {
+        let e = check_shared_dir(Path::new("/nonexistent/leasefs")).unwrap_err();
+        assert!(e.to_string().contains("/nonexistent/leasefs"), "{e}");
+        let e = check_shared_dir(Path::new("/proc/self/status")).unwrap_err();
+        assert!(e.to_string().contains("not a directory"), "{e}");
+        assert!(check_shared_dir(Path::new("/tmp")).is_ok());
+    }
+}

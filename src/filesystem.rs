@@ -1,0 +1,156 @@
+//! The passthrough filesystem and how the command line configures it.
+//!
+//! fuse-backend-rs's `PassthroughFs` does the host-side work (one O_PATH descriptor or file
+//! handle per inode, reopened through /proc/self/fd). This module maps virtiofsd's cache modes
+//! onto it with virtiofsd's exact timeouts, so a guest sees the same caching behaviour after a
+//! swap of daemons.
+
+use std::io;
+use std::path::Path;
+use std::time::Duration;
+
+use fuse_backend_rs::passthrough::{CachePolicy, Config, PassthroughFs};
+
+use crate::cli::{CacheMode, InodeFileHandles, Options};
+
+/// The filesystem type the daemon serves.
+pub type Fs = PassthroughFs<()>;
+
+/// virtiofsd's entry and attribute timeout for each cache mode.
+pub fn cache_timeout(mode: CacheMode) -> Duration {
+    match mode {
+        CacheMode::Never => Duration::ZERO,
+        CacheMode::Metadata | CacheMode::Always => Duration::from_secs(86400),
+        CacheMode::Auto => Duration::from_secs(1),
+    }
+}
+
+fn cache_policy(mode: CacheMode) -> CachePolicy {
+    match mode {
+        CacheMode::Never => CachePolicy::Never,
+        CacheMode::Metadata => CachePolicy::Metadata,
+        CacheMode::Auto => CachePolicy::Auto,
+        CacheMode::Always => CachePolicy::Always,
+    }
+}
+
+/// The passthrough configuration for serving `root` with `options`.
+pub fn config(options: &Options, root: &Path) -> Config {
+    let timeout = cache_timeout(options.cache);
+    Config {
+        entry_timeout: timeout,
+        attr_timeout: timeout,
+        cache_policy: cache_policy(options.cache),
+        writeback: options.writeback,
+        root_dir: root.to_string_lossy().into_owned(),
+        xattr: options.xattr || options.posix_acl,
+        do_import: true,
+        inode_file_handles: options.inode_file_handles != InodeFileHandles::Never,
+        allow_direct_io: options.allow_direct_io,
+        ..Config::default()
+    }
+}
+
+/// Create the filesystem. `root` is the shared directory's path as the process will see it
+/// when the guest's INIT arrives (after the sandbox: "/" for namespace and chroot), because
+/// the crate opens the root at INIT and validates names only in that mode. Must run after the
+/// process has its final /proc: the crate keeps /proc/self/fd open to reopen inodes.
+pub fn open(options: &Options, root: &Path) -> io::Result<Fs> {
+    PassthroughFs::new(config(options, root))
+}
+
+/// `--inode-file-handles=mandatory` must fail at start-up where file handles do not work,
+/// rather than silently falling back to descriptors.
+pub fn check_file_handles(root: &Path) -> io::Result<()> {
+    use std::ffi::CString;
+    use std::os::unix::ffi::OsStrExt;
+
+    const MAX_HANDLE_SZ: usize = 128;
+    #[repr(C)]
+    struct FileHandle {
+        bytes: u32,
+        kind: i32,
+        data: [u8; MAX_HANDLE_SZ],
+    }
+    let path = CString::new(root.as_os_str().as_bytes())?;
+    let mut handle = FileHandle {
+        bytes: MAX_HANDLE_SZ as u32,
+        kind: 0,
+        data: [0; MAX_HANDLE_SZ],
+    };
+    let mut mount_id = 0;
+    // SAFETY: the handle buffer is MAX_HANDLE_SZ bytes as announced in `bytes`.
+    let rc = unsafe {
+        libc::name_to_handle_at(
+            libc::AT_FDCWD,
+            path.as_ptr(),
+            &mut handle as *mut FileHandle as *mut libc::file_handle,
+            &mut mount_id,
+            0,
+        )
+    };
+    if rc != 0 {
+        let e = io::Error::last_os_error();
+        return Err(io::Error::new(
+            e.kind(),
+            format!("--inode-file-handles=mandatory: the shared directory's filesystem does not support file handles: {e}"),
+        ));
+    }
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use clap::Parser;
+
+    fn options(args: &[&str]) -> Options {
+        let base = [
+            "leasefsd",
+            "--socket-path",
+            "/tmp/s",
+            "--shared-dir",
+            "/tmp",
+        ];
+        Options::try_parse_from(base.iter().chain(args.iter())).unwrap()
+    }
+
+    #[test]
+    fn cache_modes_keep_virtiofsd_timeouts() {
+        assert_eq!(cache_timeout(CacheMode::Never), Duration::ZERO);
+        assert_eq!(cache_timeout(CacheMode::Auto), Duration::from_secs(1));
+        assert_eq!(cache_timeout(CacheMode::Always), Duration::from_secs(86400));
+        assert_eq!(
+            cache_timeout(CacheMode::Metadata),
+            Duration::from_secs(86400)
+        );
+    }
+
+    #[test]
+    fn options_map_onto_passthrough_config() {
+        let c = config(
+            &options(&["--cache", "never", "--posix-acl", "--writeback"]),
+            Path::new("/srv"),
+        );
+        assert_eq!(c.cache_policy, CachePolicy::Never);
+        assert_eq!(c.entry_timeout, Duration::ZERO);
+        assert!(c.xattr, "--posix-acl implies xattr support");
+        assert!(c.writeback);
+        assert!(
+            !c.allow_direct_io,
+            "O_DIRECT is filtered unless --allow-direct-io"
+        );
+        assert_eq!(c.root_dir, "/srv");
+    }
+
+    #[test]
+    fn file_handle_support_is_detected() {
+        // /proc has no file handle support; ext4, tmpfs and btrfs under /tmp do.
+        let e = check_file_handles(Path::new("/proc")).unwrap_err();
+        assert!(
+            e.to_string().contains("--inode-file-handles=mandatory"),
+            "{e}"
+        );
+        assert!(check_file_handles(&std::env::temp_dir()).is_ok());
+    }
+}

@@ -1,0 +1,14 @@
+//! leasefs: a vhost-user virtio-fs daemon.
+//!
+//! Requests flow one way: the VMM kicks a virtqueue ([`device`]), its chains are popped and
+//! completed by [`queue`], decoded and routed by [`fuse`], and served by the passthrough
+//! filesystem ([`filesystem`]). [`daemon`] wires these together for one VMM connection;
+//! [`sandbox`] confines the process first; [`cli`] holds virtiofsd's command line.
+
+pub mod cli;
+pub mod daemon;
+pub mod device;
+pub mod filesystem;
+pub mod fuse;
+pub mod queue;
+pub mod sandbox;

@@ -1,0 +1,319 @@
+//! Confining the daemon before it serves a guest.
+//!
+//! The guest controls every name the daemon resolves, so the daemon's view of the world should
+//! be the shared directory and nothing else. `namespace` (the default, as in virtiofsd) gives the
+//! daemon new mount, pid and network namespaces and pivots its root into the shared directory;
+//! `chroot` only changes its root; `none` trusts the filesystem code alone.
+//!
+//! The steps run in a fixed order, split in two because the filesystem must be opened between
+//! them: [`Sandbox::enter_namespaces`] (fork into the new pid namespace, mount a fresh /proc),
+//! then the caller opens the shared directory and /proc/self/fd, then [`Sandbox::enter_root`]
+//! (pivot_root or chroot) and [`drop_capabilities`].
+
+use std::ffi::{CStr, CString};
+use std::io;
+use std::os::unix::ffi::OsStrExt;
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicI32, Ordering};
+
+use log::{debug, info};
+
+use crate::cli::SandboxMode;
+
+/// Errors name the step that failed, so a user knows which privilege or kernel feature is missing.
+#[derive(Debug, thiserror::Error)]
+pub enum SandboxError {
+    #[error(
+        "sandbox: {step}: {source} (run as root, or choose --sandbox chroot or --sandbox none)"
+    )]
+    Step {
+        step: &'static str,
+        #[source]
+        source: io::Error,
+    },
+}
+
+fn check(step: &'static str, rc: libc::c_int) -> Result<(), SandboxError> {
+    if rc < 0 {
+        Err(SandboxError::Step {
+            step,
+            source: io::Error::last_os_error(),
+        })
+    } else {
+        Ok(())
+    }
+}
+
+fn cstring(path: &Path) -> CString {
+    CString::new(path.as_os_str().as_bytes()).expect("paths from the OS hold no NUL byte")
+}
+
+/// The sandbox chosen on the command line, for one shared directory.
+pub struct Sandbox {
+    mode: SandboxMode,
+    shared_dir: PathBuf,
+    readonly: bool,
+}
+
+/// The child's pid, for the parent's signal forwarder (a signal handler cannot take arguments).
+static CHILD_PID: AtomicI32 = AtomicI32::new(0);
+
+extern "C" fn forward_signal(signal: libc::c_int) {
+    let child = CHILD_PID.load(Ordering::Relaxed);
+    if child > 0 {
+        // SAFETY: kill is async-signal-safe.
+        unsafe { libc::kill(child, signal) };
+    }
+}
+
+impl Sandbox {
+    pub fn new(mode: SandboxMode, shared_dir: &Path, readonly: bool) -> Self {
+        Sandbox {
+            mode,
+            shared_dir: shared_dir.to_path_buf(),
+            readonly,
+        }
+    }
+
+    /// Enter the new namespaces. In `namespace` mode the process forks: the parent stays in the
+    /// host's pid namespace, forwards SIGTERM/SIGINT and exits with the child's status (it never
+    /// returns from here); the child returns and serves. Must run before any thread is started.
+    pub fn enter_namespaces(&self) -> Result<(), SandboxError> {
+        if self.mode != SandboxMode::Namespace {
+            return Ok(());
+        }
+        // SAFETY: plain syscalls on no memory of ours.
+        check(
+            "unshare(CLONE_NEWPID | CLONE_NEWNS | CLONE_NEWNET)",
+            unsafe { libc::unshare(libc::CLONE_NEWPID | libc::CLONE_NEWNS | libc::CLONE_NEWNET) },
+        )?;
+        // SAFETY: no other thread exists yet, so the child inherits a consistent process.
+        let pid = unsafe { libc::fork() };
+        check("fork into the new pid namespace", pid)?;
+        if pid > 0 {
+            self.wait_for_child(pid);
+        }
+        // The child dies with its parent, so killing the launcher stops the daemon.
+        // SAFETY: prctl with integer arguments.
+        check("prctl(PR_SET_PDEATHSIG)", unsafe {
+            libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGTERM)
+        })?;
+        // Mounts made from here on must not propagate back to the host.
+        mount(
+            None,
+            Path::new("/"),
+            None,
+            libc::MS_REC | libc::MS_PRIVATE,
+            "make / private",
+        )?;
+        // A /proc for the new pid namespace: /proc/self must name this process.
+        mount(
+            Some(Path::new("proc")),
+            Path::new("/proc"),
+            Some(c"proc"),
+            libc::MS_NOSUID | libc::MS_NODEV | libc::MS_NOEXEC,
+            "mount /proc for the new pid namespace",
+        )?;
+        debug!("sandbox: in new mount, pid and network namespaces");
+        Ok(())
+    }
+
+    fn wait_for_child(&self, child: libc::pid_t) -> ! {
+        CHILD_PID.store(child, Ordering::Relaxed);
+        for signal in [libc::SIGTERM, libc::SIGINT, libc::SIGHUP] {
+            // SAFETY: the handler only calls kill(2), which is async-signal-safe.
+            unsafe { libc::signal(signal, forward_signal as *const () as libc::sighandler_t) };
+        }
+        let mut status = 0;
+        loop {
+            // SAFETY: status is a valid out-pointer.
+            let rc = unsafe { libc::waitpid(child, &mut status, 0) };
+            if rc == child {
+                break;
+            }
+            if rc < 0 && io::Error::last_os_error().kind() != io::ErrorKind::Interrupted {
+                std::process::exit(1);
+            }
+        }
+        let code = if libc::WIFEXITED(status) {
+            libc::WEXITSTATUS(status)
+        } else {
+            128 + libc::WTERMSIG(status)
+        };
+        std::process::exit(code);
+    }
+
+    /// Make the shared directory the process's root. Everything the daemon needs from outside
+    /// it (the vhost-user socket, /proc/self/fd, the directory itself) must be open already.
+    pub fn enter_root(&self) -> Result<(), SandboxError> {
+        match self.mode {
+            SandboxMode::None => Ok(()),
+            SandboxMode::Chroot => {
+                let dir = cstring(&self.shared_dir);
+                // SAFETY: dir is a valid C string.
+                check("chroot into the shared directory", unsafe {
+                    libc::chroot(dir.as_ptr())
+                })?;
+                chdir_root()
+            }
+            SandboxMode::Namespace => self.pivot_root(),
+        }
+    }
+
+    fn pivot_root(&self) -> Result<(), SandboxError> {
+        // pivot_root needs the new root to be a mount point: bind the directory onto itself.
+        mount(
+            Some(&self.shared_dir),
+            &self.shared_dir,
+            None,
+            libc::MS_BIND | libc::MS_REC,
+            "bind-mount the shared directory",
+        )?;
+        if self.readonly {
+            mount(
+                None,
+                &self.shared_dir,
+                None,
+                libc::MS_BIND | libc::MS_REMOUNT | libc::MS_RDONLY,
+                "remount the shared directory read-only",
+            )?;
+        }
+        let dir = cstring(&self.shared_dir);
+        // SAFETY: valid C string.
+        check("chdir into the shared directory", unsafe {
+            libc::chdir(dir.as_ptr())
+        })?;
+        let dot = c".";
+        // pivot_root(".", ".") stacks the old root on top of the new one; unmounting it lazily
+        // then leaves only the shared directory (the trick virtiofsd and runc use).
+        // SAFETY: valid C strings.
+        check("pivot_root into the shared directory", unsafe {
+            libc::syscall(libc::SYS_pivot_root, dot.as_ptr(), dot.as_ptr()) as libc::c_int
+        })?;
+        // SAFETY: valid C string.
+        check("detach the old root", unsafe {
+            libc::umount2(dot.as_ptr(), libc::MNT_DETACH)
+        })?;
+        chdir_root()?;
+        info!("sandbox: the shared directory is now the root of the daemon's mount namespace");
+        Ok(())
+    }
+}
+
+fn chdir_root() -> Result<(), SandboxError> {
+    // SAFETY: valid C string.
+    check("chdir to the new root", unsafe {
+        libc::chdir(c"/".as_ptr())
+    })
+}
+
+fn mount(
+    source: Option<&Path>,
+    target: &Path,
+    fstype: Option<&CStr>,
+    flags: libc::c_ulong,
+    step: &'static str,
+) -> Result<(), SandboxError> {
+    let source = source.map(cstring);
+    let target = cstring(target);
+    let source_ptr = source.as_ref().map_or(std::ptr::null(), |s| s.as_ptr());
+    let fstype_ptr = fstype.map_or(std::ptr::null(), |s| s.as_ptr());
+    // SAFETY: every pointer is either null or a valid C string that outlives the call.
+    check(step, unsafe {
+        libc::mount(
+            source_ptr,
+            target.as_ptr(),
+            fstype_ptr,
+            flags,
+            std::ptr::null(),
+        )
+    })
+}
+
+/// Capabilities a passthrough daemon needs to act on behalf of any guest user.
+const KEPT_CAPABILITIES: &[u32] = &[
+    0,  // CAP_CHOWN
+    1,  // CAP_DAC_OVERRIDE
+    2,  // CAP_DAC_READ_SEARCH (open_by_handle_at)
+    3,  // CAP_FOWNER
+    4,  // CAP_FSETID
+    5,  // CAP_KILL
+    6,  // CAP_SETGID
+    7,  // CAP_SETUID
+    27, // CAP_MKNOD
+    29, // CAP_AUDIT_WRITE
+    31, // CAP_SETFCAP
+];
+
+#[repr(C)]
+struct CapHeader {
+    version: u32,
+    pid: i32,
+}
+
+#[repr(C)]
+#[derive(Clone, Copy, Default)]
+struct CapData {
+    effective: u32,
+    permitted: u32,
+    inheritable: u32,
+}
+
+const LINUX_CAPABILITY_VERSION_3: u32 = 0x2008_0522;
+
+/// Drop every capability the daemon does not need, from the effective, permitted, inheritable
+/// and bounding sets. Does nothing for an unprivileged daemon, which has none to drop.
+pub fn drop_capabilities() -> io::Result<()> {
+    let mut header = CapHeader {
+        version: LINUX_CAPABILITY_VERSION_3,
+        pid: 0,
+    };
+    let mut data = [CapData::default(); 2];
+    // SAFETY: header and a two-element data array, as version 3 requires.
+    if unsafe { libc::syscall(libc::SYS_capget, &mut header, data.as_mut_ptr()) } < 0 {
+        return Err(io::Error::last_os_error());
+    }
+    let mut keep = [0u32; 2];
+    for &cap in KEPT_CAPABILITIES {
+        keep[(cap / 32) as usize] |= 1 << (cap % 32);
+    }
+    for (d, k) in data.iter_mut().zip(keep) {
+        d.effective &= k;
+        d.permitted &= k;
+        d.inheritable = 0;
+    }
+    // Shrink the bounding set first: that needs CAP_SETPCAP, which the capset below removes.
+    for cap in 0..64u32 {
+        if !KEPT_CAPABILITIES.contains(&cap) {
+            // SAFETY: prctl with integer arguments; EINVAL for caps this kernel lacks is fine.
+            unsafe { libc::prctl(libc::PR_CAPBSET_DROP, cap as libc::c_ulong, 0, 0, 0) };
+        }
+    }
+    // SAFETY: as for capget.
+    if unsafe { libc::syscall(libc::SYS_capset, &mut header, data.as_ptr()) } < 0 {
+        return Err(io::Error::last_os_error());
+    }
+    debug!("capabilities reduced to {KEPT_CAPABILITIES:?}");
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn none_mode_changes_nothing() {
+        let sandbox = Sandbox::new(SandboxMode::None, Path::new("/tmp"), false);
+        sandbox.enter_namespaces().unwrap();
+        sandbox.enter_root().unwrap();
+        assert!(Path::new("/proc/self").exists());
+    }
+
+    #[test]
+    fn errors_name_the_step_and_the_way_out() {
+        let e = check("chroot into the shared directory", -1).unwrap_err();
+        let text = e.to_string();
+        assert!(text.contains("chroot into the shared directory"), "{text}");
+        assert!(text.contains("--sandbox none"), "{text}");
+    }
+}
