@@ -32,6 +32,7 @@ pub mod opcode {
     pub const WRITE: u32 = 16;
     pub const SETXATTR: u32 = 21;
     pub const REMOVEXATTR: u32 = 24;
+    pub const SETLKW: u32 = 33;
     pub const CREATE: u32 = 35;
     pub const FALLOCATE: u32 = 43;
     pub const RENAME2: u32 = 45;
@@ -75,6 +76,21 @@ impl FuseDispatcher {
             server: Server::new(fs),
             readonly,
             root,
+        }
+    }
+
+    /// Whether serving this chain may wait on other processes for unbounded time (a blocking
+    /// lock request), so it must not run on a queue's own thread.
+    pub fn may_block(&self, mem: &GuestMemoryMmap, chain: &Chain) -> bool {
+        peek_header(mem, chain).is_some_and(|h| h.opcode == opcode::SETLKW)
+    }
+
+    /// Answer a chain with an error without running it (used when too many requests are
+    /// already blocked).
+    pub fn refuse_chain(&self, mem: &GuestMemoryMmap, chain: Chain, errno: i32) -> u32 {
+        match (peek_header(mem, &chain), VirtioFsWriter::new(mem, chain)) {
+            (Some(header), Ok(writer)) => reply(writer, header.unique, Err(errno)),
+            _ => 0,
         }
     }
 
@@ -148,6 +164,13 @@ impl FuseDispatcher {
                 .unwrap_or(libc::EIO))
         }
     }
+}
+
+fn peek_header(mem: &GuestMemoryMmap, chain: &Chain) -> Option<InHeader> {
+    Reader::from_descriptor_chain(mem, chain.clone())
+        .ok()?
+        .read_obj()
+        .ok()
 }
 
 /// The FUSE node id of the share's root.

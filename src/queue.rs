@@ -5,6 +5,7 @@
 //! from hanging forever, and the dispatcher validates every address against guest memory.
 
 use std::io;
+use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::mpsc::{sync_channel, Receiver, SyncSender};
 use std::sync::{Arc, Mutex};
 use std::thread;
@@ -30,16 +31,46 @@ impl RequestQueue {
     /// Serve every available chain in this thread.
     pub fn process(&self) -> io::Result<()> {
         self.drain(|mem, chain| {
+            if self.dispatcher.may_block(&mem, &chain) {
+                return self.detach(mem, chain);
+            }
             let head = chain.head_index();
             let len = self.dispatcher.handle_chain(&mem, chain);
             complete(&self.vring, self.index, head, len)
         })
     }
 
+    /// Serve a request that may block indefinitely (SETLKW) on a thread of its own, so the
+    /// queue keeps serving; past [`MAX_BLOCKED_REQUESTS`] of them the lock is refused with
+    /// ENOLCK, which POSIX allows, rather than letting a guest pile up threads.
+    fn detach(&self, mem: MemoryGuard, chain: Chain) -> io::Result<()> {
+        let head = chain.head_index();
+        let Some(slot) = BlockedSlot::take() else {
+            let len = self.dispatcher.refuse_chain(&mem, chain, libc::ENOLCK);
+            return complete(&self.vring, self.index, head, len);
+        };
+        let vring = self.vring.clone();
+        let dispatcher = self.dispatcher.clone();
+        let index = self.index;
+        thread::Builder::new()
+            .name("leasefs-blocking".into())
+            .spawn(move || {
+                let len = dispatcher.handle_chain(&mem, chain);
+                drop(slot);
+                if let Err(e) = complete(&vring, index, head, len) {
+                    warn!("queue {index}: {e}");
+                }
+            })
+            .map(|_| ())
+    }
+
     /// Hand every available chain to `pool`; its workers complete them out of order, which
     /// virtio allows and which keeps one slow request from holding up the rest.
     pub fn process_in(&self, pool: &WorkerPool) -> io::Result<()> {
         self.drain(|mem, chain| {
+            if self.dispatcher.may_block(&mem, &chain) {
+                return self.detach(mem, chain);
+            }
             let vring = self.vring.clone();
             let dispatcher = self.dispatcher.clone();
             let index = self.index;
@@ -105,6 +136,31 @@ fn queue_error(e: virtio_queue::Error) -> io::Error {
     io::Error::other(format!("virtqueue: {e}"))
 }
 
+/// How many requests may wait at once on their own threads.
+pub const MAX_BLOCKED_REQUESTS: usize = 64;
+
+static BLOCKED_REQUESTS: AtomicUsize = AtomicUsize::new(0);
+
+/// A counted place among the blocked requests, given back when dropped.
+struct BlockedSlot;
+
+impl BlockedSlot {
+    fn take() -> Option<BlockedSlot> {
+        BLOCKED_REQUESTS
+            .fetch_update(Ordering::AcqRel, Ordering::Acquire, |n| {
+                (n < MAX_BLOCKED_REQUESTS).then_some(n + 1)
+            })
+            .ok()
+            .map(|_| BlockedSlot)
+    }
+}
+
+impl Drop for BlockedSlot {
+    fn drop(&mut self) {
+        BLOCKED_REQUESTS.fetch_sub(1, Ordering::AcqRel);
+    }
+}
+
 type Job = Box<dyn FnOnce() + Send>;
 
 /// A fixed set of threads serving requests, fed through a bounded channel so a flood of
@@ -142,7 +198,6 @@ impl WorkerPool {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use std::sync::atomic::{AtomicUsize, Ordering};
     use std::time::{Duration, Instant};
 
     #[test]
@@ -161,5 +216,14 @@ mod tests {
             thread::sleep(Duration::from_millis(1));
         }
         assert_eq!(count.load(Ordering::SeqCst), 1000);
+    }
+
+    #[test]
+    fn blocked_requests_are_bounded_and_slots_come_back() {
+        let slots: Vec<_> = std::iter::from_fn(BlockedSlot::take).take(1000).collect();
+        assert_eq!(slots.len(), MAX_BLOCKED_REQUESTS);
+        assert!(BlockedSlot::take().is_none());
+        drop(slots);
+        assert!(BlockedSlot::take().is_some());
     }
 }
