@@ -1,0 +1,119 @@
+# shellcheck shell=bash disable=SC2034
+# Shared helpers for the qemu/ scripts. Source it; do not run it.
+#
+# Conventions:
+#   LEASEFS_ROOT      repository root (derived from this file's location)
+#   LEASEFS_VM_DIR    cache for kernels, initramfs, logs: build/vm/ (gitignored)
+#   LEASEFS_TARGET    cargo target dir (honours CARGO_TARGET_DIR, else target/)
+# Messages go to stderr so scripts can print a single path on stdout.
+
+LEASEFS_ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
+LEASEFS_QEMU_DIR="$LEASEFS_ROOT/qemu"
+LEASEFS_VM_DIR="${LEASEFS_VM_DIR:-$LEASEFS_ROOT/build/vm}"
+LEASEFS_TARGET="${CARGO_TARGET_DIR:-$LEASEFS_ROOT/target}"
+# The triple the static guest binary is built for (see make-initramfs.sh).
+LEASEFS_GUEST_TRIPLE=x86_64-unknown-linux-gnu
+# The virtio-fs tag QEMU advertises and the guest mounts.
+LEASEFS_TAG="${LEASEFS_TAG:-leasefs}"
+
+# Cargo lives in ~/.cargo/bin on a rustup install; scripts may run from a
+# shell (CI, sudo) that does not have it on PATH.
+if ! command -v cargo >/dev/null 2>&1 && [ -x "$HOME/.cargo/bin/cargo" ]; then
+    PATH="$HOME/.cargo/bin:$PATH"
+fi
+
+# Print a script's leading comment block (its usage text) without the "# ".
+print_header() {
+    awk 'NR == 1 { next } /^#/ { sub(/^# ?/, ""); print; next } { exit }' "$1"
+}
+
+log()  { printf '%s: %s\n' "${0##*/}" "$*" >&2; }
+warn() { printf '%s: warning: %s\n' "${0##*/}" "$*" >&2; }
+die()  { printf '%s: error: %s\n' "${0##*/}" "$*" >&2; exit 1; }
+
+# Run a command as root (we are root on the CI machines; sudo elsewhere).
+as_root() {
+    if [ "$(id -u)" -eq 0 ]; then
+        "$@"
+    elif command -v sudo >/dev/null 2>&1; then
+        sudo "$@"
+    else
+        die "need root for: $*"
+    fi
+}
+
+# apt-get update at most once per script run, and only when we actually
+# need the package lists (installing or resolving the kernel).
+_LEASEFS_APT_UPDATED=0
+apt_update_once() {
+    if [ "$_LEASEFS_APT_UPDATED" -eq 0 ]; then
+        log "apt-get update"
+        as_root apt-get update -qq >&2 || die "apt-get update failed"
+        _LEASEFS_APT_UPDATED=1
+    fi
+}
+
+# install_pkgs PKG... : apt-get install the given packages (no-op if none).
+install_pkgs() {
+    [ "$#" -eq 0 ] && return 0
+    apt_update_once
+    log "installing: $*"
+    as_root env DEBIAN_FRONTEND=noninteractive \
+        apt-get install -y --no-install-recommends "$@" >&2 \
+        || die "apt-get install $* failed"
+}
+
+pkg_installed() {
+    dpkg-query -W -f='${Status}' "$1" 2>/dev/null | grep -q 'ok installed'
+}
+
+# Tools the VM scripts need on the host; installs only what is missing.
+ensure_vm_tools() {
+    local missing=()
+    command -v qemu-system-x86_64 >/dev/null 2>&1 || missing+=(qemu-system-x86)
+    # The package, not just a busybox binary: the dynamic "busybox" package
+    # also provides /bin/busybox, and the guest needs the static one.
+    pkg_installed busybox-static || missing+=(busybox-static)
+    command -v cpio >/dev/null 2>&1 || missing+=(cpio)
+    install_pkgs "${missing[@]}"
+}
+
+require_cargo() {
+    command -v cargo >/dev/null 2>&1 \
+        || die "cargo not found (install Rust with rustup; ~/.cargo/bin is searched too)"
+}
+
+# Quote one word for a POSIX shell (busybox ash): 'it'\''s'.
+sh_quote() {
+    local s=${1//\'/\'\\\'\'}
+    printf "'%s'" "$s"
+}
+
+# Wait (bounded) for a unix socket to appear while its creator is alive.
+# wait_for_socket PATH PID SECONDS WHAT LOGFILE
+wait_for_socket() {
+    local sock=$1 pid=$2 secs=$3 what=$4 logf=$5 i status
+    for ((i = 0; i < secs * 10; i++)); do
+        [ -S "$sock" ] && return 0
+        if ! kill -0 "$pid" 2>/dev/null; then
+            status=0
+            wait "$pid" 2>/dev/null || status=$?
+            log "error: $what exited (status $status) before creating $sock"
+            show_log "$what" "$logf"
+            return 1
+        fi
+        sleep 0.1
+    done
+    log "error: $what did not create $sock within ${secs}s"
+    show_log "$what" "$logf"
+    return 1
+}
+
+show_log() {
+    local what=$1 logf=$2
+    {
+        echo "----- $what log ($logf) -----"
+        if [ -s "$logf" ]; then tail -n 50 "$logf"; else echo "(empty)"; fi
+        echo "----- end of $what log -----"
+    } >&2
+}
