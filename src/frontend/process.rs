@@ -1,0 +1,167 @@
+//! Running a backend daemon for a test: a scratch directory, the daemon process, its socket,
+//! its memory use, its exit.
+//!
+//! ```no_run
+//! use leasefs::frontend::process::Backend;
+//! let backend = Backend::spawn("target/debug/leasefsd", &[]).unwrap();
+//! // ... connect to backend.socket(), use backend.share() ...
+//! ```
+
+use std::fs;
+use std::io;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, ExitStatus, Stdio};
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::time::{Duration, Instant};
+
+/// A directory under the system temp dir, removed (recursively) on drop.
+pub struct ScratchDir {
+    path: PathBuf,
+}
+
+impl ScratchDir {
+    pub fn new(tag: &str) -> io::Result<Self> {
+        static COUNTER: AtomicUsize = AtomicUsize::new(0);
+        let path = std::env::temp_dir().join(format!(
+            "leasefs-{tag}-{}-{}",
+            std::process::id(),
+            COUNTER.fetch_add(1, Ordering::Relaxed)
+        ));
+        let _ = fs::remove_dir_all(&path);
+        fs::create_dir_all(&path)?;
+        Ok(ScratchDir { path })
+    }
+
+    pub fn path(&self) -> &Path {
+        &self.path
+    }
+}
+
+impl Drop for ScratchDir {
+    fn drop(&mut self) {
+        let _ = fs::remove_dir_all(&self.path);
+    }
+}
+
+/// A virtio-fs daemon (leasefsd or virtiofsd) serving `<scratch>/share` on `<scratch>/s`.
+pub struct Backend {
+    child: Option<Child>,
+    socket: PathBuf,
+    share: PathBuf,
+    log: PathBuf,
+    // Dropped last: the daemon must be gone before its directory is removed.
+    _scratch: ScratchDir,
+}
+
+impl Backend {
+    /// Start `binary --socket-path S --shared-dir D --sandbox none --cache always` plus
+    /// `extra` arguments, and wait (up to 10 s) for its socket to appear.
+    pub fn spawn(binary: impl AsRef<Path>, extra: &[&str]) -> io::Result<Self> {
+        let scratch = ScratchDir::new("backend")?;
+        let socket = scratch.path().join("s");
+        let share = scratch.path().join("share");
+        fs::create_dir(&share)?;
+        let log = scratch.path().join("daemon.log");
+        let child = Command::new(binary.as_ref())
+            .arg("--socket-path")
+            .arg(&socket)
+            .arg("--shared-dir")
+            .arg(&share)
+            .args(["--sandbox", "none", "--cache", "always"])
+            .args(extra)
+            .stdin(Stdio::null())
+            .stderr(fs::File::create(&log)?)
+            .spawn()?;
+        let mut backend = Backend {
+            child: Some(child),
+            socket,
+            share,
+            log,
+            _scratch: scratch,
+        };
+        let deadline = Instant::now() + Duration::from_secs(10);
+        while !backend.socket.exists() {
+            if let Some(status) = backend.try_status()? {
+                return Err(io::Error::other(format!(
+                    "{} exited before listening: {status}: {}",
+                    binary.as_ref().display(),
+                    backend.log()
+                )));
+            }
+            if Instant::now() > deadline {
+                return Err(io::Error::new(
+                    io::ErrorKind::TimedOut,
+                    "daemon did not create its socket",
+                ));
+            }
+            std::thread::sleep(Duration::from_millis(10));
+        }
+        Ok(backend)
+    }
+
+    pub fn socket(&self) -> &Path {
+        &self.socket
+    }
+
+    pub fn share(&self) -> &Path {
+        &self.share
+    }
+
+    /// What the daemon wrote to stderr so far.
+    pub fn log(&self) -> String {
+        fs::read_to_string(&self.log).unwrap_or_default()
+    }
+
+    pub fn pid(&self) -> u32 {
+        self.child.as_ref().map_or(0, |c| c.id())
+    }
+
+    /// A field of /proc/<pid>/status in kB (e.g. "VmRSS", "RssAnon").
+    pub fn status_kb(&self, field: &str) -> io::Result<u64> {
+        let status = fs::read_to_string(format!("/proc/{}/status", self.pid()))?;
+        status
+            .lines()
+            .find_map(|l| {
+                let rest = l.strip_prefix(field)?.strip_prefix(':')?;
+                rest.split_whitespace().next()?.parse().ok()
+            })
+            .ok_or_else(|| io::Error::other(format!("no {field} in /proc/<pid>/status")))
+    }
+
+    /// Whether the daemon is still running.
+    pub fn is_running(&mut self) -> bool {
+        matches!(self.try_status(), Ok(None))
+    }
+
+    fn try_status(&mut self) -> io::Result<Option<ExitStatus>> {
+        match &mut self.child {
+            Some(c) => c.try_wait(),
+            None => Ok(None),
+        }
+    }
+
+    /// Wait up to `timeout` for the daemon to exit; `Ok(None)` if it is still running.
+    pub fn wait_exit(&mut self, timeout: Duration) -> io::Result<Option<ExitStatus>> {
+        let deadline = Instant::now() + timeout;
+        loop {
+            if let Some(status) = self.try_status()? {
+                return Ok(Some(status));
+            }
+            if Instant::now() > deadline {
+                return Ok(None);
+            }
+            std::thread::sleep(Duration::from_millis(10));
+        }
+    }
+}
+
+impl Drop for Backend {
+    fn drop(&mut self) {
+        if let Some(mut child) = self.child.take() {
+            if matches!(child.try_wait(), Ok(None)) {
+                let _ = child.kill();
+                let _ = child.wait();
+            }
+        }
+    }
+}

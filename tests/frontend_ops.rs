@@ -1,0 +1,329 @@
+//! Every FUSE operation the frontend's client has, sent to a real daemon through a real
+//! vhost-user socket (no VM), each result checked against the shared directory on the host.
+//!
+//! The scenario runs against leasefsd, and against virtiofsd too when it is installed
+//! (`$VIRTIOFSD`, else `~/.cargo/bin/virtiofsd`), so the frontend is known to drive both.
+
+use std::fs;
+use std::os::unix::fs::{MetadataExt, PermissionsExt};
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::thread;
+use std::time::Duration;
+
+use leasefs::frontend::process::Backend;
+use leasefs::frontend::{Device, FrontendConfig, FuseClient, FuseError, ROOT_ID};
+
+fn leasefsd() -> &'static str {
+    env!("CARGO_BIN_EXE_leasefsd")
+}
+
+fn virtiofsd() -> Option<PathBuf> {
+    let path = std::env::var_os("VIRTIOFSD")
+        .map(PathBuf::from)
+        .or_else(|| {
+            std::env::var_os("HOME").map(|h| PathBuf::from(h).join(".cargo/bin/virtiofsd"))
+        })?;
+    path.exists().then_some(path)
+}
+
+fn connect(backend: &Backend) -> FuseClient {
+    let device = Device::connect(backend.socket(), &FrontendConfig::default())
+        .unwrap_or_else(|e| panic!("connecting: {e}\ndaemon log:\n{}", backend.log()));
+    let fuse = FuseClient::new(Arc::new(device));
+    let init = fuse.init().expect("INIT");
+    assert_eq!(init.major, 7);
+    assert!(init.minor >= 31, "minor {}", init.minor);
+    fuse
+}
+
+/// The whole tour; returns once the daemon has exited after the disconnect.
+fn every_operation(mut backend: Backend) {
+    let share = backend.share().to_path_buf();
+    let fuse = connect(&backend);
+
+    // GETATTR on the root is the share.
+    let root = fuse.getattr(ROOT_ID).expect("GETATTR root").attr;
+    let host_root = fs::metadata(&share).unwrap();
+    assert_eq!(root.ino, host_root.ino());
+    assert_eq!(root.mode & libc::S_IFMT, libc::S_IFDIR);
+
+    // Created on the host, seen through LOOKUP / GETATTR.
+    fs::write(share.join("host.txt"), b"written on the host\n").unwrap();
+    let host_file = fuse.lookup(ROOT_ID, "host.txt").expect("LOOKUP host.txt");
+    assert_ne!(host_file.nodeid, 0);
+    assert_eq!(
+        host_file.attr.ino,
+        fs::metadata(share.join("host.txt")).unwrap().ino()
+    );
+    assert_eq!(host_file.attr.size, 20);
+    assert_eq!(host_file.attr.mode & libc::S_IFMT, libc::S_IFREG);
+    let attr = fuse
+        .getattr(host_file.nodeid)
+        .expect("GETATTR host.txt")
+        .attr;
+    assert_eq!(attr.size, 20);
+
+    // Missing names.
+    assert_eq!(
+        fuse.lookup(ROOT_ID, "missing").unwrap_err(),
+        FuseError::Errno(libc::ENOENT)
+    );
+    assert_eq!(
+        fuse.unlink(ROOT_ID, "missing").unwrap_err(),
+        FuseError::Errno(libc::ENOENT)
+    );
+
+    // OPEN + READ what the host wrote: whole, at an offset, past the end.
+    let open = fuse.open(host_file.nodeid, libc::O_RDONLY).expect("OPEN");
+    assert_eq!(
+        fuse.read(host_file.nodeid, open.fh, 0, 4096).unwrap(),
+        b"written on the host\n"
+    );
+    assert_eq!(fuse.read(host_file.nodeid, open.fh, 8, 2).unwrap(), b"on");
+    assert!(fuse
+        .read(host_file.nodeid, open.fh, 100, 10)
+        .unwrap()
+        .is_empty());
+    fuse.flush(host_file.nodeid, open.fh, 0).expect("FLUSH");
+    fuse.release(host_file.nodeid, open.fh, libc::O_RDONLY)
+        .expect("RELEASE");
+
+    // CREATE + WRITE through FUSE, read on the host. More than max_write bytes, so several
+    // WRITE requests (leasefsd's current max_write is 4 KiB).
+    let data: Vec<u8> = (0..20_000u32).map(|i| (i % 251) as u8).collect();
+    let (made, made_open) = fuse
+        .create(ROOT_ID, "made.bin", libc::O_RDWR | libc::O_CREAT, 0o640)
+        .expect("CREATE");
+    assert_eq!(made.attr.mode & 0o777, 0o640);
+    assert_eq!(
+        fuse.write(made.nodeid, made_open.fh, 0, b"abc")
+            .expect("WRITE"),
+        3
+    );
+    fuse.write_all(made.nodeid, made_open.fh, 0, &data)
+        .expect("WRITE all");
+    fuse.fsync(made.nodeid, made_open.fh, false).expect("FSYNC");
+    fuse.fsync(made.nodeid, made_open.fh, true)
+        .expect("FSYNC datasync");
+    assert_eq!(fs::read(share.join("made.bin")).unwrap(), data);
+    let host_meta = fs::metadata(share.join("made.bin")).unwrap();
+    assert_eq!(host_meta.permissions().mode() & 0o777, 0o640);
+    // Read back through FUSE as well (the same open handle).
+    let back = fuse
+        .read(made.nodeid, made_open.fh, 0, 32768)
+        .expect("READ back");
+    assert_eq!(back, data);
+    fuse.flush(made.nodeid, made_open.fh, 0).expect("FLUSH");
+    fuse.release(made.nodeid, made_open.fh, libc::O_RDWR)
+        .expect("RELEASE");
+    assert_eq!(
+        fuse.create(
+            ROOT_ID,
+            "made.bin",
+            libc::O_RDWR | libc::O_CREAT | libc::O_EXCL,
+            0o600
+        )
+        .unwrap_err(),
+        FuseError::Errno(libc::EEXIST)
+    );
+
+    // SETATTR: truncate and chmod, seen on the host.
+    let attr = fuse.truncate(made.nodeid, 1000).expect("SETATTR size").attr;
+    assert_eq!(attr.size, 1000);
+    assert_eq!(fs::metadata(share.join("made.bin")).unwrap().len(), 1000);
+    let attr = fuse.chmod(made.nodeid, 0o604).expect("SETATTR mode").attr;
+    assert_eq!(attr.mode & 0o777, 0o604);
+    assert_eq!(
+        fs::metadata(share.join("made.bin"))
+            .unwrap()
+            .permissions()
+            .mode()
+            & 0o777,
+        0o604
+    );
+
+    // MKDIR, then a file in it, RMDIR refused while not empty.
+    let dir = fuse.mkdir(ROOT_ID, "dir", 0o755).expect("MKDIR");
+    assert!(fs::metadata(share.join("dir")).unwrap().is_dir());
+    assert_eq!(
+        fuse.mkdir(ROOT_ID, "dir", 0o755).unwrap_err(),
+        FuseError::Errno(libc::EEXIST)
+    );
+    let (inner, inner_open) = fuse
+        .create(dir.nodeid, "inner", libc::O_WRONLY | libc::O_CREAT, 0o644)
+        .expect("CREATE in dir");
+    fuse.release(inner.nodeid, inner_open.fh, libc::O_WRONLY)
+        .unwrap();
+    assert!(share.join("dir/inner").exists());
+    assert_eq!(
+        fuse.rmdir(ROOT_ID, "dir").unwrap_err(),
+        FuseError::Errno(libc::ENOTEMPTY)
+    );
+
+    // RENAME across directories, visible on the host.
+    fuse.rename(dir.nodeid, "inner", ROOT_ID, "moved")
+        .expect("RENAME");
+    assert!(!share.join("dir/inner").exists());
+    assert!(share.join("moved").exists());
+    fuse.rmdir(ROOT_ID, "dir").expect("RMDIR");
+    assert!(!share.join("dir").exists());
+
+    // SYMLINK, READLINK, LINK.
+    let link = fuse.symlink(ROOT_ID, "sym", "host.txt").expect("SYMLINK");
+    assert_eq!(link.attr.mode & libc::S_IFMT, libc::S_IFLNK);
+    assert_eq!(
+        fs::read_link(share.join("sym")).unwrap(),
+        PathBuf::from("host.txt")
+    );
+    assert_eq!(fuse.readlink(link.nodeid).expect("READLINK"), b"host.txt");
+    let hard = fuse.link(host_file.nodeid, ROOT_ID, "hard").expect("LINK");
+    assert_eq!(hard.attr.nlink, 2);
+    assert_eq!(
+        fs::metadata(share.join("hard")).unwrap().ino(),
+        host_file.attr.ino
+    );
+
+    // READDIR / READDIRPLUS list what the host lists.
+    fs::create_dir(share.join("from-host")).unwrap();
+    let mut host_names: Vec<Vec<u8>> = fs::read_dir(&share)
+        .unwrap()
+        .map(|e| e.unwrap().file_name().into_encoded_bytes())
+        .collect();
+    host_names.sort();
+    let dh = fuse.opendir(ROOT_ID).expect("OPENDIR");
+    let plus = fuse.readdirplus_all(ROOT_ID, dh.fh).expect("READDIRPLUS");
+    let mut names: Vec<Vec<u8>> = plus
+        .iter()
+        .map(|e| e.dirent.name.clone())
+        .filter(|n| n != b"." && n != b"..")
+        .collect();
+    names.sort();
+    assert_eq!(names, host_names);
+    let made_entry = plus.iter().find(|e| e.dirent.name == b"made.bin").unwrap();
+    assert_eq!(made_entry.entry.attr.size, 1000);
+    assert_eq!(made_entry.entry.nodeid, made.nodeid);
+    let plain = fuse.readdir(ROOT_ID, dh.fh, 0, 8192).expect("READDIR");
+    assert!(plain.iter().any(|e| e.name == b"from-host"));
+    fuse.releasedir(ROOT_ID, dh.fh).expect("RELEASEDIR");
+
+    // UNLINK, visible on the host; the hard link keeps the data.
+    fuse.unlink(ROOT_ID, "host.txt").expect("UNLINK");
+    assert!(!share.join("host.txt").exists());
+    assert_eq!(
+        fs::read(share.join("hard")).unwrap(),
+        b"written on the host\n"
+    );
+    assert_eq!(
+        fuse.lookup(ROOT_ID, "host.txt").unwrap_err(),
+        FuseError::Errno(libc::ENOENT)
+    );
+
+    // STATFS matches the host's statvfs of the share.
+    let st = fuse.statfs(ROOT_ID).expect("STATFS");
+    let mut host: libc::statvfs = unsafe { std::mem::zeroed() };
+    let c = std::ffi::CString::new(share.as_os_str().as_encoded_bytes()).unwrap();
+    // SAFETY: a valid path and an out struct of the right type.
+    assert_eq!(unsafe { libc::statvfs(c.as_ptr(), &mut host) }, 0);
+    assert!(st.bsize > 0 && st.blocks > 0 && st.namelen > 0);
+    assert_eq!(st.blocks, host.f_blocks);
+    assert_eq!(st.bsize as u64, host.f_bsize);
+
+    // FORGET (hiprio queue, no reply) of every lookup we made of made.bin.
+    fuse.forget(made.nodeid, 2).expect("FORGET");
+
+    // The frontend disconnects: the daemon exits, successfully.
+    drop(fuse);
+    let status = backend
+        .wait_exit(Duration::from_secs(10))
+        .unwrap()
+        .expect("daemon still running 10 s after the frontend disconnected");
+    assert!(
+        status.success(),
+        "daemon exited with {status}\n{}",
+        backend.log()
+    );
+}
+
+#[test]
+fn every_operation_against_leasefsd() {
+    every_operation(Backend::spawn(leasefsd(), &[]).unwrap());
+}
+
+#[test]
+fn every_operation_against_virtiofsd() {
+    let Some(virtiofsd) = virtiofsd() else {
+        eprintln!("virtiofsd not installed; skipping");
+        return;
+    };
+    every_operation(Backend::spawn(virtiofsd, &[]).unwrap());
+}
+
+/// Every request queue leasefsd offers serves requests, concurrently.
+#[test]
+fn every_request_queue_serves_in_parallel() {
+    let mut backend = Backend::spawn(leasefsd(), &[]).unwrap();
+    fs::write(backend.share().join("f"), b"x").unwrap();
+    let fuse = connect(&backend);
+    let queues = fuse.device().request_queues().len();
+    assert_eq!(queues, 8, "leasefsd offers 8 request queues by default");
+    assert_eq!(fuse.device().negotiated().backend_request_queues, 8);
+    let threads: Vec<_> = (0..queues)
+        .map(|q| {
+            let fuse = fuse.on_queue(q);
+            thread::spawn(move || {
+                for _ in 0..200 {
+                    let e = fuse.lookup(ROOT_ID, "f").unwrap();
+                    assert_eq!(fuse.getattr(e.nodeid).unwrap().attr.size, 1);
+                }
+            })
+        })
+        .collect();
+    for t in threads {
+        t.join().unwrap();
+    }
+    // Several threads sharing one queue each get their own replies.
+    let threads: Vec<_> = (0..4)
+        .map(|_| {
+            let fuse = fuse.on_queue(0);
+            thread::spawn(move || {
+                for _ in 0..200 {
+                    assert_eq!(
+                        fuse.getattr(ROOT_ID).unwrap().attr.ino,
+                        fuse.getattr(ROOT_ID).unwrap().attr.ino
+                    );
+                }
+            })
+        })
+        .collect();
+    for t in threads {
+        t.join().unwrap();
+    }
+    for q in fuse.device().request_queues() {
+        assert_eq!(q.in_flight(), 0);
+        assert_eq!(q.bogus_used(), 0);
+        assert_eq!(q.free_descriptors(), q.size() as usize);
+    }
+    drop(fuse);
+    let status = backend
+        .wait_exit(Duration::from_secs(10))
+        .unwrap()
+        .expect("daemon exits");
+    assert!(status.success());
+}
+
+/// Asking for fewer request queues than offered sets up only those.
+#[test]
+fn request_queue_count_is_configurable() {
+    let backend = Backend::spawn(leasefsd(), &[]).unwrap();
+    let config = FrontendConfig {
+        request_queues: Some(2),
+        memory_size: 64 << 20,
+        ..Default::default()
+    };
+    let device = Arc::new(Device::connect(backend.socket(), &config).unwrap());
+    assert_eq!(device.request_queues().len(), 2);
+    let fuse = FuseClient::new(device);
+    fuse.init().unwrap();
+    assert!(fuse.on_queue(1).getattr(ROOT_ID).is_ok());
+}
