@@ -76,6 +76,10 @@ declare -A run_args=(
     [sandbox-namespace]="--cache always --sandbox namespace --xattr"
     [cache-default]="--sandbox none"
 )
+# The coherence_* tests check that host changes reach a caching guest at once: the promise of
+# the coherent cache mode (issue 4), which none of these virtiofsd-compatible modes makes
+# (cache=always is stale by design, auto for up to a second).
+GUEST_SKIP='coherence_*'
 passed=0
 failed=0
 results=()
@@ -88,7 +92,7 @@ vm_run() {
     section "VM run $name: $daemon $dargs"
     LEASEFS_LOG_DIR="$logs/$name" "$LEASEFS_QEMU_DIR/run-vm.sh" --no-build --agent \
         --share "$share" --daemon "$daemon" "${args[@]}" --timeout "$timeout_secs" \
-        -- guest-tests run || status=$?
+        -- guest-tests run --skip "$GUEST_SKIP" || status=$?
     rm -rf "$share"
     return "$status"
 }
