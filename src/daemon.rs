@@ -3,7 +3,7 @@
 
 use std::fs::File;
 use std::io;
-use std::os::fd::{AsRawFd, FromRawFd};
+use std::os::fd::{FromRawFd, IntoRawFd};
 use std::os::unix::fs::{FileTypeExt, PermissionsExt};
 use std::os::unix::net::UnixStream;
 use std::path::{Path, PathBuf};
@@ -63,11 +63,7 @@ pub fn run(options: Options) -> Result<(), DaemonError> {
         path: shared_dir.clone(),
         source,
     })?;
-    let served_root = match options.sandbox {
-        SandboxMode::None => shared_dir.as_path(),
-        SandboxMode::Chroot | SandboxMode::Namespace => Path::new("/"),
-    };
-    let fs = filesystem::open(&options, served_root).map_err(DaemonError::Filesystem)?;
+    let fs = filesystem::open(&options, &shared_dir).map_err(DaemonError::Filesystem)?;
     sandbox.enter_root()?;
     if options.sandbox != SandboxMode::None {
         sandbox::drop_capabilities().map_err(|e| {
@@ -77,9 +73,10 @@ pub fn run(options: Options) -> Result<(), DaemonError> {
             })
         })?;
     }
-    install_exit_handlers(&root);
+    drop_supplementary_groups()?;
+    install_exit_handlers(root);
 
-    let dispatcher = Arc::new(FuseDispatcher::new(fs, root, options.readonly));
+    let dispatcher = Arc::new(FuseDispatcher::new(fs, options.readonly));
     let device = FsDevice::new(
         dispatcher,
         options.max_request_queues as usize,
@@ -114,6 +111,24 @@ pub fn run(options: Options) -> Result<(), DaemonError> {
         }
         Err(e) => Err(DaemonError::VhostUser(format!("serving the VMM: {e}"))),
     }
+}
+
+/// Requests run with the guest caller's uid and gid but the daemon's supplementary groups;
+/// dropping them keeps a guest user from gaining the daemon's group memberships.
+fn drop_supplementary_groups() -> Result<(), DaemonError> {
+    // SAFETY: an empty group list.
+    if unsafe { libc::setgroups(0, std::ptr::null()) } == 0 {
+        return Ok(());
+    }
+    let e = io::Error::last_os_error();
+    if e.raw_os_error() == Some(libc::EPERM) {
+        // An unprivileged daemon cannot change groups, and cannot switch uid either.
+        return Ok(());
+    }
+    Err(DaemonError::Sandbox(SandboxError::Step {
+        step: "drop supplementary groups",
+        source: e,
+    }))
 }
 
 fn init_logging(options: &Options) -> Result<(), DaemonError> {
@@ -284,8 +299,9 @@ extern "C" fn exit_on_signal(_signal: libc::c_int) {
 
 /// SIGTERM and SIGINT end the daemon with status 0. A real handler, not SIG_DFL, is needed:
 /// as pid 1 of its namespace the daemon would otherwise ignore them.
-fn install_exit_handlers(root: &File) {
-    ROOT_FD.store(root.as_raw_fd(), Ordering::Relaxed);
+fn install_exit_handlers(root: File) {
+    // Kept open for the rest of the process: the handler may run at any moment.
+    ROOT_FD.store(root.into_raw_fd(), Ordering::Relaxed);
     for signal in [libc::SIGTERM, libc::SIGINT] {
         // SAFETY: the handler only makes async-signal-safe calls.
         unsafe { libc::signal(signal, exit_on_signal as *const () as libc::sighandler_t) };

@@ -1,7 +1,6 @@
 //! The passthrough filesystem and how the command line configures it.
 //!
-//! fuse-backend-rs's `PassthroughFs` does the host-side work (one O_PATH descriptor or file
-//! handle per inode, reopened through /proc/self/fd). This module maps virtiofsd's cache modes
+//! [`crate::passthrough`] does the host-side work. This module maps virtiofsd's cache modes
 //! onto it with virtiofsd's exact timeouts, so a guest sees the same caching behaviour after a
 //! swap of daemons.
 
@@ -9,12 +8,11 @@ use std::io;
 use std::path::Path;
 use std::time::Duration;
 
-use fuse_backend_rs::passthrough::{CachePolicy, Config, PassthroughFs};
-
 use crate::cli::{CacheMode, InodeFileHandles, Options};
+use crate::passthrough::{CachePolicy, Config, FileHandleMode, PassthroughFs};
 
 /// The filesystem type the daemon serves.
-pub type Fs = PassthroughFs<()>;
+pub type Fs = PassthroughFs;
 
 /// virtiofsd's entry and attribute timeout for each cache mode.
 pub fn cache_timeout(mode: CacheMode) -> Duration {
@@ -34,27 +32,34 @@ fn cache_policy(mode: CacheMode) -> CachePolicy {
     }
 }
 
+fn file_handle_mode(mode: InodeFileHandles) -> FileHandleMode {
+    match mode {
+        InodeFileHandles::Never => FileHandleMode::Never,
+        InodeFileHandles::Prefer => FileHandleMode::Prefer,
+        InodeFileHandles::Mandatory => FileHandleMode::Mandatory,
+    }
+}
+
 /// The passthrough configuration for serving `root` with `options`.
 pub fn config(options: &Options, root: &Path) -> Config {
     let timeout = cache_timeout(options.cache);
     Config {
+        root_dir: root.to_path_buf(),
         entry_timeout: timeout,
         attr_timeout: timeout,
-        cache_policy: cache_policy(options.cache),
+        cache: cache_policy(options.cache),
         writeback: options.writeback,
-        root_dir: root.to_string_lossy().into_owned(),
         xattr: options.xattr || options.posix_acl,
-        do_import: true,
-        inode_file_handles: options.inode_file_handles != InodeFileHandles::Never,
+        posix_acl: options.posix_acl,
+        inode_file_handles: file_handle_mode(options.inode_file_handles),
         allow_direct_io: options.allow_direct_io,
-        ..Config::default()
+        announce_submounts: options.announce_submounts,
     }
 }
 
-/// Create the filesystem. `root` is the shared directory's path as the process will see it
-/// when the guest's INIT arrives (after the sandbox: "/" for namespace and chroot), because
-/// the crate opens the root at INIT and validates names only in that mode. Must run after the
-/// process has its final /proc: the crate keeps /proc/self/fd open to reopen inodes.
+/// Open the shared directory `root` for serving. Must run after the process has its final
+/// /proc (a /proc/self/fd descriptor is kept to reopen inodes) and before the sandbox hides
+/// the directory's path: the root is opened here, not at the guest's INIT.
 pub fn open(options: &Options, root: &Path) -> io::Result<Fs> {
     PassthroughFs::new(config(options, root))
 }
@@ -132,7 +137,7 @@ mod tests {
             &options(&["--cache", "never", "--posix-acl", "--writeback"]),
             Path::new("/srv"),
         );
-        assert_eq!(c.cache_policy, CachePolicy::Never);
+        assert_eq!(c.cache, CachePolicy::Never);
         assert_eq!(c.entry_timeout, Duration::ZERO);
         assert!(c.xattr, "--posix-acl implies xattr support");
         assert!(c.writeback);
@@ -140,7 +145,7 @@ mod tests {
             !c.allow_direct_io,
             "O_DIRECT is filtered unless --allow-direct-io"
         );
-        assert_eq!(c.root_dir, "/srv");
+        assert_eq!(c.root_dir, Path::new("/srv"));
     }
 
     #[test]

@@ -1,25 +1,28 @@
 //! FUSE dispatch: decode one request chain, route it, write the reply into the same chain.
 //!
 //! fuse-backend-rs's `Server` decodes the FUSE protocol and drives the passthrough filesystem.
-//! This layer sits in front of it for what the daemon decides before any filesystem code runs:
-//! refusing writes on a read-only export, and the opcodes the crate's server does not route.
+//! This layer sits in front of it for what the daemon decides before any filesystem code runs
+//! (refusing writes on a read-only export) and for the opcodes the crate's server does not
+//! route (COPY_FILE_RANGE, SYNCFS, TMPFILE) or routes wrongly (SETLKW), which it decodes
+//! itself.
 
-use std::fs::File;
-use std::io::{self, Read, Write};
-use std::os::fd::AsRawFd;
+use std::io::Write;
+use std::sync::Arc;
 
-use fuse_backend_rs::abi::fuse_abi::{InHeader, OpenIn, OutHeader};
+use fuse_backend_rs::abi::fuse_abi::{
+    CopyFileRangeIn, CreateIn, EntryOut, InHeader, LkIn, OpenIn, OpenOut, OutHeader, WriteOut,
+};
+use fuse_backend_rs::api::filesystem::{Context, FileSystem};
 use fuse_backend_rs::api::server::Server;
 use fuse_backend_rs::transport::{Reader, VirtioFsWriter, Writer};
 use log::{debug, warn};
-use vm_memory::GuestMemoryMmap;
+use vm_memory::{ByteValued, GuestMemoryMmap};
 
 use crate::filesystem::Fs;
 use crate::queue::Chain;
 
 /// FUSE opcodes this layer looks at (linux/include/uapi/linux/fuse.h).
 pub mod opcode {
-    pub const LOOKUP: u32 = 1;
     pub const SETATTR: u32 = 4;
     pub const SYMLINK: u32 = 6;
     pub const MKNOD: u32 = 8;
@@ -63,19 +66,21 @@ const MODIFYING_OPCODES: &[u32] = &[
 
 /// Routes FUSE requests from any queue to the filesystem.
 pub struct FuseDispatcher {
-    server: Server<Fs>,
+    server: Server<Arc<Fs>>,
+    fs: Arc<Fs>,
     readonly: bool,
-    /// The shared directory, kept open so SYNCFS can reach its filesystem after the sandbox
-    /// has hidden every other path.
-    root: File,
 }
 
+/// The outcome of a request answered by this layer: a reply payload or an errno.
+type LocalReply = Result<Vec<u8>, i32>;
+
 impl FuseDispatcher {
-    pub fn new(fs: Fs, root: File, readonly: bool) -> Self {
+    pub fn new(fs: Fs, readonly: bool) -> Self {
+        let fs = Arc::new(fs);
         FuseDispatcher {
-            server: Server::new(fs),
+            server: Server::new(fs.clone()),
+            fs,
             readonly,
-            root,
         }
     }
 
@@ -132,37 +137,76 @@ impl FuseDispatcher {
         }
     }
 
-    /// Requests answered before the filesystem sees them: `Some(Ok(()))` for an empty success
-    /// reply, `Some(Err(errno))` for an error reply, `None` to pass through.
-    fn handle_locally(
-        &self,
-        header: &InHeader,
-        request: &Reader<'_, ()>,
-    ) -> Option<Result<(), i32>> {
+    /// Requests answered here rather than by the crate's server: `None` passes the request on.
+    fn handle_locally(&self, header: &InHeader, request: &Reader<'_, ()>) -> Option<LocalReply> {
         if self.readonly && refused_on_readonly(header, request.clone()) {
             return Some(Err(libc::EROFS));
         }
-        match header.opcode {
-            opcode::SYNCFS => Some(self.syncfs()),
-            opcode::LOOKUP if header.nodeid == ROOT_ID && looks_up_parent(request.clone()) => {
-                // The share's root has no parent the guest may see. The passthrough allows
-                // ".." lookups (for NFS export), which with `--sandbox none` would leave the
-                // share; a Linux guest never sends this, so only a hostile one gets ENOENT.
-                Some(Err(libc::ENOENT))
+        let mut body = request.clone();
+        let _ = body.read_obj::<InHeader>();
+        let ctx = Context::from(header);
+        let reply = match header.opcode {
+            opcode::SYNCFS => self.fs.syncfs().map(|()| Vec::new()),
+            opcode::COPY_FILE_RANGE => {
+                let Ok(args) = body.read_obj::<CopyFileRangeIn>() else {
+                    return Some(Err(libc::EINVAL));
+                };
+                self.fs
+                    .copy_file_range(
+                        &ctx,
+                        header.nodeid,
+                        args.fh_in,
+                        args.offset_in,
+                        args.nodeid_out,
+                        args.fh_out,
+                        args.offset_out,
+                        args.len,
+                        args.flags,
+                    )
+                    .map(|copied| {
+                        // The reply's size field is 32 bits; the kernel never asks for more.
+                        let size = u32::try_from(copied).unwrap_or(u32::MAX);
+                        WriteOut { size, padding: 0 }.as_slice().to_vec()
+                    })
             }
-            _ => None,
-        }
-    }
-
-    fn syncfs(&self) -> Result<(), i32> {
-        // SAFETY: syncfs takes any open descriptor and touches no memory of ours.
-        if unsafe { libc::syncfs(self.root.as_raw_fd()) } == 0 {
-            Ok(())
-        } else {
-            Err(io::Error::last_os_error()
-                .raw_os_error()
-                .unwrap_or(libc::EIO))
-        }
+            opcode::SETLKW => {
+                // The crate's server answers SETLKW with a non-blocking setlk, which turns a
+                // waiting fcntl(F_SETLKW) in the guest into a spurious EAGAIN.
+                let Ok(args) = body.read_obj::<LkIn>() else {
+                    return Some(Err(libc::EINVAL));
+                };
+                self.fs
+                    .setlkw(
+                        &ctx,
+                        header.nodeid,
+                        args.fh,
+                        args.owner,
+                        args.lk.into(),
+                        args.lk_flags,
+                    )
+                    .map(|()| Vec::new())
+            }
+            opcode::TMPFILE => {
+                // fuse_create_in, then the dentry's name, which O_TMPFILE has no use for.
+                let Ok(args) = body.read_obj::<CreateIn>() else {
+                    return Some(Err(libc::EINVAL));
+                };
+                self.fs
+                    .tmpfile(&ctx, header.nodeid, args.mode, args.umask, args.flags)
+                    .map(|(entry, handle, options)| {
+                        let open = OpenOut {
+                            fh: handle.unwrap_or(0),
+                            open_flags: options.bits(),
+                            passthrough: 0,
+                        };
+                        let mut payload = EntryOut::from(entry).as_slice().to_vec();
+                        payload.extend_from_slice(open.as_slice());
+                        payload
+                    })
+            }
+            _ => return None,
+        };
+        Some(reply.map_err(|e| e.raw_os_error().unwrap_or(libc::EIO)))
     }
 }
 
@@ -171,15 +215,6 @@ fn peek_header(mem: &GuestMemoryMmap, chain: &Chain) -> Option<InHeader> {
         .ok()?
         .read_obj()
         .ok()
-}
-
-/// The FUSE node id of the share's root.
-const ROOT_ID: u64 = 1;
-
-fn looks_up_parent(mut body: Reader<'_, ()>) -> bool {
-    let _ = body.read_obj::<InHeader>();
-    let mut name = [0u8; 3];
-    matches!(body.read(&mut name), Ok(n) if n >= 2 && &name[..2] == b".." && (n == 2 || name[2] == 0))
 }
 
 fn refused_on_readonly(header: &InHeader, mut body: Reader<'_, ()>) -> bool {
@@ -197,14 +232,22 @@ fn refused_on_readonly(header: &InHeader, mut body: Reader<'_, ()>) -> bool {
     false
 }
 
-/// Write a reply that has no payload: a bare `fuse_out_header`.
-fn reply(mut writer: VirtioFsWriter<'_, ()>, unique: u64, result: Result<(), i32>) -> u32 {
+/// Write a reply: `fuse_out_header`, then the payload of a successful one.
+fn reply(mut writer: VirtioFsWriter<'_, ()>, unique: u64, result: LocalReply) -> u32 {
+    let (error, payload) = match result {
+        Ok(payload) => (0, payload),
+        Err(errno) => (-errno, Vec::new()),
+    };
     let header = OutHeader {
-        len: std::mem::size_of::<OutHeader>() as u32,
-        error: result.err().map_or(0, |errno| -errno),
+        len: (std::mem::size_of::<OutHeader>() + payload.len()) as u32,
+        error,
         unique,
     };
-    match writer.write_obj(header).and_then(|_| writer.flush()) {
+    let written = writer
+        .write_obj(header)
+        .and_then(|_| writer.write_all(&payload))
+        .and_then(|_| writer.flush());
+    match written {
         Ok(()) => header.len,
         Err(e) => {
             warn!("reply to request {unique} does not fit the guest's buffer: {e}");

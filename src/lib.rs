@@ -4,7 +4,6 @@
 //! completed by [`queue`], decoded and routed by [`fuse`], and served by the passthrough
 //! filesystem ([`filesystem`]). [`daemon`] wires these together for one VMM connection;
 //! [`sandbox`] confines the process first; [`cli`] holds virtiofsd's command line.
-//! [`frontend`] is the other side of the socket: a test and benchmark VMM plus guest driver.
 
 pub mod cli;
 pub mod daemon;
@@ -12,5 +11,6 @@ pub mod device;
 pub mod filesystem;
 pub mod frontend;
 pub mod fuse;
+pub mod passthrough;
 pub mod queue;
 pub mod sandbox;

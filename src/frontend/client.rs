@@ -397,8 +397,14 @@ impl FuseClient {
         Ok(t)
     }
 
+    /// LOOKUP. A negative entry (node id 0, which a daemon may send so the guest caches the
+    /// absence) is reported as ENOENT, as the guest kernel reads it.
     pub fn lookup(&self, parent: u64, name: impl AsRef<[u8]>) -> FuseResult<EntryOut> {
-        self.call_obj(opcode::LOOKUP, parent, &[&cstr(name.as_ref())])
+        let entry: EntryOut = self.call_obj(opcode::LOOKUP, parent, &[&cstr(name.as_ref())])?;
+        if entry.nodeid == 0 {
+            return Err(FuseError::Errno(libc::ENOENT));
+        }
+        Ok(entry)
     }
 
     /// FORGET, sent on the hiprio queue as the guest does. It has no reply; this returns once

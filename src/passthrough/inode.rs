@@ -1,0 +1,182 @@
+//! The inode table: FUSE node ids ↔ host inodes.
+//!
+//! Each entry holds an O_PATH descriptor of its host inode, its identity (device, inode
+//! number, mount id), and the guest's lookup count. The guest only ever names inodes by the
+//! node ids handed out here, so every host access starts from a descriptor we opened
+//! ourselves; an unknown id is EBADF. An entry leaves the table when the guest forgets its
+//! last lookup, which bounds the table by what the guest's dentry cache holds.
+//!
+//! Lookup-count changes and insertions happen under the table's write lock, so a forget that
+//! brings the count to zero cannot race with a lookup that revives the same inode.
+
+use std::collections::{BTreeMap, HashMap};
+use std::fs::File;
+use std::os::fd::{AsFd, AsRawFd, BorrowedFd, RawFd};
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex, RwLock};
+
+/// The FUSE node id of the share's root.
+pub const ROOT_INODE: u64 = 1;
+
+/// What makes two host inodes the same: identical (st_dev, st_ino) on the same mount.
+/// Ordered by (dev, ino) first so all mounts of one host inode can be found together.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Hash)]
+pub struct InodeId {
+    pub dev: u64,
+    pub ino: u64,
+    pub mnt_id: u64,
+}
+
+/// One host inode the guest knows about.
+pub struct InodeData {
+    /// The FUSE node id.
+    pub inode: u64,
+    /// O_PATH | O_NOFOLLOW descriptor of the inode itself (a symlink stays a symlink).
+    pub file: File,
+    pub id: InodeId,
+    /// File type bits (S_IFMT) at lookup time; the type of an inode never changes.
+    pub mode: u32,
+    refcount: AtomicU64,
+    /// Per lock owner, the descriptor whose open file description carries that owner's
+    /// POSIX (OFD) locks on this inode; closing it releases them.
+    pub(crate) plocks: Mutex<HashMap<u64, Arc<File>>>,
+}
+
+impl InodeData {
+    pub fn as_raw_fd(&self) -> RawFd {
+        self.file.as_raw_fd()
+    }
+}
+
+impl AsFd for InodeData {
+    fn as_fd(&self) -> BorrowedFd<'_> {
+        self.file.as_fd()
+    }
+}
+
+#[derive(Default)]
+struct Maps {
+    by_inode: HashMap<u64, Arc<InodeData>>,
+    by_id: BTreeMap<InodeId, u64>,
+}
+
+pub(crate) struct InodeTable {
+    maps: RwLock<Maps>,
+    next: AtomicU64,
+}
+
+impl InodeTable {
+    pub(crate) fn new() -> Self {
+        InodeTable {
+            maps: RwLock::new(Maps::default()),
+            next: AtomicU64::new(ROOT_INODE + 1),
+        }
+    }
+
+    pub(crate) fn get(&self, inode: u64) -> Option<Arc<InodeData>> {
+        self.read().by_inode.get(&inode).cloned()
+    }
+
+    pub(crate) fn find(&self, id: &InodeId) -> Option<u64> {
+        self.read().by_id.get(id).copied()
+    }
+
+    /// Every node id for host inode (dev, ino), whatever mount it was seen through.
+    pub(crate) fn find_dev_ino(&self, dev: u64, ino: u64) -> Vec<u64> {
+        let lo = InodeId {
+            dev,
+            ino,
+            mnt_id: 0,
+        };
+        let hi = InodeId {
+            mnt_id: u64::MAX,
+            ..lo
+        };
+        self.read().by_id.range(lo..=hi).map(|(_, &i)| i).collect()
+    }
+
+    pub(crate) fn len(&self) -> usize {
+        self.read().by_inode.len()
+    }
+
+    /// Install the root (node id 1). Its lookup count starts at 2 and forgets never remove
+    /// it: the guest's root dentry lives as long as the mount.
+    pub(crate) fn set_root(&self, file: File, id: InodeId, mode: u32) {
+        let data = Arc::new(InodeData {
+            inode: ROOT_INODE,
+            file,
+            id,
+            mode,
+            refcount: AtomicU64::new(2),
+            plocks: Mutex::new(HashMap::new()),
+        });
+        let mut m = self.write();
+        m.by_id.insert(id, ROOT_INODE);
+        m.by_inode.insert(ROOT_INODE, data);
+    }
+
+    /// Count one more guest lookup of the host inode `id`, adding it to the table with the
+    /// descriptor `file` if it is new (otherwise `file` is simply closed).
+    pub(crate) fn lookup_or_insert(&self, id: InodeId, mode: u32, file: File) -> Arc<InodeData> {
+        let mut m = self.write();
+        if let Some(data) = m.by_id.get(&id).and_then(|i| m.by_inode.get(i)) {
+            data.refcount.fetch_add(1, Ordering::Relaxed);
+            return data.clone();
+        }
+        let inode = self.next.fetch_add(1, Ordering::Relaxed);
+        let data = Arc::new(InodeData {
+            inode,
+            file,
+            id,
+            mode: mode & libc::S_IFMT,
+            refcount: AtomicU64::new(1),
+            plocks: Mutex::new(HashMap::new()),
+        });
+        m.by_id.insert(id, inode);
+        m.by_inode.insert(inode, data.clone());
+        data
+    }
+
+    /// Count one more lookup of an inode already in the table.
+    pub(crate) fn add_ref(&self, inode: u64) -> Option<Arc<InodeData>> {
+        let m = self.write();
+        let data = m.by_inode.get(&inode)?;
+        data.refcount.fetch_add(1, Ordering::Relaxed);
+        Some(data.clone())
+    }
+
+    /// Drop `count` lookups; the entry goes when none remain. Unknown ids are ignored (FORGET
+    /// has no reply, and a hostile guest's bogus forget must not hurt anyone else).
+    pub(crate) fn forget(&self, inode: u64, count: u64) {
+        let mut m = self.write();
+        let Some(data) = m.by_inode.get(&inode) else {
+            return;
+        };
+        let left = data.refcount.load(Ordering::Relaxed).saturating_sub(count);
+        data.refcount.store(left, Ordering::Relaxed);
+        if left == 0 && inode != ROOT_INODE {
+            let id = data.id;
+            m.by_inode.remove(&inode);
+            if m.by_id.get(&id) == Some(&inode) {
+                m.by_id.remove(&id);
+            }
+        }
+    }
+
+    /// Forget everything but the root (guest unmount / DESTROY).
+    pub(crate) fn clear(&self) {
+        let mut m = self.write();
+        m.by_inode.retain(|&i, _| i == ROOT_INODE);
+        m.by_id.retain(|_, &mut i| i == ROOT_INODE);
+    }
+
+    fn read(&self) -> std::sync::RwLockReadGuard<'_, Maps> {
+        // A panic elsewhere cannot leave the maps half-updated (each update is one insert or
+        // remove), so a poisoned lock is still safe to use.
+        self.maps.read().unwrap_or_else(|e| e.into_inner())
+    }
+
+    fn write(&self) -> std::sync::RwLockWriteGuard<'_, Maps> {
+        self.maps.write().unwrap_or_else(|e| e.into_inner())
+    }
+}

@@ -1,0 +1,416 @@
+//! leasefs's own passthrough filesystem: serves a host directory to the guest over FUSE.
+//!
+//! # Design
+//!
+//! The model is virtiofsd's:
+//!
+//! * **Inode table** (`inode.rs`): every host inode the guest has looked up is one FUSE node id
+//!   holding an `O_PATH | O_NOFOLLOW` descriptor of that inode and a lookup count, keyed by
+//!   (st_dev, st_ino, mount id). FORGET drops counts; the entry and its descriptor go at zero.
+//! * **Handle table** (`handle.rs`): each guest OPEN/CREATE/OPENDIR/TMPFILE is one host open
+//!   file description, so flock locks, O_APPEND and directory positions behave as locally.
+//! * **Name resolution** is always one component, relative to the parent's descriptor, with
+//!   `O_NOFOLLOW` / `AT_SYMLINK_NOFOLLOW` / `AT_EMPTY_PATH`. I/O descriptors are reopened from
+//!   the inode's descriptor through a `/proc/self/fd` directory descriptor opened by
+//!   [`PassthroughFs::new`], which works after the daemon has pivoted into the share.
+//! * **Credentials**: operations that create inodes run with the guest caller's effective
+//!   uid/gid (per-thread raw `setresuid`/`setresgid`) and the right umask (per-thread, after
+//!   `unshare(CLONE_FS)`), see `util.rs`.
+//! * **POSIX locks** are open-file-description (OFD) locks on one descriptor per
+//!   (inode, lock owner), closed when that owner flushes or releases: the same lifetime rules
+//!   as process-associated locks, without tying every guest process to the daemon's pid.
+//!   `flock` locks are `flock(2)` on the handle's own descriptor.
+//!
+//! # Guarantees
+//!
+//! * The guest can only reach inodes below the share: names with `/`, empty names, `.` and
+//!   `..` are refused where they would create or remove anything (EINVAL); a lookup of `..` at
+//!   the root answers the root itself; symlinks inside the share are returned as symlinks and
+//!   never followed by the daemon (only the guest's own kernel follows them, inside the guest).
+//! * Only regular files and directories are ever opened for I/O: a FIFO or device node in the
+//!   share cannot block a request thread or expose a host device (EBADF, as virtiofsd).
+//! * Node ids and handles come from the guest and are never trusted: unknown ones, or a handle
+//!   used with another inode than it was opened for, are EBADF; nothing here panics on guest
+//!   data. The inode table shrinks with FORGET, so memory follows the guest's dentry cache.
+//! * Negative lookups are cached by the guest only with [`CachePolicy::Always`] (the guest is
+//!   taken to own the share); otherwise a missing name is ENOENT, as with virtiofsd.
+//!
+//! # Limits
+//!
+//! * [`FileHandleMode`]: inodes are always held by O_PATH descriptor; `Mandatory` only makes
+//!   [`PassthroughFs::new`] fail where the share's filesystem has no file handles.
+//! * Credentials switch the effective uid/gid only: supplementary groups stay the daemon's,
+//!   so the daemon should drop its own supplementary groups at start-up (virtiofsd does).
+
+mod handle;
+mod inode;
+mod locks;
+mod ops;
+mod util;
+mod xattr;
+
+#[cfg(test)]
+mod tests;
+
+use std::ffi::CStr;
+use std::fs::File;
+use std::io;
+use std::os::fd::AsRawFd;
+use std::os::unix::ffi::OsStrExt;
+use std::path::PathBuf;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
+use std::time::Duration;
+
+use fuse_backend_rs::abi::fuse_abi::{stat64, ATTR_SUBMOUNT};
+use fuse_backend_rs::api::filesystem::{Entry, OpenOptions};
+
+pub use handle::HandleData;
+pub use inode::{InodeData, InodeId, ROOT_INODE};
+
+use handle::HandleTable;
+use inode::InodeTable;
+use util::{ebadf, einval, fd_name, is_dir, is_safe_inode, openat, statx_fd};
+
+/// How much the guest may cache, with virtiofsd's meaning of each mode.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub enum CachePolicy {
+    /// No data caching (direct I/O on files); metadata per the timeouts (normally zero).
+    Never,
+    /// Metadata cached (long timeouts), data uncached (direct I/O on files).
+    Metadata,
+    /// Data cached but revalidated on open (close-to-open); the default.
+    #[default]
+    Auto,
+    /// Data and directory contents kept across opens: the guest owns the share.
+    Always,
+}
+
+/// Whether inodes are held by file handle instead of O_PATH descriptor.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub enum FileHandleMode {
+    #[default]
+    Never,
+    Prefer,
+    Mandatory,
+}
+
+/// How the share is served. The timeouts are what the guest caches entries and attributes for.
+#[derive(Clone, Debug)]
+pub struct Config {
+    pub root_dir: PathBuf,
+    pub entry_timeout: Duration,
+    pub attr_timeout: Duration,
+    pub cache: CachePolicy,
+    pub writeback: bool,
+    pub xattr: bool,
+    pub posix_acl: bool,
+    pub inode_file_handles: FileHandleMode,
+    pub allow_direct_io: bool,
+    pub announce_submounts: bool,
+}
+
+impl Default for Config {
+    fn default() -> Self {
+        Config {
+            root_dir: PathBuf::from("/"),
+            entry_timeout: Duration::from_secs(1),
+            attr_timeout: Duration::from_secs(1),
+            cache: CachePolicy::Auto,
+            writeback: false,
+            xattr: false,
+            posix_acl: false,
+            inode_file_handles: FileHandleMode::Never,
+            allow_direct_io: false,
+            announce_submounts: false,
+        }
+    }
+}
+
+/// The passthrough filesystem. Node ids and handles are `u64`; see the module documentation.
+pub struct PassthroughFs {
+    cfg: Config,
+    inodes: InodeTable,
+    handles: HandleTable,
+    /// `/proc/self/fd`, to reopen our O_PATH descriptors with real access modes.
+    proc_self_fd: File,
+    /// The share's root, O_PATH; also the working directory threads return to.
+    root: File,
+    // What INIT agreed with the guest.
+    writeback: AtomicBool,
+    posix_acl: AtomicBool,
+    submounts: AtomicBool,
+}
+
+impl PassthroughFs {
+    /// Open `/proc/self/fd` and the share's root. Both stay open, so this may run before the
+    /// daemon pivots into the share and INIT needs no path lookups afterwards.
+    pub fn new(cfg: Config) -> io::Result<Self> {
+        let proc_self_fd = openat(
+            libc::AT_FDCWD,
+            c"/proc/self/fd",
+            libc::O_PATH | libc::O_DIRECTORY,
+            0,
+        )?;
+        let root_path =
+            std::ffi::CString::new(cfg.root_dir.as_os_str().as_bytes()).map_err(|_| einval())?;
+        // The administrator's path may contain symlinks; everything below it may not.
+        let root = openat(
+            libc::AT_FDCWD,
+            &root_path,
+            libc::O_PATH | libc::O_DIRECTORY,
+            0,
+        )?;
+        if cfg.inode_file_handles == FileHandleMode::Mandatory {
+            check_file_handles(&root)?;
+        }
+        let fs = PassthroughFs {
+            cfg,
+            inodes: InodeTable::new(),
+            handles: HandleTable::new(),
+            proc_self_fd,
+            root,
+            writeback: AtomicBool::new(false),
+            posix_acl: AtomicBool::new(false),
+            submounts: AtomicBool::new(false),
+        };
+        fs.install_root()?;
+        Ok(fs)
+    }
+
+    /// Kept for the daemon's start-up sequence: the root was opened by [`new`](Self::new), so
+    /// there is nothing left to import. Fails only if the root is no longer reachable.
+    pub fn import(&self) -> io::Result<()> {
+        statx_fd(self.root.as_raw_fd()).map(|_| ())
+    }
+
+    fn install_root(&self) -> io::Result<()> {
+        let info = statx_fd(self.root.as_raw_fd())?;
+        let id = InodeId {
+            dev: info.st.st_dev,
+            ino: info.st.st_ino,
+            mnt_id: info.mnt_id,
+        };
+        let file = reopen_path(&self.proc_self_fd, &self.root)?;
+        self.inodes
+            .set_root(file, id, info.st.st_mode & libc::S_IFMT);
+        Ok(())
+    }
+
+    pub fn config(&self) -> &Config {
+        &self.cfg
+    }
+
+    // Accessors for the coherence engine.
+
+    /// The inode's O_PATH descriptor (via [`InodeData`]'s `AsFd`) and identity. Holding the
+    /// returned `Arc` keeps the descriptor open even if the guest forgets the inode meanwhile.
+    pub fn inode_fd(&self, inode: u64) -> Option<Arc<InodeData>> {
+        self.inodes.get(inode)
+    }
+
+    /// A new descriptor of the inode opened with `flags` (e.g. `O_RDONLY` for a file lease or
+    /// a fanotify mark). Only regular files and directories can be opened (else EBADF).
+    pub fn reopen_inode(&self, inode: u64, flags: i32) -> io::Result<File> {
+        let data = self.inode(inode)?;
+        self.reopen(&data, flags)
+    }
+
+    /// The host identity of a node id.
+    pub fn inode_id(&self, inode: u64) -> Option<InodeId> {
+        self.inodes.get(inode).map(|d| d.id)
+    }
+
+    /// The node id of a host inode seen through a given mount.
+    pub fn find_inode(&self, id: &InodeId) -> Option<u64> {
+        self.inodes.find(id)
+    }
+
+    /// All node ids of host inode (dev, ino), one per mount it was seen through.
+    pub fn find_inodes_by_dev_ino(&self, dev: u64, ino: u64) -> Vec<u64> {
+        self.inodes.find_dev_ino(dev, ino)
+    }
+
+    /// The open descriptor behind a guest file handle.
+    pub fn handle_fd(&self, handle: u64) -> Option<Arc<HandleData>> {
+        self.handles.get_any(handle)
+    }
+
+    /// Number of node ids in the table (the root included).
+    pub fn inode_count(&self) -> usize {
+        self.inodes.len()
+    }
+
+    /// Number of open guest handles.
+    pub fn handle_count(&self) -> usize {
+        self.handles.len()
+    }
+
+    // Helpers shared by the operations.
+
+    fn inode(&self, inode: u64) -> io::Result<Arc<InodeData>> {
+        self.inodes.get(inode).ok_or_else(ebadf)
+    }
+
+    fn handle(&self, handle: u64, inode: u64) -> io::Result<Arc<HandleData>> {
+        self.handles.get(handle, inode).ok_or_else(ebadf)
+    }
+
+    /// Open the inode for I/O through its /proc/self/fd entry (the magic link leads to the
+    /// inode itself, never through a symlink's text).
+    fn reopen(&self, data: &InodeData, flags: i32) -> io::Result<File> {
+        if !is_safe_inode(data.mode) {
+            return Err(ebadf());
+        }
+        // Creation and O_PATH make no sense on an existing inode; O_NOFOLLOW would refuse the
+        // magic link itself.
+        let strip = libc::O_CREAT
+            | libc::O_EXCL
+            | libc::O_NOCTTY
+            | libc::O_NOFOLLOW
+            | libc::O_PATH
+            | (libc::O_TMPFILE & !libc::O_DIRECTORY);
+        openat(
+            self.proc_self_fd.as_raw_fd(),
+            &fd_name(data.as_raw_fd()),
+            flags & !strip,
+            0,
+        )
+    }
+
+    /// Guest open flags adjusted as virtiofsd does.
+    fn open_flags(&self, flags: u32) -> i32 {
+        let mut flags = flags as i32;
+        if self.writeback.load(Ordering::Relaxed) {
+            // With writeback caching the guest may read pages of a file it opened write-only,
+            // and it implements O_APPEND itself from its own idea of the size.
+            if flags & libc::O_ACCMODE == libc::O_WRONLY {
+                flags = (flags & !libc::O_ACCMODE) | libc::O_RDWR;
+            }
+            flags &= !libc::O_APPEND;
+        }
+        if !self.cfg.allow_direct_io {
+            flags &= !libc::O_DIRECT;
+        }
+        flags
+    }
+
+    fn file_open_options(&self) -> OpenOptions {
+        match self.cfg.cache {
+            CachePolicy::Never | CachePolicy::Metadata => OpenOptions::DIRECT_IO,
+            CachePolicy::Auto => OpenOptions::empty(),
+            CachePolicy::Always => OpenOptions::KEEP_CACHE,
+        }
+    }
+
+    fn dir_open_options(&self) -> OpenOptions {
+        match self.cfg.cache {
+            CachePolicy::Always => OpenOptions::CACHE_DIR,
+            _ => OpenOptions::empty(),
+        }
+    }
+
+    /// The umask to create with: the guest's own when it left masking to us (POSIX ACLs, so a
+    /// default ACL can override it), else none since the guest already applied it.
+    fn create_umask(&self, umask: u32) -> u32 {
+        if self.posix_acl.load(Ordering::Relaxed) {
+            umask
+        } else {
+            0
+        }
+    }
+
+    fn entry(&self, data: &InodeData, st: stat64, parent: Option<&InodeId>) -> Entry {
+        let crosses_mount =
+            parent.is_some_and(|p| p.dev != data.id.dev || p.mnt_id != data.id.mnt_id);
+        let attr_flags =
+            if self.submounts.load(Ordering::Relaxed) && is_dir(st.st_mode) && crosses_mount {
+                ATTR_SUBMOUNT
+            } else {
+                0
+            };
+        Entry {
+            inode: data.inode,
+            generation: 0,
+            attr: st,
+            attr_flags,
+            attr_timeout: self.cfg.attr_timeout,
+            entry_timeout: self.cfg.entry_timeout,
+        }
+    }
+
+    /// Resolve one name below `parent` and count a guest lookup of the result.
+    fn do_lookup(&self, parent: &InodeData, name: &CStr) -> io::Result<Entry> {
+        let b = name.to_bytes();
+        if b == b"." || (b == b".." && parent.inode == ROOT_INODE) {
+            // The root's parent is not part of the share: ".." there is the root again.
+            let st = statx_fd(parent.as_raw_fd())?.st;
+            let data = self.inodes.add_ref(parent.inode).ok_or_else(ebadf)?;
+            return Ok(self.entry(&data, st, None));
+        }
+        if b.is_empty() || b.contains(&b'/') {
+            return Err(einval());
+        }
+        let file = openat(parent.as_raw_fd(), name, libc::O_PATH | libc::O_NOFOLLOW, 0)?;
+        // A submount's ".." is its parent mount, not a submount of it.
+        let parent_id = (b != b"..").then_some(&parent.id);
+        self.add_inode(file, parent_id)
+    }
+
+    /// Enter the inode `file` (an O_PATH descriptor) into the table and build its entry.
+    fn add_inode(&self, file: File, parent: Option<&InodeId>) -> io::Result<Entry> {
+        let info = statx_fd(file.as_raw_fd())?;
+        let id = InodeId {
+            dev: info.st.st_dev,
+            ino: info.st.st_ino,
+            mnt_id: info.mnt_id,
+        };
+        let data = self.inodes.lookup_or_insert(id, info.st.st_mode, file);
+        Ok(self.entry(&data, info.st, parent))
+    }
+
+    /// Enter the inode behind an open descriptor (from CREATE or TMPFILE: the name may already
+    /// have changed, or there is none) into the table.
+    fn add_inode_of_open_file(&self, file: &File, parent: &InodeId) -> io::Result<Entry> {
+        let path = reopen_path(&self.proc_self_fd, file)?;
+        self.add_inode(path, Some(parent))
+    }
+}
+
+/// An O_PATH descriptor of the inode an open descriptor refers to.
+fn reopen_path(proc_self_fd: &File, file: &File) -> io::Result<File> {
+    openat(
+        proc_self_fd.as_raw_fd(),
+        &fd_name(file.as_raw_fd()),
+        libc::O_PATH,
+        0,
+    )
+}
+
+/// `--inode-file-handles=mandatory` must fail where file handles do not work.
+fn check_file_handles(root: &File) -> io::Result<()> {
+    const MAX_HANDLE_SZ: usize = 128;
+    #[repr(C)]
+    struct Handle {
+        bytes: u32,
+        kind: i32,
+        data: [u8; MAX_HANDLE_SZ],
+    }
+    let mut h = Handle {
+        bytes: MAX_HANDLE_SZ as u32,
+        kind: 0,
+        data: [0; MAX_HANDLE_SZ],
+    };
+    let mut mount_id = 0;
+    // SAFETY: the handle buffer holds MAX_HANDLE_SZ bytes, as announced in `bytes`.
+    util::check(unsafe {
+        libc::name_to_handle_at(
+            root.as_raw_fd(),
+            util::EMPTY.as_ptr(),
+            &mut h as *mut Handle as *mut libc::file_handle,
+            &mut mount_id,
+            libc::AT_EMPTY_PATH,
+        )
+    })?;
+    Ok(())
+}
