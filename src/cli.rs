@@ -18,6 +18,9 @@ pub enum CacheMode {
     Auto,
     /// Everything is cached for a day (stale when the host changes the directory).
     Always,
+    /// leasefs's default: data and directory listings are cached across opens and revalidated
+    /// before use; entries and attributes are cached for `--lease-timeout`.
+    Coherent,
 }
 
 /// How the daemon is confined before it serves the guest.
@@ -100,8 +103,15 @@ pub struct Options {
     pub tag: Option<String>,
 
     /// What the guest may cache.
-    #[arg(long, value_enum, default_value_t = CacheMode::Auto)]
+    #[arg(long, value_enum, default_value_t = CacheMode::Coherent)]
     pub cache: CacheMode,
+
+    /// With --cache coherent: how long (seconds, fractions allowed) a guest may use cached
+    /// entries and attributes without asking; host changes to names and attributes reach the
+    /// guest within this bound. 0 (the default) means the guest revalidates every use.
+    #[arg(long = "lease-timeout", value_name = "SECS", default_value_t = 0.0,
+          value_parser = parse_lease_timeout)]
+    pub lease_timeout: f64,
 
     /// Sandbox mechanism to isolate the daemon process.
     #[arg(long, value_enum, default_value_t = SandboxMode::Namespace)]
@@ -165,6 +175,15 @@ pub struct Options {
     pub max_request_queues: u16,
 }
 
+fn parse_lease_timeout(value: &str) -> Result<f64, String> {
+    match value.parse::<f64>() {
+        Ok(secs) if secs.is_finite() && (0.0..=86400.0).contains(&secs) => Ok(secs),
+        _ => Err(format!(
+            "{value:?} is not a number of seconds from 0 to 86400"
+        )),
+    }
+}
+
 /// The capabilities document of QEMU's docs/interop/vhost-user.json for a "fs" backend.
 pub fn capabilities_json() -> &'static str {
     // No "migrate-precopy": leasefsd does not transfer device state, so it must not claim to.
@@ -188,7 +207,8 @@ mod tests {
     #[test]
     fn virtiofsd_line_parses_with_virtiofsd_defaults() {
         let o = parse(&["--socket-path", "/tmp/s", "--shared-dir", "/srv"]).unwrap();
-        assert_eq!(o.cache, CacheMode::Auto);
+        assert_eq!(o.cache, CacheMode::Coherent, "leasefs's own default");
+        assert_eq!(o.lease_timeout, 0.0);
         assert_eq!(o.sandbox, SandboxMode::Namespace);
         assert_eq!(o.inode_file_handles, InodeFileHandles::Never);
         assert_eq!(o.thread_pool_size, 0);

@@ -14,12 +14,13 @@ use crate::passthrough::{CachePolicy, Config, FileHandleMode, PassthroughFs};
 /// The filesystem type the daemon serves.
 pub type Fs = PassthroughFs;
 
-/// virtiofsd's entry and attribute timeout for each cache mode.
-pub fn cache_timeout(mode: CacheMode) -> Duration {
+/// The entry and attribute timeout: virtiofsd's for its cache modes, the lease for ours.
+pub fn cache_timeout(mode: CacheMode, lease_timeout: f64) -> Duration {
     match mode {
         CacheMode::Never => Duration::ZERO,
         CacheMode::Metadata | CacheMode::Always => Duration::from_secs(86400),
         CacheMode::Auto => Duration::from_secs(1),
+        CacheMode::Coherent => Duration::from_secs_f64(lease_timeout),
     }
 }
 
@@ -29,6 +30,7 @@ fn cache_policy(mode: CacheMode) -> CachePolicy {
         CacheMode::Metadata => CachePolicy::Metadata,
         CacheMode::Auto => CachePolicy::Auto,
         CacheMode::Always => CachePolicy::Always,
+        CacheMode::Coherent => CachePolicy::Coherent,
     }
 }
 
@@ -42,7 +44,7 @@ fn file_handle_mode(mode: InodeFileHandles) -> FileHandleMode {
 
 /// The passthrough configuration for serving `root` with `options`.
 pub fn config(options: &Options, root: &Path) -> Config {
-    let timeout = cache_timeout(options.cache);
+    let timeout = cache_timeout(options.cache, options.lease_timeout);
     Config {
         root_dir: root.to_path_buf(),
         entry_timeout: timeout,
@@ -122,12 +124,19 @@ mod tests {
 
     #[test]
     fn cache_modes_keep_virtiofsd_timeouts() {
-        assert_eq!(cache_timeout(CacheMode::Never), Duration::ZERO);
-        assert_eq!(cache_timeout(CacheMode::Auto), Duration::from_secs(1));
-        assert_eq!(cache_timeout(CacheMode::Always), Duration::from_secs(86400));
+        assert_eq!(cache_timeout(CacheMode::Never, 5.0), Duration::ZERO);
+        assert_eq!(cache_timeout(CacheMode::Auto, 5.0), Duration::from_secs(1));
         assert_eq!(
-            cache_timeout(CacheMode::Metadata),
+            cache_timeout(CacheMode::Always, 5.0),
             Duration::from_secs(86400)
+        );
+        assert_eq!(
+            cache_timeout(CacheMode::Metadata, 5.0),
+            Duration::from_secs(86400)
+        );
+        assert_eq!(
+            cache_timeout(CacheMode::Coherent, 0.25),
+            Duration::from_millis(250)
         );
     }
 

@@ -84,6 +84,10 @@ pub enum CachePolicy {
     Auto,
     /// Data and directory contents kept across opens: the guest owns the share.
     Always,
+    /// Data and directory contents kept across opens like `Always`, but revalidated: the guest
+    /// checks attributes before using cached data (AUTO_INVAL_DATA) and drops the cache when
+    /// mtime or size changed. Entry and attribute timeouts are the metadata lease.
+    Coherent,
 }
 
 /// Whether inodes are held by file handle instead of O_PATH descriptor.
@@ -299,13 +303,13 @@ impl PassthroughFs {
         match self.cfg.cache {
             CachePolicy::Never | CachePolicy::Metadata => OpenOptions::DIRECT_IO,
             CachePolicy::Auto => OpenOptions::empty(),
-            CachePolicy::Always => OpenOptions::KEEP_CACHE,
+            CachePolicy::Always | CachePolicy::Coherent => OpenOptions::KEEP_CACHE,
         }
     }
 
     fn dir_open_options(&self) -> OpenOptions {
         match self.cfg.cache {
-            CachePolicy::Always => OpenOptions::CACHE_DIR,
+            CachePolicy::Always | CachePolicy::Coherent => OpenOptions::CACHE_DIR,
             _ => OpenOptions::empty(),
         }
     }

@@ -188,7 +188,7 @@ impl FileSystem for PassthroughFs {
         if self.cfg.cache != CachePolicy::Never {
             want |= FsOptions::CACHE_SYMLINKS;
         }
-        if self.cfg.cache == CachePolicy::Auto {
+        if matches!(self.cfg.cache, CachePolicy::Auto | CachePolicy::Coherent) {
             want |= FsOptions::AUTO_INVAL_DATA;
         }
         if self.cfg.writeback {
