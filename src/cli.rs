@@ -74,7 +74,7 @@ pub const MAX_QUEUE_SIZE: usize = 32768;
 
 /// leasefsd: a vhost-user virtio-fs daemon (drop-in for virtiofsd).
 #[derive(Debug, Parser)]
-#[command(name = "leasefsd", version, about)]
+#[command(name = "leasefsd", version, about, args_override_self = true)]
 pub struct Options {
     /// vhost-user socket path.
     #[arg(long = "socket-path", alias = "socket", value_name = "PATH",
@@ -243,6 +243,18 @@ mod tests {
             "sometimes"
         ])
         .is_err());
+    }
+
+    #[test]
+    fn a_repeated_flag_takes_its_last_value() {
+        // Launch scripts append their own flags to a default line.
+        let o = parse(&[
+            "--socket-path=/s",
+            "--shared-dir=/d",
+            "--cache=always",
+            "--cache=never",
+        ]);
+        assert_eq!(o.unwrap().cache, CacheMode::Never);
     }
 
     #[test]

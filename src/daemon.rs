@@ -19,7 +19,9 @@ use crate::cli::{capabilities_json, InodeFileHandles, Options, SandboxMode};
 use crate::device::FsDevice;
 use crate::filesystem;
 use crate::fuse::FuseDispatcher;
+use crate::notify::Notifier;
 use crate::sandbox::{self, Sandbox, SandboxError};
+use crate::watcher;
 
 /// Everything that stops the daemon, each naming its cause for the one-line error.
 #[derive(Debug, thiserror::Error)]
@@ -63,7 +65,10 @@ pub fn run(options: Options) -> Result<(), DaemonError> {
         path: shared_dir.clone(),
         source,
     })?;
-    let fs = filesystem::open(&options, &shared_dir).map_err(DaemonError::Filesystem)?;
+    let fs = Arc::new(filesystem::open(&options, &shared_dir).map_err(DaemonError::Filesystem)?);
+    let notifier = Arc::new(Notifier::default());
+    // Before the sandbox: the watcher keeps a /proc/self/fd descriptor, as the filesystem does.
+    let _watcher = watcher::start(&fs, notifier.clone());
     sandbox.enter_root()?;
     if options.sandbox != SandboxMode::None {
         sandbox::drop_capabilities().map_err(|e| {
@@ -79,6 +84,7 @@ pub fn run(options: Options) -> Result<(), DaemonError> {
     let dispatcher = Arc::new(FuseDispatcher::new(fs, options.readonly));
     let device = FsDevice::new(
         dispatcher,
+        notifier,
         options.max_request_queues as usize,
         options.tag.clone(),
         options.thread_pool_size,

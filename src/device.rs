@@ -22,6 +22,7 @@ use vmm_sys_util::event::{
 
 use crate::cli::MAX_QUEUE_SIZE;
 use crate::fuse::FuseDispatcher;
+use crate::notify::{Notifier, NOTIFICATION_QUEUE, NOTIFY_BUF_SIZE, VIRTIO_FS_F_NOTIFICATION};
 use crate::queue::{RequestQueue, WorkerPool};
 
 /// Queue 0 carries high-priority requests (FORGET, INTERRUPT); request queues follow it.
@@ -30,13 +31,14 @@ pub const HIPRIO_QUEUE: usize = 0;
 /// Length of the tag field of `struct virtio_fs_config`.
 pub const TAG_LEN: usize = 36;
 
-/// `struct virtio_fs_config` as the virtio 1.2 spec lays it out (without the notification
-/// extension, which the device only exposes once it serves a notification queue).
+/// `struct virtio_fs_config` as the virtio 1.2 spec lays it out; `notify_buf_size` is valid
+/// when VIRTIO_FS_F_NOTIFICATION is negotiated.
 #[repr(C, packed)]
 #[derive(Clone, Copy)]
 pub struct VirtioFsConfig {
     pub tag: [u8; TAG_LEN],
     pub num_request_queues: u32,
+    pub notify_buf_size: u32,
 }
 
 // SAFETY: plain old data, no padding (packed), every bit pattern valid.
@@ -48,6 +50,7 @@ pub type GuestMemory = GuestMemoryAtomic<GuestMemoryMmap>;
 /// A virtio-fs device served over vhost-user.
 pub struct FsDevice {
     dispatcher: Arc<FuseDispatcher>,
+    notifier: Arc<Notifier>,
     num_request_queues: usize,
     tag: Option<String>,
     memory: RwLock<Option<GuestMemory>>,
@@ -61,6 +64,7 @@ impl FsDevice {
     /// each queue's requests in that queue's own thread.
     pub fn new(
         dispatcher: Arc<FuseDispatcher>,
+        notifier: Arc<Notifier>,
         num_request_queues: usize,
         tag: Option<String>,
         thread_pool_size: usize,
@@ -79,6 +83,7 @@ impl FsDevice {
         };
         Ok(FsDevice {
             dispatcher,
+            notifier,
             num_request_queues,
             tag,
             memory: RwLock::new(None),
@@ -88,10 +93,25 @@ impl FsDevice {
         })
     }
 
+    /// The virtio queue index and vring behind event `device_event` of worker `thread_id`.
+    fn thread_queue<'a>(
+        &self,
+        thread_id: usize,
+        device_event: u16,
+        vrings: &'a [VringRwLock],
+    ) -> Option<(usize, &'a VringRwLock)> {
+        let mask = *self.queues_per_thread().get(thread_id)?;
+        let index = (0..64)
+            .filter(|q| mask & (1 << q) != 0)
+            .nth(device_event as usize)?;
+        Some((index, vrings.get(device_event as usize)?))
+    }
+
     fn config_bytes(&self) -> Vec<u8> {
         let mut config = VirtioFsConfig {
             tag: [0; TAG_LEN],
             num_request_queues: (self.num_request_queues as u32).to_le(),
+            notify_buf_size: NOTIFY_BUF_SIZE.to_le(),
         };
         if let Some(tag) = &self.tag {
             config.tag[..tag.len()].copy_from_slice(tag.as_bytes());
@@ -105,7 +125,8 @@ impl VhostUserBackend for FsDevice {
     type Vring = VringRwLock;
 
     fn num_queues(&self) -> usize {
-        1 + self.num_request_queues
+        // hiprio, the notification queue (used only when negotiated), the request queues.
+        2 + self.num_request_queues
     }
 
     fn max_queue_size(&self) -> usize {
@@ -113,7 +134,8 @@ impl VhostUserBackend for FsDevice {
     }
 
     fn features(&self) -> u64 {
-        (1 << VIRTIO_F_VERSION_1)
+        VIRTIO_FS_F_NOTIFICATION
+            | (1 << VIRTIO_F_VERSION_1)
             | (1 << VIRTIO_RING_F_INDIRECT_DESC)
             | (1 << VIRTIO_RING_F_EVENT_IDX)
             | VhostUserVirtioFeatures::PROTOCOL_FEATURES.bits()
@@ -170,21 +192,33 @@ impl VhostUserBackend for FsDevice {
         device_event: u16,
         evset: EventSet,
         vrings: &[VringRwLock],
-        _thread_id: usize,
+        thread_id: usize,
     ) -> io::Result<()> {
         if evset != EventSet::IN {
             warn!("unexpected event set {evset:?} on queue {device_event}");
             return Ok(());
         }
-        let index = device_event as usize;
-        let Some(vring) = vrings.get(index) else {
-            warn!("event for unknown queue {device_event}");
+        // `device_event` counts within this thread's queues; the virtio queue index is what
+        // decides a queue's role.
+        let Some((index, vring)) = self.thread_queue(thread_id, device_event, vrings) else {
+            warn!("event {device_event} on thread {thread_id} names no queue");
             return Ok(());
         };
         let Some(memory) = self.memory.read().unwrap().clone() else {
             debug!("queue {index} kicked before the memory table arrived");
             return Ok(());
         };
+        let notification =
+            self.acked_features.load(Ordering::Relaxed) & VIRTIO_FS_F_NOTIFICATION != 0;
+        if notification && index == NOTIFICATION_QUEUE {
+            // The guest posted buffers: deliver what is pending.
+            if !self.notifier.active() {
+                self.notifier.attach(vring.clone(), memory);
+            } else {
+                self.notifier.deliver();
+            }
+            return Ok(());
+        }
         let queue = RequestQueue {
             index,
             vring: vring.clone(),
@@ -206,6 +240,6 @@ mod tests {
 
     #[test]
     fn config_layout_is_tag_then_queue_count() {
-        assert_eq!(std::mem::size_of::<VirtioFsConfig>(), 40);
+        assert_eq!(std::mem::size_of::<VirtioFsConfig>(), 44);
     }
 }

@@ -75,8 +75,7 @@ pub struct FuseDispatcher {
 type LocalReply = Result<Vec<u8>, i32>;
 
 impl FuseDispatcher {
-    pub fn new(fs: Fs, readonly: bool) -> Self {
-        let fs = Arc::new(fs);
+    pub fn new(fs: Arc<Fs>, readonly: bool) -> Self {
         FuseDispatcher {
             server: Server::new(fs.clone()),
             fs,

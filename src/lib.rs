@@ -11,6 +11,8 @@ pub mod device;
 pub mod filesystem;
 pub mod frontend;
 pub mod fuse;
+pub mod notify;
 pub mod passthrough;
 pub mod queue;
 pub mod sandbox;
+pub mod watcher;

@@ -13,7 +13,7 @@ use std::collections::{BTreeMap, HashMap};
 use std::fs::File;
 use std::os::fd::{AsFd, AsRawFd, BorrowedFd, RawFd};
 use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::{Arc, Mutex, RwLock};
+use std::sync::{Arc, Mutex, OnceLock, RwLock};
 
 /// The FUSE node id of the share's root.
 pub const ROOT_INODE: u64 = 1;
@@ -60,9 +60,18 @@ struct Maps {
     by_id: BTreeMap<InodeId, u64>,
 }
 
+/// Told when an inode enters the table (the guest learned its node id and may now cache its
+/// attributes, data and, for a directory, entries) and when it leaves (the guest forgot it).
+/// The coherence engine watches the host inode for exactly that span.
+pub trait InodeObserver: Send + Sync {
+    fn added(&self, data: &InodeData);
+    fn removed(&self, data: &InodeData);
+}
+
 pub(crate) struct InodeTable {
     maps: RwLock<Maps>,
     next: AtomicU64,
+    observer: OnceLock<Arc<dyn InodeObserver>>,
 }
 
 impl InodeTable {
@@ -70,7 +79,13 @@ impl InodeTable {
         InodeTable {
             maps: RwLock::new(Maps::default()),
             next: AtomicU64::new(ROOT_INODE + 1),
+            observer: OnceLock::new(),
         }
+    }
+
+    /// Install the observer (once); inodes already in the table are not reported.
+    pub(crate) fn set_observer(&self, observer: Arc<dyn InodeObserver>) {
+        let _ = self.observer.set(observer);
     }
 
     pub(crate) fn get(&self, inode: u64) -> Option<Arc<InodeData>> {
@@ -134,6 +149,9 @@ impl InodeTable {
         });
         m.by_id.insert(id, inode);
         m.by_inode.insert(inode, data.clone());
+        if let Some(observer) = self.observer.get() {
+            observer.added(&data);
+        }
         data
     }
 
@@ -156,6 +174,9 @@ impl InodeTable {
         data.refcount.store(left, Ordering::Relaxed);
         if left == 0 && inode != ROOT_INODE {
             let id = data.id;
+            if let Some(observer) = self.observer.get() {
+                observer.removed(data);
+            }
             m.by_inode.remove(&inode);
             if m.by_id.get(&id) == Some(&inode) {
                 m.by_id.remove(&id);
@@ -166,7 +187,15 @@ impl InodeTable {
     /// Forget everything but the root (guest unmount / DESTROY).
     pub(crate) fn clear(&self) {
         let mut m = self.write();
-        m.by_inode.retain(|&i, _| i == ROOT_INODE);
+        let observer = self.observer.get();
+        m.by_inode.retain(|&i, data| {
+            if i != ROOT_INODE {
+                if let Some(observer) = observer {
+                    observer.removed(data);
+                }
+            }
+            i == ROOT_INODE
+        });
         m.by_id.retain(|_, &mut i| i == ROOT_INODE);
     }
 

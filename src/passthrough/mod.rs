@@ -66,7 +66,7 @@ use fuse_backend_rs::abi::fuse_abi::{stat64, ATTR_SUBMOUNT};
 use fuse_backend_rs::api::filesystem::{Entry, OpenOptions};
 
 pub use handle::HandleData;
-pub use inode::{InodeData, InodeId, ROOT_INODE};
+pub use inode::{InodeData, InodeId, InodeObserver, ROOT_INODE};
 
 use handle::HandleTable;
 use inode::InodeTable;
@@ -228,6 +228,11 @@ impl PassthroughFs {
     /// The node id of a host inode seen through a given mount.
     pub fn find_inode(&self, id: &InodeId) -> Option<u64> {
         self.inodes.find(id)
+    }
+
+    /// Report inodes entering and leaving the table to `observer` from now on.
+    pub fn set_observer(&self, observer: Arc<dyn InodeObserver>) {
+        self.inodes.set_observer(observer);
     }
 
     /// All node ids of host inode (dev, ino), one per mount it was seen through.
