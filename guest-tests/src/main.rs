@@ -4,8 +4,10 @@
 //!   guest-tests run [--dir /mnt] [--only NAME]... [--skip NAME]... [--no-agent]
 //!                   [--agent-path SOCK] [--timeout SECS] [--no-fork] [--list]
 //!   guest-tests host-agent --share DIR --listen SOCKPATH [-v]
+//!   guest-tests bench-tree [--dir /mnt/tree] [--files 200] [--size 16384] [--rounds 20] [--create]
 
 mod agent;
+mod bench;
 mod client;
 mod harness;
 mod proto;
@@ -26,6 +28,11 @@ usage:
   guest-tests host-agent --share DIR --listen SOCKPATH [-v]
       Host side: create fixtures, accept one connection on SOCKPATH and
       answer the guest's requests about DIR.
+  guest-tests bench-tree [--dir DIR] [--files N] [--size BYTES] [--rounds R] [--create]
+      Time cached re-reads of the tree in DIR (default /mnt/tree, 200 files of
+      16384 bytes): a checked cold pass, then R (default 20) warm passes of
+      readdir + stat + open + read + close; prints one JSON line. --create
+      makes the tree instead (host side; qemu/bench-tree.sh).
 ";
 
 fn die(msg: &str) -> ! {
@@ -109,6 +116,36 @@ fn main() {
             let share = share.unwrap_or_else(|| die("host-agent needs --share DIR"));
             let listen = listen.unwrap_or_else(|| die("host-agent needs --listen SOCKPATH"));
             agent::main(&share, &listen, verbose)
+        }
+        "bench-tree" => {
+            let mut o = bench::Opts {
+                dir: PathBuf::from("/mnt/tree"),
+                files: 200,
+                size: 16384,
+                rounds: 20,
+                create: false,
+            };
+            let num = |flag: &str, v: String| -> usize {
+                v.parse()
+                    .ok()
+                    .filter(|&n| n > 0)
+                    .unwrap_or_else(|| die(&format!("bad {flag} {v:?}")))
+            };
+            while let Some(a) = it.next() {
+                match a.as_str() {
+                    "--dir" => o.dir = PathBuf::from(value(a, &mut it)),
+                    "--files" => o.files = num(a, value(a, &mut it)),
+                    "--size" => o.size = num(a, value(a, &mut it)),
+                    "--rounds" => o.rounds = num(a, value(a, &mut it)),
+                    "--create" => o.create = true,
+                    "-h" | "--help" => {
+                        print!("{USAGE}");
+                        std::process::exit(0);
+                    }
+                    other => die(&format!("unknown option {other:?}")),
+                }
+            }
+            bench::main(o)
         }
         "-h" | "--help" | "help" => {
             print!("{USAGE}");
