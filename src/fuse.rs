@@ -21,9 +21,13 @@ use vm_memory::{ByteValued, GuestMemoryMmap};
 use crate::filesystem::Fs;
 use crate::queue::Chain;
 
-/// FUSE opcodes this layer looks at (linux/include/uapi/linux/fuse.h).
+/// FUSE opcodes (linux/include/uapi/linux/fuse.h), for the daemon and the test frontend.
 pub mod opcode {
+    pub const LOOKUP: u32 = 1;
+    pub const FORGET: u32 = 2;
+    pub const GETATTR: u32 = 3;
     pub const SETATTR: u32 = 4;
+    pub const READLINK: u32 = 5;
     pub const SYMLINK: u32 = 6;
     pub const MKNOD: u32 = 8;
     pub const MKDIR: u32 = 9;
@@ -32,12 +36,22 @@ pub mod opcode {
     pub const RENAME: u32 = 12;
     pub const LINK: u32 = 13;
     pub const OPEN: u32 = 14;
+    pub const READ: u32 = 15;
     pub const WRITE: u32 = 16;
+    pub const STATFS: u32 = 17;
+    pub const RELEASE: u32 = 18;
+    pub const FSYNC: u32 = 20;
     pub const SETXATTR: u32 = 21;
     pub const REMOVEXATTR: u32 = 24;
+    pub const FLUSH: u32 = 25;
+    pub const INIT: u32 = 26;
+    pub const OPENDIR: u32 = 27;
+    pub const READDIR: u32 = 28;
+    pub const RELEASEDIR: u32 = 29;
     pub const SETLKW: u32 = 33;
     pub const CREATE: u32 = 35;
     pub const FALLOCATE: u32 = 43;
+    pub const READDIRPLUS: u32 = 44;
     pub const RENAME2: u32 = 45;
     pub const COPY_FILE_RANGE: u32 = 47;
     pub const SYNCFS: u32 = 50;

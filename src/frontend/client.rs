@@ -27,33 +27,8 @@ use super::virtqueue::{Segment, Virtqueue, WaitError};
 /// The FUSE node id of the share's root.
 pub const ROOT_ID: u64 = 1;
 
-/// FUSE opcodes (linux/include/uapi/linux/fuse.h).
-pub mod opcode {
-    pub const LOOKUP: u32 = 1;
-    pub const FORGET: u32 = 2;
-    pub const GETATTR: u32 = 3;
-    pub const SETATTR: u32 = 4;
-    pub const READLINK: u32 = 5;
-    pub const SYMLINK: u32 = 6;
-    pub const MKDIR: u32 = 9;
-    pub const UNLINK: u32 = 10;
-    pub const RMDIR: u32 = 11;
-    pub const RENAME: u32 = 12;
-    pub const LINK: u32 = 13;
-    pub const OPEN: u32 = 14;
-    pub const READ: u32 = 15;
-    pub const WRITE: u32 = 16;
-    pub const STATFS: u32 = 17;
-    pub const RELEASE: u32 = 18;
-    pub const FSYNC: u32 = 20;
-    pub const FLUSH: u32 = 25;
-    pub const INIT: u32 = 26;
-    pub const OPENDIR: u32 = 27;
-    pub const READDIR: u32 = 28;
-    pub const RELEASEDIR: u32 = 29;
-    pub const CREATE: u32 = 35;
-    pub const READDIRPLUS: u32 = 44;
-}
+/// FUSE opcodes, shared with the daemon's dispatcher.
+pub use crate::fuse::opcode;
 
 /// `FATTR_*` bits of `SetattrIn::valid`.
 pub mod fattr {
