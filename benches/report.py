@@ -1,0 +1,327 @@
+#!/usr/bin/env python3
+"""Turn benches/compare.sh's results into a markdown table and an SVG plot.
+
+    benches/report.py DIR
+
+reads DIR/results.jsonl (one leasefs-bench JSON line per run, plus "daemon" and "loadavg")
+and DIR/meta.json (machine and versions, written by compare.sh), and writes DIR/results.md
+and DIR/results.svg (ops/s and p99 latency, one panel per workload). Standard library only.
+"""
+
+import json
+import math
+import os
+import sys
+from xml.sax.saxutils import escape
+
+WORKLOAD_ORDER = ["getattr", "lookup", "read4k", "write4k", "read1m", "create-unlink", "readdirplus"]
+# "Small metadata operations" for the 1.3x multi-queue target.
+METADATA = {"getattr", "lookup", "create-unlink"}
+MQ_TARGET = 1.3
+
+COLOURS = {"virtiofsd": "#e6862e", "leasefsd-1q": "#9ecae1", "leasefsd-mq": "#2166ac"}
+LEGEND = [
+    ("virtiofsd", "virtiofsd 1.14 (1 request queue)"),
+    ("leasefsd-1q", "leasefsd, 1 request queue"),
+    ("leasefsd-mq", "leasefsd, 1 request queue per thread"),
+]
+
+
+def load(path):
+    runs = []
+    with open(path) as f:
+        for n, line in enumerate(f, 1):
+            line = line.strip()
+            if not line:
+                continue
+            try:
+                runs.append(json.loads(line))
+            except json.JSONDecodeError as e:
+                print(f"report.py: {path}:{n}: skipping bad line: {e}", file=sys.stderr)
+    return runs
+
+
+def config_of(run):
+    """virtiofsd / leasefsd-1q / leasefsd-mq."""
+    if run["daemon"] != "leasefsd":
+        return run["daemon"]
+    return "leasefsd-1q" if int(run["queues"]) == 1 else "leasefsd-mq"
+
+
+def workload_key(w):
+    return (WORKLOAD_ORDER.index(w) if w in WORKLOAD_ORDER else len(WORKLOAD_ORDER), w)
+
+
+def config_key(c):
+    order = [k for k, _ in LEGEND]
+    return (order.index(c) if c in order else len(order), c)
+
+
+def aggregate(runs):
+    """{(workload, threads, config): result}; repeated runs of a cell give the median run
+    (of the undisturbed ones, if any)."""
+    cells = {}
+    for r in runs:
+        cells.setdefault((r["workload"], int(r["threads"]), config_of(r)), []).append(r)
+    out = {}
+    for key, rs in cells.items():
+        ok = [r for r in rs if "error" not in r]
+        # Runs that overlapped other CPU-heavy work count only when there is nothing better.
+        quiet = [r for r in ok if not r.get("others")]
+        if quiet:
+            ok = quiet
+        if not ok:
+            out[key] = dict(rs[-1], n=len(rs), failed=len(rs))
+            continue
+        ok.sort(key=lambda r: r["ops_per_sec"])
+        med = dict(ok[(len(ok) - 1) // 2])
+        med["n"] = len(rs)
+        med["failed"] = len(rs) - len(ok)
+        out[key] = med
+    return out
+
+
+def ratio(cells, w, t, config):
+    a, b = cells.get((w, t, config)), cells.get((w, t, "virtiofsd"))
+    if not a or not b or "error" in a or "error" in b or not b["ops_per_sec"]:
+        return None
+    return a["ops_per_sec"] / b["ops_per_sec"]
+
+
+def fmt_ops(x):
+    return f"{x:,.0f}"
+
+
+def fmt_size(n):
+    if not isinstance(n, int):
+        return ""
+    for unit, div in (("MiB", 1 << 20), ("KiB", 1 << 10)):
+        if n >= div and n % div == 0:
+            return f"{n // div} {unit}"
+    return str(n)
+
+
+def fmt_us(x):
+    return f"{x:,.1f}" if x < 1000 else f"{x:,.0f}"
+
+
+def markdown(cells, meta, runs):
+    workloads = sorted({k[0] for k in cells}, key=workload_key)
+    threads = sorted({k[1] for k in cells})
+    lines = []
+    lines.append("# leasefsd vs virtiofsd (leasefs-bench)")
+    lines.append("")
+    m = meta
+    loads = [float(r["loadavg"].split()[0]) for r in runs if r.get("loadavg")]
+    lines.append(f"- date: {m.get('date', '?')}; {m.get('seconds', '?')} s per run, one run per cell, "
+                 f"a fresh daemon per run, all runs on one scratch share ({m.get('share_fs', '?')})")
+    lines.append(f"- machine: {m.get('cpu_model', '?')}, nproc {m.get('nproc', '?')}, kernel {m.get('kernel', '?')}")
+    load_line = f"- load average (1/5/15 min): {m.get('load_start', '?')} at start, {m.get('load_end', '?')} at end"
+    if loads:
+        load_line += f"; 1-min load before each run {min(loads):.2f} to {max(loads):.2f}"
+    lines.append(load_line)
+    lines.append(f"- leasefs {m.get('leasefs_rev', '?')}{' (uncommitted tree ' + m['leasefs_tree'] + ')' if m.get('leasefs_tree') else ''}; {m.get('virtiofsd_version', '?')}; "
+                 f"both daemons `{m.get('daemon_args', '')}`")
+    if m.get("pin"):
+        lines.append(f"- pinned: daemon and bench ran under `taskset -c {m['pin']}`")
+    else:
+        lines.append("- not pinned: the scheduler placed the daemon's and the bench's threads")
+    lines.append("")
+    lines.append("| workload | threads | daemon | queues | ops/s | p50 µs | p99 µs | vs virtiofsd | max_write |")
+    lines.append("|---|---:|---|---:|---:|---:|---:|---:|---:|")
+    for w in workloads:
+        for t in threads:
+            for c in sorted({k[2] for k in cells if k[0] == w and k[1] == t}, key=config_key):
+                r = cells[(w, t, c)]
+                daemon = r["daemon"]
+                q = r.get("queues", "?")
+                if "error" in r:
+                    lines.append(f"| {w} | {t} | {daemon} | {q} | failed: {escape(str(r['error']))[:80]} | | | | |")
+                    continue
+                rt = ratio(cells, w, t, c) if daemon != "virtiofsd" else None
+                rts = f"**{rt:.2f}×**" if rt is not None else ("—" if daemon != "virtiofsd" else "1.00×")
+                note = " †" if r.get("others") else ""
+                if r.get("failed"):
+                    note = f" ({r['failed']} of {r['n']} runs failed)"
+                elif r.get("n", 1) > 1:
+                    note = f" (median of {r['n']})"
+                lines.append(f"| {w} | {t} | {daemon} | {q} | {fmt_ops(r['ops_per_sec'])}{note} | "
+                             f"{fmt_us(r['p50_us'])} | {fmt_us(r['p99_us'])} | {rts} | {fmt_size(r.get('max_write'))} |")
+    disturbed = sorted({r["others"] for r in cells.values() if r.get("others")})
+    if disturbed:
+        lines.append("")
+        lines.append(f"† other CPU-heavy programs were running during this run ({'; '.join(disturbed)}): "
+                     "treat it with suspicion.")
+    lines.append("")
+
+    if any(k[2] == "virtiofsd" for k in cells):
+        lines.append("## Against the targets")
+        lines.append("")
+        lines.append("Ratio = leasefsd ops/s ÷ virtiofsd ops/s in the same cell. Targets: at least 1.0× on "
+                     "every workload (judged with leasefsd on one request queue, like virtiofsd), and "
+                     f"{MQ_TARGET}× on small metadata operations ({', '.join(sorted(METADATA))}) with one "
+                     "request queue per thread (threads > 1). One run per cell: differences of a few per "
+                     "cent are within run-to-run noise.")
+        lines.append("")
+        lines.append("| workload | threads | leasefsd 1 queue | leasefsd 1 queue/thread | target | met |")
+        lines.append("|---|---:|---:|---:|---|---|")
+        for w in workloads:
+            for t in threads:
+                r1 = ratio(cells, w, t, "leasefsd-1q")
+                rm = ratio(cells, w, t, "leasefsd-mq") if t > 1 else None
+                if w in METADATA and t > 1:
+                    target, got = f"{MQ_TARGET}× (multi-queue)", rm
+                    goal = MQ_TARGET
+                else:
+                    target, got = "1.0×", r1
+                    goal = 1.0
+                met = "?" if got is None else ("yes" if got >= goal else "**no**")
+                f = lambda x: "—" if x is None else f"{x:.2f}×"
+                lines.append(f"| {w} | {t} | {f(r1)} | {f(rm)} | {target} | {met} |")
+        lines.append("")
+    else:
+        lines.append("virtiofsd was not available: no ratios.")
+        lines.append("")
+    return "\n".join(lines)
+
+
+# --- SVG ---------------------------------------------------------------------------------
+
+def nice_ticks(vmax, n=4):
+    if vmax <= 0:
+        return [0, 1]
+    raw = vmax / n
+    mag = 10 ** math.floor(math.log10(raw))
+    for m in (1, 2, 2.5, 5, 10):
+        step = m * mag
+        if step >= raw:
+            break
+    top = step * math.ceil(vmax / step)
+    k = int(round(top / step))
+    return [i * step for i in range(k + 1)]
+
+
+def short(x):
+    if x >= 1e6:
+        s = f"{x / 1e6:.1f}".rstrip("0").rstrip(".") + "M"
+    elif x >= 1e3:
+        s = f"{x / 1e3:.1f}".rstrip("0").rstrip(".") + "k"
+    else:
+        s = f"{x:.1f}".rstrip("0").rstrip(".")
+    return s
+
+
+def svg(cells, meta):
+    workloads = sorted({k[0] for k in cells}, key=workload_key)
+    threads = sorted({k[1] for k in cells})
+    rows = [("ops_per_sec", "ops/s (higher is better)"), ("p99_us", "p99 latency, µs (lower is better)")]
+    pw, ph = 190, 230          # panel size
+    left, top = 70, 92         # margins around the grid
+    gap_x, gap_y = 18, 56
+    plot_top, plot_bottom, plot_left = 34, 36, 44   # inside a panel
+    width = max(left + len(workloads) * (pw + gap_x) + 10, 980)
+    height = top + len(rows) * (ph + gap_y) + 10
+    o = []
+    o.append(f'<svg xmlns="http://www.w3.org/2000/svg" width="{width}" height="{height}" '
+             f'viewBox="0 0 {width} {height}" font-family="DejaVu Sans, Helvetica, Arial, sans-serif">')
+    o.append(f'<rect width="{width}" height="{height}" fill="#ffffff"/>')
+    o.append(f'<text x="{left}" y="24" font-size="17" font-weight="bold">leasefsd vs virtiofsd 1.14, '
+             f'driven by leasefs-bench (no VM)</text>')
+    sub = (f"{meta.get('cpu_model', '?')}, {meta.get('nproc', '?')} CPUs, {meta.get('kernel', '?')}; "
+           f"{meta.get('seconds', '?')} s per run; {'taskset -c ' + meta['pin'] if meta.get('pin') else 'not pinned'}; load {meta.get('load_start', '?')} → {meta.get('load_end', '?')}; "
+           f"{meta.get('date', '')}")
+    o.append(f'<text x="{left}" y="42" font-size="11" fill="#444">{escape(sub)}</text>')
+    lx, ly = left, 54
+    for key, label in LEGEND:
+        if not any(k[2] == key for k in cells):
+            continue
+        step = 17 + 7 * len(label) + 24
+        if lx + step > width and lx > left:
+            lx, ly = left, ly + 16
+        o.append(f'<rect x="{lx}" y="{ly}" width="12" height="12" fill="{COLOURS[key]}"/>')
+        o.append(f'<text x="{lx + 17}" y="{ly + 10}" font-size="12">{escape(label)}</text>')
+        lx += step
+
+    for ri, (field, rlabel) in enumerate(rows):
+        y0 = top + ri * (ph + gap_y)
+        cy = y0 + ph / 2
+        o.append(f'<text x="18" y="{cy}" font-size="12" text-anchor="middle" '
+                 f'transform="rotate(-90 18 {cy})">{escape(rlabel)}</text>')
+        for wi, w in enumerate(workloads):
+            x0 = left + wi * (pw + gap_x)
+            px0, px1 = x0 + plot_left, x0 + pw
+            py0, py1 = y0 + plot_top, y0 + ph - plot_bottom
+            vals = [r[field] for (ww, _, _), r in cells.items() if ww == w and "error" not in r]
+            # Headroom above the tallest bar for the rotated ratio labels.
+            ticks = nice_ticks((max(vals) if vals else 1) * (1.2 if field == "ops_per_sec" else 1.0))
+            vmax = ticks[-1] or 1
+            ys = lambda v: py1 - (py1 - py0) * v / vmax
+            o.append(f'<text x="{(px0 + px1) / 2}" y="{y0 + 16}" font-size="13" font-weight="bold" '
+                     f'text-anchor="middle">{escape(w)}</text>')
+            for tv in ticks:
+                ty = ys(tv)
+                o.append(f'<line x1="{px0}" y1="{ty:.1f}" x2="{px1}" y2="{ty:.1f}" stroke="#e3e3e3"/>')
+                o.append(f'<text x="{px0 - 4}" y="{ty + 4:.1f}" font-size="10" text-anchor="end" '
+                         f'fill="#555">{short(tv)}</text>')
+            o.append(f'<line x1="{px0}" y1="{py1}" x2="{px1}" y2="{py1}" stroke="#888"/>')
+            gw = (px1 - px0) / max(len(threads), 1)
+            for ti, t in enumerate(threads):
+                gx = px0 + ti * gw
+                configs = sorted({k[2] for k in cells if k[0] == w and k[1] == t}, key=config_key)
+                bw = min(22, (gw - 12) / 3)
+                start = gx + (gw - bw * len(configs)) / 2
+                for ci, c in enumerate(configs):
+                    r = cells[(w, t, c)]
+                    bx = start + ci * bw
+                    if "error" in r:
+                        o.append(f'<text x="{bx + bw / 2:.1f}" y="{py1 - 4}" font-size="10" '
+                                 f'text-anchor="middle" fill="#c00">✗</text>')
+                        continue
+                    v = r[field]
+                    by = ys(v)
+                    tip = (f"{w}, {t} thread(s), {r['daemon']} {r.get('queues')} queue(s): "
+                           f"{fmt_ops(r['ops_per_sec'])} ops/s, p50 {fmt_us(r['p50_us'])} µs, "
+                           f"p99 {fmt_us(r['p99_us'])} µs")
+                    o.append(f'<rect x="{bx + 1:.1f}" y="{by:.1f}" width="{bw - 2:.1f}" '
+                             f'height="{py1 - by:.1f}" fill="{COLOURS.get(c, "#999")}">'
+                             f'<title>{escape(tip)}</title></rect>')
+                    if field == "ops_per_sec" and c != "virtiofsd":
+                        rt = ratio(cells, w, t, c)
+                        if rt is not None:
+                            tx, ty = bx + bw / 2 + 3, by - 4
+                            colour = "#1a7f1a" if rt >= 1.0 else "#b00020"
+                            o.append(f'<text x="{tx:.1f}" y="{ty:.1f}" font-size="9" fill="{colour}" '
+                                     f'transform="rotate(-90 {tx:.1f} {ty:.1f})">{rt:.2f}×</text>')
+                o.append(f'<text x="{gx + gw / 2:.1f}" y="{py1 + 14}" font-size="11" '
+                         f'text-anchor="middle">{t} thread{"s" if t > 1 else ""}</text>')
+    o.append(f'<text x="{width - 10}" y="{height - 4}" font-size="9" fill="#777" text-anchor="end">'
+             f'ratios above the leasefsd bars: leasefsd ops/s ÷ virtiofsd ops/s</text>')
+    o.append("</svg>")
+    return "\n".join(o) + "\n"
+
+
+def main():
+    if len(sys.argv) != 2 or sys.argv[1] in ("-h", "--help"):
+        print(__doc__.strip(), file=sys.stderr)
+        return 2
+    d = sys.argv[1]
+    runs = load(os.path.join(d, "results.jsonl"))
+    if not runs:
+        print(f"report.py: no results in {d}/results.jsonl", file=sys.stderr)
+        return 1
+    meta = {}
+    try:
+        with open(os.path.join(d, "meta.json")) as f:
+            meta = json.load(f)
+    except (OSError, json.JSONDecodeError) as e:
+        print(f"report.py: no machine description ({e})", file=sys.stderr)
+    cells = aggregate(runs)
+    with open(os.path.join(d, "results.md"), "w") as f:
+        f.write(markdown(cells, meta, runs))
+    with open(os.path.join(d, "results.svg"), "w") as f:
+        f.write(svg(cells, meta))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
