@@ -21,12 +21,13 @@
 #                  to results.md). Explains the timings; slow, not timed.
 #
 # Configurations (all with --sandbox none):
-#   leasefsd-default         leasefsd (default cache mode: coherent, lease timeout 0)
+#   leasefsd-default         leasefsd (default cache mode: coherent, 1 s leases with
+#                            host writers held)
 #   virtiofsd-auto           virtiofsd --cache auto
 #   virtiofsd-always         virtiofsd --cache always (fast, but serves stale data)
 #   leasefsd-always          leasefsd --cache always
-#   leasefsd-lease1          leasefsd --lease-timeout 1 (coherent, 1 s metadata lease
-#                            like virtiofsd auto's 1 s entry/attr timeout)
+#   leasefsd-lease0          leasefsd --lease-timeout 0 (coherent without leases: the
+#                            guest revalidates every use, host writers never wait)
 #
 # It builds once (leasefsd release, guest-tests for the host and static for
 # the guest, the initramfs), creates the tree once on the host in a scratch
@@ -82,14 +83,14 @@ declare -A cfg_daemon=(
     [virtiofsd-auto]=virtiofsd
     [virtiofsd-always]=virtiofsd
     [leasefsd-always]=leasefsd
-    [leasefsd-lease1]=leasefsd
+    [leasefsd-lease0]=leasefsd
 )
 declare -A cfg_args=(
     [leasefsd-default]="--sandbox none"
     [virtiofsd-auto]="--cache auto --sandbox none"
     [virtiofsd-always]="--cache always --sandbox none"
     [leasefsd-always]="--cache always --sandbox none"
-    [leasefsd-lease1]="--lease-timeout 1 --sandbox none"
+    [leasefsd-lease0]="--lease-timeout 0 --sandbox none"
 )
 read -r -a config_list <<< "$configs"
 [ "${#config_list[@]}" -gt 0 ] || die "--configs is empty"

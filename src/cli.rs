@@ -18,8 +18,8 @@ pub enum CacheMode {
     Auto,
     /// Everything is cached for a day (stale when the host changes the directory).
     Always,
-    /// leasefs's default: data and directory listings are cached across opens and revalidated
-    /// before use; entries and attributes are cached for `--lease-timeout`.
+    /// leasefs's default: data, listings, names and attributes are cached under leases of
+    /// `--lease-timeout`; host writers wait until the guest's lease has ended.
     Coherent,
 }
 
@@ -106,10 +106,11 @@ pub struct Options {
     #[arg(long, value_enum, default_value_t = CacheMode::Coherent)]
     pub cache: CacheMode,
 
-    /// With --cache coherent: how long (seconds, fractions allowed) a guest may use cached
-    /// entries and attributes without asking; host changes to names and attributes reach the
-    /// guest within this bound. 0 (the default) means the guest revalidates every use.
-    #[arg(long = "lease-timeout", value_name = "SECS", default_value_t = 0.0,
+    /// With --cache coherent: the lease, in seconds (fractions allowed). A guest uses cached
+    /// names and attributes this long without asking; a host process writing a file the guest
+    /// caches is held (at most this long) until the guest has stopped trusting its cache.
+    /// 0 means no leases: the guest revalidates every use and host writers are never held.
+    #[arg(long = "lease-timeout", value_name = "SECS", default_value_t = 1.0,
           value_parser = parse_lease_timeout)]
     pub lease_timeout: f64,
 
@@ -208,7 +209,7 @@ mod tests {
     fn virtiofsd_line_parses_with_virtiofsd_defaults() {
         let o = parse(&["--socket-path", "/tmp/s", "--shared-dir", "/srv"]).unwrap();
         assert_eq!(o.cache, CacheMode::Coherent, "leasefs's own default");
-        assert_eq!(o.lease_timeout, 0.0);
+        assert_eq!(o.lease_timeout, 1.0);
         assert_eq!(o.sandbox, SandboxMode::Namespace);
         assert_eq!(o.inode_file_handles, InodeFileHandles::Never);
         assert_eq!(o.thread_pool_size, 0);

@@ -9,19 +9,20 @@ use std::os::unix::net::UnixStream;
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicI32, Ordering};
 use std::sync::Arc;
+use std::time::Duration;
 
 use log::{info, warn};
 use vhost::vhost_user::{Error as VhostUserError, Listener};
 use vhost_user_backend::{Error as BackendError, VhostUserDaemon};
 use vm_memory::{GuestMemoryAtomic, GuestMemoryMmap};
 
-use crate::cli::{capabilities_json, InodeFileHandles, Options, SandboxMode};
+use crate::cli::{capabilities_json, CacheMode, InodeFileHandles, Options, SandboxMode};
 use crate::device::FsDevice;
 use crate::filesystem;
 use crate::fuse::FuseDispatcher;
 use crate::notify::Notifier;
 use crate::sandbox::{self, Sandbox, SandboxError};
-use crate::watcher;
+use crate::{lease, watcher};
 
 /// Everything that stops the daemon, each naming its cause for the one-line error.
 #[derive(Debug, thiserror::Error)]
@@ -52,6 +53,8 @@ pub fn run(options: Options) -> Result<(), DaemonError> {
         return Ok(());
     }
     init_logging(&options)?;
+    // Before any thread starts: lease-break signals must reach only the lease thread.
+    lease::block_signals().map_err(DaemonError::Filesystem)?;
     let shared_dir = check_shared_dir(options.shared_dir.as_deref().expect("clap requires it"))?;
     if options.inode_file_handles == InodeFileHandles::Mandatory {
         filesystem::check_file_handles(&shared_dir).map_err(DaemonError::Filesystem)?;
@@ -69,6 +72,9 @@ pub fn run(options: Options) -> Result<(), DaemonError> {
     let notifier = Arc::new(Notifier::default());
     // Before the sandbox: the watcher keeps a /proc/self/fd descriptor, as the filesystem does.
     let _watcher = watcher::start(&fs, notifier.clone());
+    let leases = (options.cache == CacheMode::Coherent && options.lease_timeout > 0.0)
+        .then(|| lease::start(&fs, Duration::from_secs_f64(options.lease_timeout)))
+        .flatten();
     sandbox.enter_root()?;
     if options.sandbox != SandboxMode::None {
         sandbox::drop_capabilities().map_err(|e| {
@@ -108,6 +114,9 @@ pub fn run(options: Options) -> Result<(), DaemonError> {
         handler.send_exit_event();
     }
     sync_shared_dir();
+    if let Some(leases) = &leases {
+        leases.log_stats();
+    }
     match result {
         Ok(())
         | Err(BackendError::HandleRequest(VhostUserError::Disconnected))

@@ -11,6 +11,7 @@ pub mod device;
 pub mod filesystem;
 pub mod frontend;
 pub mod fuse;
+pub mod lease;
 pub mod notify;
 pub mod passthrough;
 pub mod queue;

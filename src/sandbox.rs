@@ -241,6 +241,7 @@ const KEPT_CAPABILITIES: &[u32] = &[
     6,  // CAP_SETGID
     7,  // CAP_SETUID
     27, // CAP_MKNOD
+    28, // CAP_LEASE (host file leases on files the daemon does not own)
     29, // CAP_AUDIT_WRITE
     31, // CAP_SETFCAP
 ];

@@ -215,7 +215,7 @@ pub fn start(fs: &Arc<PassthroughFs>, notifier: Arc<Notifier>) -> Option<Arc<Hos
     match HostWatcher::new(notifier) {
         Ok(watcher) => {
             let watcher = Arc::new(watcher);
-            fs.set_observer(watcher.clone());
+            fs.add_observer(watcher.clone());
             if let Err(e) = watcher.clone().spawn(fs.clone()) {
                 warn!("host watcher: {e}");
                 return None;

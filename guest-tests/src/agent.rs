@@ -200,7 +200,9 @@ impl Server {
                 Ok(String::new())
             }
             Request::Truncate(p, len) => {
-                let fd = self.open_in(p, libc::O_WRONLY | libc::O_NONBLOCK, 0)?;
+                // Blocking, like truncate(1): a leasefsd lease on the file holds this open
+                // until the guest's lease ends, where O_NONBLOCK would fail with EAGAIN.
+                let fd = self.open_in(p, libc::O_WRONLY, 0)?;
                 sys::ftruncate(&fd, *len).map_err(en)?;
                 Ok(String::new())
             }

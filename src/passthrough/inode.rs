@@ -13,7 +13,7 @@ use std::collections::{BTreeMap, HashMap};
 use std::fs::File;
 use std::os::fd::{AsFd, AsRawFd, BorrowedFd, RawFd};
 use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::{Arc, Mutex, OnceLock, RwLock};
+use std::sync::{Arc, Mutex, RwLock};
 
 /// The FUSE node id of the share's root.
 pub const ROOT_INODE: u64 = 1;
@@ -71,7 +71,7 @@ pub trait InodeObserver: Send + Sync {
 pub(crate) struct InodeTable {
     maps: RwLock<Maps>,
     next: AtomicU64,
-    observer: OnceLock<Arc<dyn InodeObserver>>,
+    observers: RwLock<Vec<Arc<dyn InodeObserver>>>,
 }
 
 impl InodeTable {
@@ -79,13 +79,27 @@ impl InodeTable {
         InodeTable {
             maps: RwLock::new(Maps::default()),
             next: AtomicU64::new(ROOT_INODE + 1),
-            observer: OnceLock::new(),
+            observers: RwLock::new(Vec::new()),
         }
     }
 
-    /// Install the observer (once); inodes already in the table are not reported.
-    pub(crate) fn set_observer(&self, observer: Arc<dyn InodeObserver>) {
-        let _ = self.observer.set(observer);
+    /// Add an observer; inodes already in the table are not reported to it.
+    pub(crate) fn add_observer(&self, observer: Arc<dyn InodeObserver>) {
+        self.observers
+            .write()
+            .unwrap_or_else(|e| e.into_inner())
+            .push(observer);
+    }
+
+    fn each_observer(&self, f: impl Fn(&dyn InodeObserver)) {
+        for o in self
+            .observers
+            .read()
+            .unwrap_or_else(|e| e.into_inner())
+            .iter()
+        {
+            f(o.as_ref());
+        }
     }
 
     pub(crate) fn get(&self, inode: u64) -> Option<Arc<InodeData>> {
@@ -149,9 +163,7 @@ impl InodeTable {
         });
         m.by_id.insert(id, inode);
         m.by_inode.insert(inode, data.clone());
-        if let Some(observer) = self.observer.get() {
-            observer.added(&data);
-        }
+        self.each_observer(|o| o.added(&data));
         data
     }
 
@@ -174,9 +186,7 @@ impl InodeTable {
         data.refcount.store(left, Ordering::Relaxed);
         if left == 0 && inode != ROOT_INODE {
             let id = data.id;
-            if let Some(observer) = self.observer.get() {
-                observer.removed(data);
-            }
+            self.each_observer(|o| o.removed(data));
             m.by_inode.remove(&inode);
             if m.by_id.get(&id) == Some(&inode) {
                 m.by_id.remove(&id);
@@ -187,12 +197,9 @@ impl InodeTable {
     /// Forget everything but the root (guest unmount / DESTROY).
     pub(crate) fn clear(&self) {
         let mut m = self.write();
-        let observer = self.observer.get();
         m.by_inode.retain(|&i, data| {
             if i != ROOT_INODE {
-                if let Some(observer) = observer {
-                    observer.removed(data);
-                }
+                self.each_observer(|o| o.removed(data));
             }
             i == ROOT_INODE
         });

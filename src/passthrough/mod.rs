@@ -59,7 +59,7 @@ use std::os::fd::AsRawFd;
 use std::os::unix::ffi::OsStrExt;
 use std::path::PathBuf;
 use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::Arc;
+use std::sync::{Arc, OnceLock};
 use std::time::Duration;
 
 use fuse_backend_rs::abi::fuse_abi::{stat64, ATTR_SUBMOUNT};
@@ -67,6 +67,34 @@ use fuse_backend_rs::api::filesystem::{Entry, OpenOptions};
 
 pub use handle::HandleData;
 pub use inode::{InodeData, InodeId, InodeObserver, ROOT_INODE};
+
+/// The coherence engine's say in what the guest may cache (see `crate::lease`). Without one,
+/// the configured timeouts and cache policy apply as they are.
+pub trait LeaseKeeper: Send + Sync {
+    /// The (attribute, entry) timeouts for a reply describing `data` with attributes `st`;
+    /// `entry` when the reply names it (LOOKUP, CREATE, READDIRPLUS...). `acquire`: whether
+    /// the keeper may take new host resources for it (not for every READDIRPLUS entry). May
+    /// refresh `st`, which is then what the guest is told.
+    fn grant(
+        &self,
+        data: &InodeData,
+        st: &mut stat64,
+        entry: bool,
+        acquire: bool,
+    ) -> (Duration, Duration);
+    /// At OPEN or OPENDIR, with the inode's current attributes: whether the guest may keep
+    /// the pages or listing it cached, or an error (ESTALE) to make it look the name up again.
+    fn check_open(&self, data: &InodeData, st: &stat64) -> io::Result<bool>;
+    /// The daemon is about to open `data` for writing or truncate it for the guest, and has
+    /// finished doing so.
+    fn begin_write(&self, data: &InodeData);
+    fn end_write(&self, data: &InodeData);
+}
+
+/// The attributes of an inode in the table, read now.
+pub fn statx_info(data: &InodeData) -> io::Result<stat64> {
+    Ok(statx_fd(data.as_raw_fd())?.st)
+}
 
 use handle::HandleTable;
 use inode::InodeTable;
@@ -144,6 +172,7 @@ pub struct PassthroughFs {
     writeback: AtomicBool,
     posix_acl: AtomicBool,
     submounts: AtomicBool,
+    leases: OnceLock<Arc<dyn LeaseKeeper>>,
 }
 
 impl PassthroughFs {
@@ -177,6 +206,7 @@ impl PassthroughFs {
             writeback: AtomicBool::new(false),
             posix_acl: AtomicBool::new(false),
             submounts: AtomicBool::new(false),
+            leases: OnceLock::new(),
         };
         fs.install_root()?;
         Ok(fs)
@@ -230,9 +260,14 @@ impl PassthroughFs {
         self.inodes.find(id)
     }
 
-    /// Report inodes entering and leaving the table to `observer` from now on.
-    pub fn set_observer(&self, observer: Arc<dyn InodeObserver>) {
-        self.inodes.set_observer(observer);
+    /// Report inodes entering and leaving the table to `observer` (too) from now on.
+    pub fn add_observer(&self, observer: Arc<dyn InodeObserver>) {
+        self.inodes.add_observer(observer);
+    }
+
+    /// Let `keeper` decide the timeouts and cache flags of replies from now on (once).
+    pub fn set_lease_keeper(&self, keeper: Arc<dyn LeaseKeeper>) {
+        let _ = self.leases.set(keeper);
     }
 
     /// All node ids of host inode (dev, ino), one per mount it was seen through.
@@ -329,7 +364,13 @@ impl PassthroughFs {
         }
     }
 
-    fn entry(&self, data: &InodeData, st: stat64, parent: Option<&InodeId>) -> Entry {
+    fn entry(
+        &self,
+        data: &InodeData,
+        mut st: stat64,
+        parent: Option<&InodeId>,
+        acquire: bool,
+    ) -> Entry {
         let crosses_mount =
             parent.is_some_and(|p| p.dev != data.id.dev || p.mnt_id != data.id.mnt_id);
         let attr_flags =
@@ -338,24 +379,65 @@ impl PassthroughFs {
             } else {
                 0
             };
+        let (attr_timeout, entry_timeout) = match self.leases.get() {
+            Some(keeper) => keeper.grant(data, &mut st, true, acquire),
+            None => (self.cfg.attr_timeout, self.cfg.entry_timeout),
+        };
         Entry {
             inode: data.inode,
             generation: 0,
             attr: st,
             attr_flags,
-            attr_timeout: self.cfg.attr_timeout,
-            entry_timeout: self.cfg.entry_timeout,
+            attr_timeout,
+            entry_timeout,
         }
+    }
+
+    /// The attribute timeout for a GETATTR or SETATTR reply carrying `st`.
+    fn attr_reply(&self, data: &InodeData, mut st: stat64) -> (stat64, Duration) {
+        match self.leases.get() {
+            Some(keeper) => {
+                let (attr, _) = keeper.grant(data, &mut st, false, true);
+                (st, attr)
+            }
+            None => (st, self.cfg.attr_timeout),
+        }
+    }
+
+    /// Whether an OPEN or OPENDIR may let the guest keep what it cached, or ESTALE.
+    fn check_open(&self, data: &InodeData) -> io::Result<bool> {
+        match self.leases.get() {
+            Some(keeper) => keeper.check_open(data, &statx_fd(data.as_raw_fd())?.st),
+            None => Ok(true),
+        }
+    }
+
+    /// Run `f`, which opens `data` for writing or truncates it on the guest's behalf.
+    fn writing<T>(&self, data: &InodeData, f: impl FnOnce() -> T) -> T {
+        let keeper = self.leases.get();
+        if let Some(k) = keeper {
+            k.begin_write(data);
+        }
+        let r = f();
+        if let Some(k) = keeper {
+            k.end_write(data);
+        }
+        r
     }
 
     /// Resolve one name below `parent` and count a guest lookup of the result.
     fn do_lookup(&self, parent: &InodeData, name: &CStr) -> io::Result<Entry> {
+        self.lookup_granting(parent, name, true)
+    }
+
+    /// [`do_lookup`](Self::do_lookup); `acquire` as in [`LeaseKeeper::grant`].
+    fn lookup_granting(&self, parent: &InodeData, name: &CStr, acquire: bool) -> io::Result<Entry> {
         let b = name.to_bytes();
         if b == b"." || (b == b".." && parent.inode == ROOT_INODE) {
             // The root's parent is not part of the share: ".." there is the root again.
             let st = statx_fd(parent.as_raw_fd())?.st;
             let data = self.inodes.add_ref(parent.inode).ok_or_else(ebadf)?;
-            return Ok(self.entry(&data, st, None));
+            return Ok(self.entry(&data, st, None, acquire));
         }
         if b.is_empty() || b.contains(&b'/') {
             return Err(einval());
@@ -363,11 +445,11 @@ impl PassthroughFs {
         let file = openat(parent.as_raw_fd(), name, libc::O_PATH | libc::O_NOFOLLOW, 0)?;
         // A submount's ".." is its parent mount, not a submount of it.
         let parent_id = (b != b"..").then_some(&parent.id);
-        self.add_inode(file, parent_id)
+        self.add_inode(file, parent_id, acquire)
     }
 
     /// Enter the inode `file` (an O_PATH descriptor) into the table and build its entry.
-    fn add_inode(&self, file: File, parent: Option<&InodeId>) -> io::Result<Entry> {
+    fn add_inode(&self, file: File, parent: Option<&InodeId>, acquire: bool) -> io::Result<Entry> {
         let info = statx_fd(file.as_raw_fd())?;
         let id = InodeId {
             dev: info.st.st_dev,
@@ -375,14 +457,15 @@ impl PassthroughFs {
             mnt_id: info.mnt_id,
         };
         let data = self.inodes.lookup_or_insert(id, info.st.st_mode, file);
-        Ok(self.entry(&data, info.st, parent))
+        Ok(self.entry(&data, info.st, parent, acquire))
     }
 
     /// Enter the inode behind an open descriptor (from CREATE or TMPFILE: the name may already
-    /// have changed, or there is none) into the table.
+    /// have changed, or there is none) into the table. We hold it open for writing, so no
+    /// lease can be had for it now.
     fn add_inode_of_open_file(&self, file: &File, parent: &InodeId) -> io::Result<Entry> {
         let path = reopen_path(&self.proc_self_fd, file)?;
-        self.add_inode(path, Some(parent))
+        self.add_inode(path, Some(parent), false)
     }
 }
 

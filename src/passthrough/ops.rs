@@ -110,7 +110,8 @@ impl PassthroughFs {
 
     fn stat_inode(&self, inode: u64) -> io::Result<(stat64, Duration)> {
         let data = self.inode(inode)?;
-        Ok((statx_fd(data.as_raw_fd())?.st, self.cfg.attr_timeout))
+        let st = statx_fd(data.as_raw_fd())?.st;
+        Ok(self.attr_reply(&data, st))
     }
 
     /// Run `f` creating something in `parent` as the caller, then look the result up.
@@ -324,10 +325,10 @@ impl FileSystem for PassthroughFs {
             // SAFETY (both): ftruncate on descriptors we own.
             match &h {
                 Some(h) => check(unsafe { libc::ftruncate64(h.as_raw_fd(), size) })?,
-                None => {
+                None => self.writing(&data, || {
                     let f = self.reopen(&data, libc::O_WRONLY | libc::O_NONBLOCK)?;
-                    check(unsafe { libc::ftruncate64(f.as_raw_fd(), size) })?
-                }
+                    check(unsafe { libc::ftruncate64(f.as_raw_fd(), size) })
+                })?,
             };
         }
 
@@ -380,7 +381,8 @@ impl FileSystem for PassthroughFs {
             check(r)?;
         }
 
-        Ok((statx_fd(data.as_raw_fd())?.st, self.cfg.attr_timeout))
+        let st = statx_fd(data.as_raw_fd())?.st;
+        Ok(self.attr_reply(&data, st))
     }
 
     fn readlink(&self, _ctx: &Context, inode: u64) -> io::Result<Vec<u8>> {
@@ -518,14 +520,23 @@ impl FileSystem for PassthroughFs {
             } else {
                 None
             };
-            self.reopen(&data, flags)?
+            let writes = flags & libc::O_ACCMODE != libc::O_RDONLY || flags & libc::O_TRUNC != 0;
+            if writes {
+                self.writing(&data, || self.reopen(&data, flags))?
+            } else {
+                self.reopen(&data, flags)?
+            }
         };
+        let keep = self.check_open(&data)?;
         let handle = self.handles.insert(inode, file);
-        let opts = if is_dir(data.mode) {
+        let mut opts = if is_dir(data.mode) {
             self.dir_open_options()
         } else {
             self.file_open_options()
         };
+        if !keep {
+            opts.remove(OpenOptions::KEEP_CACHE | OpenOptions::CACHE_DIR);
+        }
         Ok((Some(handle), opts, None))
     }
 
@@ -710,8 +721,14 @@ impl FileSystem for PassthroughFs {
             libc::O_RDONLY | libc::O_DIRECTORY,
             0,
         )?;
+        let keep = self.check_open(&data)?;
         let handle = self.handles.insert(inode, file);
-        Ok((Some(handle), self.dir_open_options()))
+        let mut opts = self.dir_open_options();
+        if !keep {
+            // The listing changed since the guest's attributes say: read it afresh.
+            opts.remove(OpenOptions::CACHE_DIR);
+        }
+        Ok((Some(handle), opts))
     }
 
     fn readdir(
@@ -757,7 +774,9 @@ impl FileSystem for PassthroughFs {
                 Entry::default()
             } else {
                 match std::ffi::CString::new(name) {
-                    Ok(cname) => self.do_lookup(&dir, &cname).unwrap_or_default(),
+                    Ok(cname) => self
+                        .lookup_granting(&dir, &cname, false)
+                        .unwrap_or_default(),
                     Err(_) => Entry::default(),
                 }
             };
@@ -783,7 +802,7 @@ impl FileSystem for PassthroughFs {
     }
 
     fn access(&self, ctx: &Context, inode: u64, mask: u32) -> io::Result<()> {
-        let (st, _) = self.stat_inode(inode)?;
+        let st = statx_fd(self.inode(inode)?.as_raw_fd())?.st;
         let want = mask & (libc::R_OK | libc::W_OK | libc::X_OK) as u32;
         if want == 0 {
             return Ok(());

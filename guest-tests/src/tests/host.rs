@@ -396,16 +396,19 @@ pub fn co_unlink(c: &mut Ctx) -> TResult {
     sys::write_file(&f, b"soon gone").op("create")?;
     let _ = sys::stat(&f).op("stat")?;
     a.unlink(&rf)?;
+    // open(2) first: it must fail at once. (A stat(2) first may still see the name for up to
+    // the daemon's entry lease, which docs/coherency.md allows; the failed open revalidates
+    // the name, so the stat after it is exact too.)
     now_or_report(|| {
-        expect_errno(
-            sys::stat(&f),
-            &[libc::ENOENT],
-            "guest stat after host unlink",
-        )?;
         expect_errno(
             sys::open(&f, O_RDONLY, 0),
             &[libc::ENOENT],
             "guest open after host unlink",
+        )?;
+        expect_errno(
+            sys::stat(&f),
+            &[libc::ENOENT],
+            "guest stat after host unlink",
         )
     })
 }
@@ -417,7 +420,13 @@ pub fn co_rename(c: &mut Ctx) -> TResult {
     sys::write_file(&f, b"moving").op("create")?;
     let _ = sys::stat(&f).op("stat")?;
     a.rename(&rf, &rg)?;
+    // open(2) of the old name first, as in co_unlink.
     now_or_report(|| {
+        expect_errno(
+            sys::open(&f, O_RDONLY, 0),
+            &[libc::ENOENT],
+            "guest open of old name after host rename",
+        )?;
         expect_errno(
             sys::stat(&f),
             &[libc::ENOENT],

@@ -1,0 +1,551 @@
+//! The lease table: what a guest may cache of each inode, until when, and holding host writers
+//! until it may no longer.
+//!
+//! A stock guest (no notification queue) cannot be told that its cache went stale; it only
+//! stops trusting its cache when a timeout runs out. So the timeouts are the leases, and the
+//! daemon makes sure no host write lands while one is outstanding:
+//!
+//! * **Data and attributes of a regular file** are granted for the lease duration only while
+//!   the daemon holds a host file lease (`F_SETLEASE F_RDLCK`) on it. The kernel breaks that
+//!   lease before any process opens the file for writing or truncates it, and the breaker
+//!   waits until we release it. We release it once the last attribute lease we granted has
+//!   expired, so when the host write returns, the guest has already stopped trusting its
+//!   cached attributes: its next read asks for them, sees the new mtime and drops the stale
+//!   pages (FUSE_AUTO_INVAL_DATA). While a break is pending, or while the file is open for
+//!   writing anywhere (no lease can be had), its attributes are granted for 0 s: the guest
+//!   revalidates before every read.
+//! * **Names** (entries) are granted for the lease duration; the kernel has no event before a
+//!   rename or unlink. OPEN closes the gap for data: opening an inode that lost its name since
+//!   we granted it (unlinked, replaced by a rename, or renamed away) answers ESTALE once, and
+//!   the guest's VFS repeats the path walk with revalidation, finding the current file.
+//! * **Cached pages and listings across opens** (FOPEN_KEEP_CACHE, FOPEN_CACHE_DIR) are granted
+//!   only while the inode's mtime and size are what our last attribute reply told the guest.
+//!
+//! Holds are bounded: a host writer waits at most the lease duration plus [`GRANT_MARGIN`].
+//! The guest's own writes open the file through this daemon, which first gives up its lease
+//! (the guest's cache is already right), so they never wait.
+
+use std::collections::{BinaryHeap, HashMap};
+use std::fs::File;
+use std::io;
+use std::os::fd::{AsRawFd, FromRawFd, OwnedFd, RawFd};
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex, MutexGuard};
+use std::thread;
+use std::time::{Duration, Instant};
+
+use fuse_backend_rs::abi::fuse_abi::stat64;
+use log::{debug, info, warn};
+
+use crate::passthrough::{InodeData, InodeObserver, LeaseKeeper, PassthroughFs};
+
+/// Added to every hold: the guest starts its timeout when it processes our reply, which can
+/// be later than when we sent it (a busy or emulated vCPU).
+pub const GRANT_MARGIN: Duration = Duration::from_millis(100);
+
+const F_SETLEASE: libc::c_int = 1024;
+const F_SETSIG: libc::c_int = 10;
+
+/// The signal the kernel sends us when a host process breaks one of our leases. Blocked in
+/// every thread ([`block_signals`]) and read through a signalfd.
+fn lease_signal() -> libc::c_int {
+    libc::SIGRTMIN() + 4
+}
+
+/// Block the lease-break signal (and SIGUSR1, which logs the metrics) in the calling thread
+/// and every thread it starts afterwards. Must run before the daemon starts any thread: an
+/// unblocked real-time signal would terminate the process.
+pub fn block_signals() -> io::Result<()> {
+    let set = signal_set();
+    // SAFETY: set is a valid, initialised sigset.
+    let rc = unsafe { libc::pthread_sigmask(libc::SIG_BLOCK, &set, std::ptr::null_mut()) };
+    if rc != 0 {
+        return Err(io::Error::from_raw_os_error(rc));
+    }
+    Ok(())
+}
+
+fn signal_set() -> libc::sigset_t {
+    // SAFETY: sigemptyset/sigaddset initialise and fill the set we own.
+    unsafe {
+        let mut set: libc::sigset_t = std::mem::zeroed();
+        libc::sigemptyset(&mut set);
+        libc::sigaddset(&mut set, lease_signal());
+        libc::sigaddset(&mut set, libc::SIGUSR1);
+        set
+    }
+}
+
+/// Counters, logged on SIGUSR1 and at exit (docs/coherency.md, "Metrics").
+#[derive(Debug, Default)]
+pub struct LeaseStats {
+    /// Host file leases taken.
+    pub acquired: AtomicU64,
+    /// Host file leases that could not be taken (the file is open for writing somewhere, or
+    /// the filesystem has no leases): the guest revalidates instead.
+    pub refused: AtomicU64,
+    /// Leases a host writer broke.
+    pub broken: AtomicU64,
+    /// Leases given up for the guest's own writes (no hold).
+    pub own_writes: AtomicU64,
+    /// Host writers held, total and longest hold in microseconds.
+    pub held: AtomicU64,
+    pub hold_us_total: AtomicU64,
+    pub hold_us_max: AtomicU64,
+    /// OPENs answered ESTALE because the inode lost its name since the guest looked it up.
+    pub stale_opens: AtomicU64,
+    /// OPENs told to drop cached pages or listings (mtime or size changed).
+    pub cache_drops: AtomicU64,
+}
+
+impl LeaseStats {
+    fn line(&self, entries: usize) -> String {
+        let g = |c: &AtomicU64| c.load(Ordering::Relaxed);
+        let held = g(&self.held);
+        format!(
+            "leases: {entries} inodes tracked, {} file leases taken, {} refused, {} broken by host writers, {} given up for guest writes; {held} host writers held, mean {} us, max {} us; {} stale opens, {} cache drops at open",
+            g(&self.acquired),
+            g(&self.refused),
+            g(&self.broken),
+            g(&self.own_writes),
+            g(&self.hold_us_total).checked_div(held).unwrap_or(0),
+            g(&self.hold_us_max),
+            g(&self.stale_opens),
+            g(&self.cache_drops),
+        )
+    }
+}
+
+/// What the guest was told about one inode. Kept small: one per inode the guest caches.
+#[derive(Default)]
+struct Lease {
+    /// The O_RDONLY descriptor carrying our host file lease (regular files only).
+    file: Option<OwnedFd>,
+    /// When the last attribute lease we granted runs out (ns since the table's epoch); a
+    /// host writer is held until then.
+    attr_expires_ns: u64,
+    /// ctime in our last entry reply (ns); 0 if the guest never got the inode by name.
+    entry_ctime_ns: i64,
+    /// mtime (ns) and size in our last attribute reply: what the guest believes.
+    attr_mtime_ns: i64,
+    attr_size: i64,
+    /// A host writer is waiting for the lease to be released: grant no attribute time.
+    breaking: bool,
+    /// ESTALE was answered once since the last entry grant: do not answer it again (the
+    /// guest's retry could not revalidate, e.g. an open through /proc/self/fd).
+    stale_answered: bool,
+    /// Our own opens for writing in flight: do not take a lease meanwhile.
+    own_writers: u16,
+}
+
+struct Table {
+    leases: HashMap<u64, Lease>,
+    /// Lease descriptor -> node id, to find the inode a break signal names.
+    by_fd: HashMap<RawFd, u64>,
+    /// Pending releases, earliest first.
+    releases: BinaryHeap<std::cmp::Reverse<(u64, u64, RawFd, u64)>>,
+}
+
+/// The lease table and its host-lease handling. Installed into the passthrough filesystem as
+/// its [`LeaseKeeper`] in `--cache coherent` with a non-zero `--lease-timeout`.
+pub struct LeaseTable {
+    table: Mutex<Table>,
+    lease: Duration,
+    epoch: Instant,
+    /// `/proc/self/fd`, to open our O_PATH inode descriptors read-only for the lease.
+    proc_self_fd: File,
+    pub stats: LeaseStats,
+}
+
+fn ns(ts_sec: i64, ts_nsec: i64) -> i64 {
+    ts_sec.saturating_mul(1_000_000_000).saturating_add(ts_nsec)
+}
+
+fn mtime_ns(st: &stat64) -> i64 {
+    ns(st.st_mtime, st.st_mtime_nsec)
+}
+
+fn ctime_ns(st: &stat64) -> i64 {
+    ns(st.st_ctime, st.st_ctime_nsec)
+}
+
+fn is_reg(mode: u32) -> bool {
+    mode & libc::S_IFMT == libc::S_IFREG
+}
+
+impl LeaseTable {
+    /// A table granting leases of `lease`. Opens `/proc/self/fd`, so it must run before the
+    /// sandbox hides /proc.
+    pub fn new(lease: Duration) -> io::Result<Self> {
+        Ok(LeaseTable {
+            table: Mutex::new(Table {
+                leases: HashMap::new(),
+                by_fd: HashMap::new(),
+                releases: BinaryHeap::new(),
+            }),
+            lease,
+            epoch: Instant::now(),
+            proc_self_fd: File::open("/proc/self/fd")?,
+            stats: LeaseStats::default(),
+        })
+    }
+
+    fn now_ns(&self) -> u64 {
+        self.epoch.elapsed().as_nanos() as u64
+    }
+
+    fn lock(&self) -> MutexGuard<'_, Table> {
+        // Every update keeps the table consistent between statements that can panic.
+        self.table.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// Number of inodes with lease state.
+    pub fn len(&self) -> usize {
+        self.lock().leases.len()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+
+    /// Take a host read lease on `data`, reporting breaks with our signal. `None` when the
+    /// host will not give one (the file is open for writing, or no lease support).
+    fn take_host_lease(&self, data: &InodeData) -> Option<OwnedFd> {
+        let name = std::ffi::CString::new(data.as_raw_fd().to_string()).ok()?;
+        // O_NONBLOCK: should someone hold a write lease, fail instead of waiting for it.
+        // SAFETY: valid directory descriptor and C string; the result is checked.
+        let fd = unsafe {
+            libc::openat(
+                self.proc_self_fd.as_raw_fd(),
+                name.as_ptr(),
+                libc::O_RDONLY | libc::O_CLOEXEC | libc::O_NONBLOCK | libc::O_NOATIME,
+            )
+        };
+        let fd = if fd < 0 {
+            // O_NOATIME needs ownership or CAP_FOWNER.
+            // SAFETY: as above.
+            unsafe {
+                libc::openat(
+                    self.proc_self_fd.as_raw_fd(),
+                    name.as_ptr(),
+                    libc::O_RDONLY | libc::O_CLOEXEC | libc::O_NONBLOCK,
+                )
+            }
+        } else {
+            fd
+        };
+        if fd < 0 {
+            return None;
+        }
+        // SAFETY: a fresh descriptor we own.
+        let fd = unsafe { OwnedFd::from_raw_fd(fd) };
+        // SAFETY: fcntl on our descriptor with integer arguments.
+        let ok = unsafe {
+            libc::fcntl(fd.as_raw_fd(), F_SETSIG, lease_signal()) == 0
+                && libc::fcntl(fd.as_raw_fd(), F_SETLEASE, libc::F_RDLCK) == 0
+        };
+        if !ok {
+            debug!(
+                "no host lease on node {}: {}",
+                data.inode,
+                io::Error::last_os_error()
+            );
+            return None;
+        }
+        Some(fd)
+    }
+
+    /// A host process wants to write the file whose lease descriptor is `fd`: hold it until
+    /// the guest's attribute lease has run out.
+    fn on_break(&self, fd: RawFd) {
+        let now = self.now_ns();
+        let mut t = self.lock();
+        let Some(&node) = t.by_fd.get(&fd) else {
+            return; // Already released.
+        };
+        let Some(lease) = t.leases.get_mut(&node) else {
+            return;
+        };
+        if lease.breaking {
+            return;
+        }
+        lease.breaking = true;
+        self.stats.broken.fetch_add(1, Ordering::Relaxed);
+        let release_at = if lease.attr_expires_ns > now {
+            lease.attr_expires_ns + GRANT_MARGIN.as_nanos() as u64
+        } else {
+            now
+        };
+        debug!(
+            "host writer on node {node}: holding it {} ms",
+            (release_at - now) / 1_000_000
+        );
+        t.releases
+            .push(std::cmp::Reverse((release_at, node, fd, now)));
+    }
+
+    /// Release every lease whose hold is over; returns when the next one is due.
+    fn release_due(&self) -> Option<Duration> {
+        let now = self.now_ns();
+        let mut t = self.lock();
+        while let Some(&std::cmp::Reverse((at, node, fd, since))) = t.releases.peek() {
+            if at > now {
+                return Some(Duration::from_nanos(at - now));
+            }
+            t.releases.pop();
+            let t = &mut *t;
+            let Some(lease) = t.leases.get_mut(&node) else {
+                continue;
+            };
+            if lease.file.as_ref().map(|f| f.as_raw_fd()) != Some(fd) {
+                continue; // Released meanwhile (forgotten, or the guest wrote itself).
+            }
+            Self::drop_host_lease_in(&mut t.by_fd, lease);
+            let held_us = (now - since) / 1000;
+            self.stats.held.fetch_add(1, Ordering::Relaxed);
+            self.stats
+                .hold_us_total
+                .fetch_add(held_us, Ordering::Relaxed);
+            self.stats.hold_us_max.fetch_max(held_us, Ordering::Relaxed);
+        }
+        None
+    }
+
+    /// Give up a host lease now, letting a held writer through.
+    fn drop_host_lease_in(by_fd: &mut HashMap<RawFd, u64>, lease: &mut Lease) {
+        if let Some(fd) = lease.file.take() {
+            by_fd.remove(&fd.as_raw_fd());
+            // SAFETY: fcntl on our descriptor.
+            unsafe { libc::fcntl(fd.as_raw_fd(), F_SETLEASE, libc::F_UNLCK) };
+        }
+        lease.breaking = false;
+    }
+
+    /// Serve lease breaks and SIGUSR1 until the process exits.
+    pub fn spawn(self: &Arc<Self>) -> io::Result<()> {
+        let set = signal_set();
+        // SAFETY: valid sigset; the result is checked.
+        let sfd = unsafe { libc::signalfd(-1, &set, libc::SFD_CLOEXEC) };
+        if sfd < 0 {
+            return Err(io::Error::last_os_error());
+        }
+        // SAFETY: fresh descriptor we own.
+        let sfd = unsafe { OwnedFd::from_raw_fd(sfd) };
+        let table = self.clone();
+        thread::Builder::new()
+            .name("leasefs-leases".into())
+            .spawn(move || table.run(sfd))
+            .map(|_| ())
+    }
+
+    fn run(&self, sfd: OwnedFd) {
+        loop {
+            let wait = self.release_due();
+            let timeout_ms = wait.map_or(-1, |d| d.as_millis().min(60_000) as i32 + 1);
+            let mut pfd = libc::pollfd {
+                fd: sfd.as_raw_fd(),
+                events: libc::POLLIN,
+                revents: 0,
+            };
+            // SAFETY: one valid pollfd.
+            let n = unsafe { libc::poll(&mut pfd, 1, timeout_ms) };
+            if n <= 0 {
+                continue;
+            }
+            // SAFETY: signalfd_siginfo is plain data; read fills it or fails.
+            let mut info: libc::signalfd_siginfo = unsafe { std::mem::zeroed() };
+            let size = std::mem::size_of::<libc::signalfd_siginfo>();
+            // SAFETY: info is valid for `size` bytes.
+            let r = unsafe {
+                libc::read(
+                    sfd.as_raw_fd(),
+                    (&mut info as *mut libc::signalfd_siginfo).cast(),
+                    size,
+                )
+            };
+            if r != size as isize {
+                continue;
+            }
+            if info.ssi_signo == libc::SIGUSR1 as u32 {
+                info!("{}", self.stats.line(self.len()));
+            } else if info.ssi_signo == lease_signal() as u32 {
+                self.on_break(info.ssi_fd);
+            }
+        }
+    }
+
+    /// Log the counters (at exit).
+    pub fn log_stats(&self) {
+        info!("{}", self.stats.line(self.len()));
+    }
+}
+
+impl LeaseKeeper for LeaseTable {
+    fn grant(
+        &self,
+        data: &InodeData,
+        st: &mut stat64,
+        entry: bool,
+        acquire: bool,
+    ) -> (Duration, Duration) {
+        let now = self.now_ns();
+        let mut t = self.lock();
+        let t = &mut *t;
+        let lease = t.leases.entry(data.inode).or_default();
+        let mut attr = self.lease;
+        if is_reg(data.mode) {
+            if lease.file.is_none() && acquire && !lease.breaking && lease.own_writers == 0 {
+                match self.take_host_lease(data) {
+                    Some(fd) => {
+                        self.stats.acquired.fetch_add(1, Ordering::Relaxed);
+                        // What we reply must be read under the lease: a write that landed
+                        // before we took it is in these attributes.
+                        if let Ok(info) = crate::passthrough::statx_info(data) {
+                            *st = info;
+                        }
+                        t.by_fd.insert(fd.as_raw_fd(), data.inode);
+                        lease.file = Some(fd);
+                    }
+                    None => {
+                        self.stats.refused.fetch_add(1, Ordering::Relaxed);
+                    }
+                }
+            }
+            if lease.file.is_none() || lease.breaking {
+                attr = Duration::ZERO;
+            }
+        }
+        if !attr.is_zero() {
+            lease.attr_expires_ns = lease.attr_expires_ns.max(now + attr.as_nanos() as u64);
+        }
+        lease.attr_mtime_ns = mtime_ns(st);
+        lease.attr_size = st.st_size;
+        if entry {
+            lease.entry_ctime_ns = ctime_ns(st);
+            lease.stale_answered = false;
+        }
+        (attr, self.lease)
+    }
+
+    fn check_open(&self, data: &InodeData, st: &stat64) -> io::Result<bool> {
+        let mut t = self.lock();
+        let Some(lease) = t.leases.get_mut(&data.inode) else {
+            return Ok(false);
+        };
+        // Lost its name since the guest looked it up: unlinked or replaced (no links left), or
+        // renamed (ctime moved without mtime: a data write moves both together).
+        let ctime = ctime_ns(st);
+        let renamed_or_gone = lease.entry_ctime_ns != 0
+            && (st.st_nlink == 0 || (ctime != lease.entry_ctime_ns && ctime != mtime_ns(st)));
+        if renamed_or_gone && !lease.stale_answered {
+            lease.stale_answered = true;
+            self.stats.stale_opens.fetch_add(1, Ordering::Relaxed);
+            return Err(io::Error::from_raw_os_error(libc::ESTALE));
+        }
+        let keep = mtime_ns(st) == lease.attr_mtime_ns && st.st_size == lease.attr_size;
+        if !keep {
+            self.stats.cache_drops.fetch_add(1, Ordering::Relaxed);
+        }
+        Ok(keep)
+    }
+
+    fn begin_write(&self, data: &InodeData) {
+        let mut t = self.lock();
+        let t = &mut *t;
+        let lease = t.leases.entry(data.inode).or_default();
+        lease.own_writers = lease.own_writers.saturating_add(1);
+        if lease.file.is_some() {
+            self.stats.own_writes.fetch_add(1, Ordering::Relaxed);
+            Self::drop_host_lease_in(&mut t.by_fd, lease);
+        }
+    }
+
+    fn end_write(&self, data: &InodeData) {
+        if let Some(lease) = self.lock().leases.get_mut(&data.inode) {
+            lease.own_writers = lease.own_writers.saturating_sub(1);
+        }
+    }
+}
+
+impl InodeObserver for LeaseTable {
+    fn added(&self, _data: &InodeData) {}
+
+    fn removed(&self, data: &InodeData) {
+        let mut t = self.lock();
+        let t = &mut *t;
+        if let Some(mut lease) = t.leases.remove(&data.inode) {
+            // A pending hold is released with it: the guest forgot the inode, so it caches
+            // nothing of it any more.
+            Self::drop_host_lease_in(&mut t.by_fd, &mut lease);
+        }
+    }
+}
+
+/// Set up leases of `lease` for `fs` and start serving breaks. A failure leaves the guest on
+/// zero timeouts, which is slower but coherent.
+pub fn start(fs: &Arc<PassthroughFs>, lease: Duration) -> Option<Arc<LeaseTable>> {
+    if let Some(max) = lease_break_time() {
+        if lease + GRANT_MARGIN >= max {
+            warn!(
+                "--lease-timeout {:.3} s is not below /proc/sys/fs/lease-break-time ({} s): the kernel would let host writers through before guest leases end",
+                lease.as_secs_f64(),
+                max.as_secs()
+            );
+        }
+    }
+    let table = match LeaseTable::new(lease) {
+        Ok(t) => Arc::new(t),
+        Err(e) => {
+            warn!("leases unavailable ({e}); guests revalidate every access");
+            return None;
+        }
+    };
+    if let Err(e) = table.spawn() {
+        warn!("leases unavailable ({e}); guests revalidate every access");
+        return None;
+    }
+    fs.add_observer(table.clone());
+    fs.set_lease_keeper(table.clone());
+    info!(
+        "leases: {:.3} s per grant; host writers are held until the guest's lease ends",
+        lease.as_secs_f64()
+    );
+    Some(table)
+}
+
+fn lease_break_time() -> Option<Duration> {
+    let s = std::fs::read_to_string("/proc/sys/fs/lease-break-time").ok()?;
+    s.trim().parse().ok().map(Duration::from_secs)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn lease_state_stays_small() {
+        // One per inode the guest caches; with the table's key and hash slot overhead this
+        // keeps a lease near the 64-byte budget of docs/coherency.md.
+        assert!(
+            std::mem::size_of::<Lease>() <= 48,
+            "Lease is {} bytes",
+            std::mem::size_of::<Lease>()
+        );
+    }
+
+    #[test]
+    fn timestamps_compare_to_the_nanosecond() {
+        assert_eq!(ns(1, 5), 1_000_000_005);
+        assert_ne!(ns(1, 5), ns(1, 6));
+        assert_eq!(ns(i64::MAX, 1), i64::MAX, "saturates instead of overflowing");
+    }
+
+    #[test]
+    fn signals_can_be_blocked_and_named() {
+        assert!(lease_signal() > libc::SIGRTMIN() && lease_signal() <= libc::SIGRTMAX());
+        // On a test thread of its own, so the harness's other threads keep their masks.
+        std::thread::spawn(|| block_signals().unwrap())
+            .join()
+            .unwrap();
+    }
+}
