@@ -225,3 +225,64 @@ fn without_leases_host_writers_never_wait() {
         "no lease, yet the host writer waited {waited:?}"
     );
 }
+
+#[test]
+fn two_daemons_on_one_directory_hold_each_others_writers() {
+    // VM A and VM B share one directory through two leasefsd instances.
+    let (a, fuse_a) = start("0.6");
+    let share = a.share().to_path_buf();
+    // The helper passes its own --shared-dir first; a repeated flag's last value wins.
+    let b = Backend::spawn(
+        env!("CARGO_BIN_EXE_leasefsd"),
+        &[
+            "--cache",
+            "coherent",
+            "--lease-timeout",
+            "0.6",
+            "--shared-dir",
+            share.to_str().unwrap(),
+        ],
+    )
+    .expect("starting the second leasefsd");
+    let device_b = Arc::new(
+        Device::connect(
+            b.socket(),
+            &FrontendConfig {
+                want_notification: false,
+                ..FrontendConfig::default()
+            },
+        )
+        .expect("connecting to the second daemon"),
+    );
+    let fuse_b = FuseClient::new(device_b);
+    fuse_b.init().expect("INIT B");
+
+    fs::write(share.join("shared"), b"written by nobody yet").unwrap();
+    let in_a = fuse_a.lookup(ROOT_ID, "shared").expect("LOOKUP in A");
+    assert_eq!(valid(in_a.attr_valid, in_a.attr_valid_nsec), LEASE);
+    let granted = Instant::now();
+    let open_a = fuse_a.open(in_a.nodeid, libc::O_RDONLY).expect("OPEN in A");
+
+    // Guest B writes: its daemon's open for writing is a host writer to daemon A.
+    let in_b = fuse_b.lookup(ROOT_ID, "shared").expect("LOOKUP in B");
+    let open_b = fuse_b
+        .with_timeout(Duration::from_secs(10))
+        .open(in_b.nodeid, libc::O_RDWR)
+        .expect("OPEN for writing in B");
+    let through = granted.elapsed();
+    fuse_b.write(in_b.nodeid, open_b.fh, 0, b"WRITTEN BY B").expect("WRITE in B");
+    assert!(
+        through >= LEASE,
+        "B's writer got through {through:?} after A's grant, inside A's {LEASE:?} lease\nA's log:\n{}",
+        a.log()
+    );
+    assert!(a.log().contains("holding it"), "A held the writer:\n{}", a.log());
+
+    // Guest A, whose lease has run out, now sees B's bytes.
+    let attr = fuse_a.getattr(in_a.nodeid).expect("GETATTR in A");
+    assert_eq!(attr.attr.size, 21);
+    assert_eq!(
+        fuse_a.read(in_a.nodeid, open_a.fh, 0, 64).unwrap(),
+        b"WRITTEN BY Bobody yet"
+    );
+}
