@@ -537,7 +537,11 @@ mod tests {
     fn timestamps_compare_to_the_nanosecond() {
         assert_eq!(ns(1, 5), 1_000_000_005);
         assert_ne!(ns(1, 5), ns(1, 6));
-        assert_eq!(ns(i64::MAX, 1), i64::MAX, "saturates instead of overflowing");
+        assert_eq!(
+            ns(i64::MAX, 1),
+            i64::MAX,
+            "saturates instead of overflowing"
+        );
     }
 
     #[test]

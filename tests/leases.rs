@@ -270,13 +270,19 @@ fn two_daemons_on_one_directory_hold_each_others_writers() {
         .open(in_b.nodeid, libc::O_RDWR)
         .expect("OPEN for writing in B");
     let through = granted.elapsed();
-    fuse_b.write(in_b.nodeid, open_b.fh, 0, b"WRITTEN BY B").expect("WRITE in B");
+    fuse_b
+        .write(in_b.nodeid, open_b.fh, 0, b"WRITTEN BY B")
+        .expect("WRITE in B");
     assert!(
         through >= LEASE,
         "B's writer got through {through:?} after A's grant, inside A's {LEASE:?} lease\nA's log:\n{}",
         a.log()
     );
-    assert!(a.log().contains("holding it"), "A held the writer:\n{}", a.log());
+    assert!(
+        a.log().contains("holding it"),
+        "A held the writer:\n{}",
+        a.log()
+    );
 
     // Guest A, whose lease has run out, now sees B's bytes.
     let attr = fuse_a.getattr(in_a.nodeid).expect("GETATTR in A");
