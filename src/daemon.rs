@@ -73,7 +73,13 @@ pub fn run(options: Options) -> Result<(), DaemonError> {
     // Before the sandbox: the watcher keeps a /proc/self/fd descriptor, as the filesystem does.
     let _watcher = watcher::start(&fs, notifier.clone());
     let leases = (options.cache == CacheMode::Coherent && options.lease_timeout > 0.0)
-        .then(|| lease::start(&fs, Duration::from_secs_f64(options.lease_timeout)))
+        .then(|| {
+            lease::start(
+                &fs,
+                Duration::from_secs_f64(options.lease_timeout),
+                notifier.clone(),
+            )
+        })
         .flatten();
     sandbox.enter_root()?;
     if options.sandbox != SandboxMode::None {
@@ -87,7 +93,7 @@ pub fn run(options: Options) -> Result<(), DaemonError> {
     drop_supplementary_groups()?;
     install_exit_handlers(root);
 
-    let dispatcher = Arc::new(FuseDispatcher::new(fs, options.readonly));
+    let dispatcher = Arc::new(FuseDispatcher::new(fs, options.readonly, notifier.clone()));
     let device = FsDevice::new(
         dispatcher,
         notifier,

@@ -19,6 +19,7 @@ use log::{debug, warn};
 use vm_memory::{ByteValued, GuestMemoryMmap};
 
 use crate::filesystem::Fs;
+use crate::notify::Notifier;
 use crate::queue::Chain;
 
 /// FUSE opcodes (linux/include/uapi/linux/fuse.h), for the daemon and the test frontend.
@@ -51,6 +52,7 @@ pub mod opcode {
     pub const SETLKW: u32 = 33;
     pub const CREATE: u32 = 35;
     pub const FALLOCATE: u32 = 43;
+    pub const NOTIFY_REPLY: u32 = 41;
     pub const READDIRPLUS: u32 = 44;
     pub const RENAME2: u32 = 45;
     pub const COPY_FILE_RANGE: u32 = 47;
@@ -83,17 +85,20 @@ pub struct FuseDispatcher {
     server: Server<Arc<Fs>>,
     fs: Arc<Fs>,
     readonly: bool,
+    notifier: Arc<Notifier>,
 }
 
 /// The outcome of a request answered by this layer: a reply payload or an errno.
 type LocalReply = Result<Vec<u8>, i32>;
 
 impl FuseDispatcher {
-    pub fn new(fs: Arc<Fs>, readonly: bool) -> Self {
+    /// `notifier` receives the guest's confirmations of notifications (FUSE_NOTIFY_REPLY).
+    pub fn new(fs: Arc<Fs>, readonly: bool, notifier: Arc<Notifier>) -> Self {
         FuseDispatcher {
             server: Server::new(fs.clone()),
             fs,
             readonly,
+            notifier,
         }
     }
 
@@ -135,6 +140,11 @@ impl FuseDispatcher {
                 return 0;
             }
         };
+        if header.opcode == opcode::NOTIFY_REPLY {
+            // No reply: the guest expects none and posted no buffer for one.
+            self.confirm_notification(&header, reader);
+            return 0;
+        }
         if let Some(result) = self.handle_locally(&header, &reader) {
             return reply(writer, header.unique, result);
         }
@@ -148,6 +158,23 @@ impl FuseDispatcher {
                 0
             }
         }
+    }
+
+    /// A guest's confirmation that it carried out notification `header.unique`
+    /// (docs/coherency.md): body `{ s32 error; u32 padding; }`.
+    fn confirm_notification(&self, header: &InHeader, mut request: Reader<'_, ()>) {
+        let _ = request.read_obj::<InHeader>();
+        let error = match request.read_obj::<[u8; 8]>() {
+            Ok(body) => i32::from_le_bytes([body[0], body[1], body[2], body[3]]),
+            Err(_) => {
+                debug!(
+                    "FUSE_NOTIFY_REPLY {} without a confirmation body; ignored",
+                    header.unique
+                );
+                return;
+            }
+        };
+        self.notifier.confirm(header.unique, error);
     }
 
     /// Requests answered here rather than by the crate's server: `None` passes the request on.

@@ -21,22 +21,28 @@
 //! * **Cached pages and listings across opens** (FOPEN_KEEP_CACHE, FOPEN_CACHE_DIR) are granted
 //!   only while the inode's mtime and size are what our last attribute reply told the guest.
 //!
+//! A guest that negotiated the notification queue is told instead: the break sends it
+//! FUSE_NOTIFY_INVAL_INODE asking for a confirmation, and the writer goes on as soon as the
+//! guest confirms it dropped the file's attributes and pages (docs/coherency.md, "the
+//! notification queue protocol"); without a confirmation, at the lease's end as above.
+//!
 //! Holds are bounded: a host writer waits at most the lease duration plus [`GRANT_MARGIN`].
 //! The guest's own writes open the file through this daemon, which first gives up its lease
 //! (the guest's cache is already right), so they never wait.
 
 use std::collections::{BinaryHeap, HashMap};
-use std::fs::File;
 use std::io;
 use std::os::fd::{AsRawFd, FromRawFd, OwnedFd, RawFd};
 use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::{Arc, Mutex, MutexGuard};
+use std::sync::{Arc, Mutex, MutexGuard, Weak};
 use std::thread;
 use std::time::{Duration, Instant};
 
 use fuse_backend_rs::abi::fuse_abi::stat64;
 use log::{debug, info, warn};
 
+use crate::metrics::Histogram;
+use crate::notify::{Notification, Notifier};
 use crate::passthrough::{InodeData, InodeObserver, LeaseKeeper, PassthroughFs};
 
 /// Added to every hold: the guest starts its timeout when it processes our reply, which can
@@ -81,17 +87,22 @@ fn signal_set() -> libc::sigset_t {
 pub struct LeaseStats {
     /// Host file leases taken.
     pub acquired: AtomicU64,
-    /// Host file leases that could not be taken (the file is open for writing somewhere, or
-    /// the filesystem has no leases): the guest revalidates instead.
+    /// Host file leases that could not be taken (the file is open for writing somewhere, the
+    /// filesystem has no leases, or half the descriptor limit is already spent on leases):
+    /// the guest revalidates instead.
     pub refused: AtomicU64,
     /// Leases a host writer broke.
     pub broken: AtomicU64,
     /// Leases given up for the guest's own writes (no hold).
     pub own_writes: AtomicU64,
-    /// Host writers held, total and longest hold in microseconds.
+    /// Host writers held, total hold in microseconds, and the distribution.
     pub held: AtomicU64,
     pub hold_us_total: AtomicU64,
-    pub hold_us_max: AtomicU64,
+    pub hold_us: Histogram,
+    /// Breaks told to a notify-capable guest (INVAL_INODE awaiting confirmation), and holds
+    /// it ended early by confirming.
+    pub revocations_sent: AtomicU64,
+    pub released_on_confirmation: AtomicU64,
     /// OPENs answered ESTALE because the inode lost its name since the guest looked it up.
     pub stale_opens: AtomicU64,
     /// OPENs told to drop cached pages or listings (mtime or size changed).
@@ -103,13 +114,16 @@ impl LeaseStats {
         let g = |c: &AtomicU64| c.load(Ordering::Relaxed);
         let held = g(&self.held);
         format!(
-            "leases: {entries} inodes tracked, {} file leases taken, {} refused, {} broken by host writers, {} given up for guest writes; {held} host writers held, mean {} us, max {} us; {} stale opens, {} cache drops at open",
+            "leases: {entries} inodes tracked, {} file leases taken, {} refused, {} broken by host writers, {} given up for guest writes; {held} host writers held, mean {} us, max {} us ({}); {} revocations sent, {} holds ended by confirmation; {} stale opens, {} cache drops at open",
             g(&self.acquired),
             g(&self.refused),
             g(&self.broken),
             g(&self.own_writes),
             g(&self.hold_us_total).checked_div(held).unwrap_or(0),
-            g(&self.hold_us_max),
+            self.hold_us.max(),
+            self.hold_us.summary("us"),
+            g(&self.revocations_sent),
+            g(&self.released_on_confirmation),
             g(&self.stale_opens),
             g(&self.cache_drops),
         )
@@ -142,8 +156,17 @@ struct Table {
     leases: HashMap<u64, Lease>,
     /// Lease descriptor -> node id, to find the inode a break signal names.
     by_fd: HashMap<RawFd, u64>,
-    /// Pending releases, earliest first.
+    /// Pending releases, earliest first: (due, node, lease fd, hold start).
     releases: BinaryHeap<std::cmp::Reverse<(u64, u64, RawFd, u64)>>,
+    /// Host writers waiting, by node: when the hold started, and the id of the notification
+    /// whose confirmation ends it early (0: none sent).
+    holds: HashMap<u64, Hold>,
+}
+
+#[derive(Clone, Copy)]
+struct Hold {
+    since_ns: u64,
+    notification: u64,
 }
 
 /// The lease table and its host-lease handling. Installed into the passthrough filesystem as
@@ -152,9 +175,27 @@ pub struct LeaseTable {
     table: Mutex<Table>,
     lease: Duration,
     epoch: Instant,
-    /// `/proc/self/fd`, to open our O_PATH inode descriptors read-only for the lease.
-    proc_self_fd: File,
+    /// Opens our inodes read-only to take host leases (weak: the filesystem owns us).
+    fs: Weak<PassthroughFs>,
+    /// Tells notify-capable guests about breaks.
+    notifier: Option<Arc<Notifier>>,
+    /// Most host leases held at once: each costs a descriptor, and the inode table needs the
+    /// rest (half of RLIMIT_NOFILE).
+    max_host_leases: usize,
     pub stats: LeaseStats,
+}
+
+/// Half the descriptors this process may open.
+fn host_lease_budget() -> usize {
+    let mut limit = libc::rlimit {
+        rlim_cur: 0,
+        rlim_max: 0,
+    };
+    // SAFETY: limit is a valid out pointer.
+    if unsafe { libc::getrlimit(libc::RLIMIT_NOFILE, &mut limit) } != 0 {
+        return 512;
+    }
+    (limit.rlim_cur / 2).min(usize::MAX as u64) as usize
 }
 
 fn ns(ts_sec: i64, ts_nsec: i64) -> i64 {
@@ -174,20 +215,23 @@ fn is_reg(mode: u32) -> bool {
 }
 
 impl LeaseTable {
-    /// A table granting leases of `lease`. Opens `/proc/self/fd`, so it must run before the
-    /// sandbox hides /proc.
-    pub fn new(lease: Duration) -> io::Result<Self> {
-        Ok(LeaseTable {
+    /// A table granting leases of `lease` on inodes of `fs`, telling breaks to the guest
+    /// through `notifier` once it negotiated the notification queue.
+    pub fn new(lease: Duration, fs: Weak<PassthroughFs>, notifier: Option<Arc<Notifier>>) -> Self {
+        LeaseTable {
             table: Mutex::new(Table {
                 leases: HashMap::new(),
                 by_fd: HashMap::new(),
                 releases: BinaryHeap::new(),
+                holds: HashMap::new(),
             }),
             lease,
             epoch: Instant::now(),
-            proc_self_fd: File::open("/proc/self/fd")?,
+            fs,
+            notifier,
+            max_host_leases: host_lease_budget(),
             stats: LeaseStats::default(),
-        })
+        }
     }
 
     fn now_ns(&self) -> u64 {
@@ -211,34 +255,15 @@ impl LeaseTable {
     /// Take a host read lease on `data`, reporting breaks with our signal. `None` when the
     /// host will not give one (the file is open for writing, or no lease support).
     fn take_host_lease(&self, data: &InodeData) -> Option<OwnedFd> {
-        let name = std::ffi::CString::new(data.as_raw_fd().to_string()).ok()?;
+        let fs = self.fs.upgrade()?;
         // O_NONBLOCK: should someone hold a write lease, fail instead of waiting for it.
-        // SAFETY: valid directory descriptor and C string; the result is checked.
-        let fd = unsafe {
-            libc::openat(
-                self.proc_self_fd.as_raw_fd(),
-                name.as_ptr(),
-                libc::O_RDONLY | libc::O_CLOEXEC | libc::O_NONBLOCK | libc::O_NOATIME,
-            )
-        };
-        let fd = if fd < 0 {
-            // O_NOATIME needs ownership or CAP_FOWNER.
-            // SAFETY: as above.
-            unsafe {
-                libc::openat(
-                    self.proc_self_fd.as_raw_fd(),
-                    name.as_ptr(),
-                    libc::O_RDONLY | libc::O_CLOEXEC | libc::O_NONBLOCK,
-                )
-            }
-        } else {
-            fd
-        };
-        if fd < 0 {
-            return None;
-        }
-        // SAFETY: a fresh descriptor we own.
-        let fd = unsafe { OwnedFd::from_raw_fd(fd) };
+        // O_NOATIME needs ownership or CAP_FOWNER; retry without it.
+        let flags = libc::O_RDONLY | libc::O_NONBLOCK;
+        let file = fs
+            .reopen_data(data, flags | libc::O_NOATIME)
+            .or_else(|_| fs.reopen_data(data, flags))
+            .ok()?;
+        let fd = OwnedFd::from(file);
         // SAFETY: fcntl on our descriptor with integer arguments.
         let ok = unsafe {
             libc::fcntl(fd.as_raw_fd(), F_SETSIG, lease_signal()) == 0
@@ -256,10 +281,12 @@ impl LeaseTable {
     }
 
     /// A host process wants to write the file whose lease descriptor is `fd`: hold it until
-    /// the guest's attribute lease has run out.
-    fn on_break(&self, fd: RawFd) {
+    /// the guest's attribute lease has run out, or a notify-capable guest confirmed it
+    /// dropped what it cached.
+    fn on_break(self: &Arc<Self>, fd: RawFd) {
         let now = self.now_ns();
         let mut t = self.lock();
+        let t = &mut *t;
         let Some(&node) = t.by_fd.get(&fd) else {
             return; // Already released.
         };
@@ -271,42 +298,95 @@ impl LeaseTable {
         }
         lease.breaking = true;
         self.stats.broken.fetch_add(1, Ordering::Relaxed);
-        let release_at = if lease.attr_expires_ns > now {
+        let guest_may_cache = lease.attr_expires_ns > now;
+        let release_at = if guest_may_cache {
             lease.attr_expires_ns + GRANT_MARGIN.as_nanos() as u64
         } else {
             now
         };
+        let mut hold = Hold {
+            since_ns: now,
+            notification: 0,
+        };
+        if let Some(notifier) = self
+            .notifier
+            .as_ref()
+            .filter(|n| guest_may_cache && n.active())
+        {
+            let table = Arc::downgrade(self);
+            hold.notification = notifier.send_tracked(
+                Notification::InvalInode {
+                    ino: node,
+                    offset: 0,
+                    len: 0,
+                },
+                Box::new(move || {
+                    if let Some(table) = table.upgrade() {
+                        table.confirmed(node, now);
+                    }
+                }),
+            );
+            self.stats.revocations_sent.fetch_add(1, Ordering::Relaxed);
+        }
         debug!(
-            "host writer on node {node}: holding it {} ms",
-            (release_at - now) / 1_000_000
+            "host writer on node {node}: holding it up to {} ms{}",
+            (release_at - now) / 1_000_000,
+            if hold.notification != 0 {
+                " or until the guest confirms"
+            } else {
+                ""
+            }
         );
+        t.holds.insert(node, hold);
         t.releases
             .push(std::cmp::Reverse((release_at, node, fd, now)));
+    }
+
+    /// The guest confirmed the revocation of the hold on `node` that started at `since_ns`.
+    fn confirmed(&self, node: u64, since_ns: u64) {
+        let mut t = self.lock();
+        if t.holds.get(&node).map(|h| h.since_ns) != Some(since_ns) {
+            return; // That hold already ended.
+        }
+        self.stats
+            .released_on_confirmation
+            .fetch_add(1, Ordering::Relaxed);
+        self.end_hold(&mut t, node);
+    }
+
+    /// Let the writer held on `node` through: give up the host lease, count the hold.
+    fn end_hold(&self, t: &mut Table, node: u64) {
+        let Some(hold) = t.holds.remove(&node) else {
+            return;
+        };
+        if let Some(lease) = t.leases.get_mut(&node) {
+            Self::drop_host_lease_in(&mut t.by_fd, lease);
+        }
+        if hold.notification != 0 {
+            if let Some(n) = &self.notifier {
+                n.cancel(hold.notification);
+            }
+        }
+        let held_us = self.now_ns().saturating_sub(hold.since_ns) / 1000;
+        self.stats.held.fetch_add(1, Ordering::Relaxed);
+        self.stats
+            .hold_us_total
+            .fetch_add(held_us, Ordering::Relaxed);
+        self.stats.hold_us.record(held_us);
     }
 
     /// Release every lease whose hold is over; returns when the next one is due.
     fn release_due(&self) -> Option<Duration> {
         let now = self.now_ns();
         let mut t = self.lock();
-        while let Some(&std::cmp::Reverse((at, node, fd, since))) = t.releases.peek() {
+        while let Some(&std::cmp::Reverse((at, node, _fd, since))) = t.releases.peek() {
             if at > now {
                 return Some(Duration::from_nanos(at - now));
             }
             t.releases.pop();
-            let t = &mut *t;
-            let Some(lease) = t.leases.get_mut(&node) else {
-                continue;
-            };
-            if lease.file.as_ref().map(|f| f.as_raw_fd()) != Some(fd) {
-                continue; // Released meanwhile (forgotten, or the guest wrote itself).
-            }
-            Self::drop_host_lease_in(&mut t.by_fd, lease);
-            let held_us = (now - since) / 1000;
-            self.stats.held.fetch_add(1, Ordering::Relaxed);
-            self.stats
-                .hold_us_total
-                .fetch_add(held_us, Ordering::Relaxed);
-            self.stats.hold_us_max.fetch_max(held_us, Ordering::Relaxed);
+            if t.holds.get(&node).map(|h| h.since_ns) == Some(since) {
+                self.end_hold(&mut t, node);
+            } // Else released meanwhile (confirmed, forgotten, or the guest wrote itself).
         }
         None
     }
@@ -338,7 +418,7 @@ impl LeaseTable {
             .map(|_| ())
     }
 
-    fn run(&self, sfd: OwnedFd) {
+    fn run(self: &Arc<Self>, sfd: OwnedFd) {
         loop {
             let wait = self.release_due();
             let timeout_ms = wait.map_or(-1, |d| d.as_millis().min(60_000) as i32 + 1);
@@ -367,7 +447,7 @@ impl LeaseTable {
                 continue;
             }
             if info.ssi_signo == libc::SIGUSR1 as u32 {
-                info!("{}", self.stats.line(self.len()));
+                self.log_stats();
             } else if info.ssi_signo == lease_signal() as u32 {
                 self.on_break(info.ssi_fd);
             }
@@ -377,6 +457,9 @@ impl LeaseTable {
     /// Log the counters (at exit).
     pub fn log_stats(&self) {
         info!("{}", self.stats.line(self.len()));
+        if let Some(n) = &self.notifier {
+            info!("{}", n.stats.line(n.backlog()));
+        }
     }
 }
 
@@ -394,8 +477,9 @@ impl LeaseKeeper for LeaseTable {
         let lease = t.leases.entry(data.inode).or_default();
         let mut attr = self.lease;
         if is_reg(data.mode) {
+            let within_budget = t.by_fd.len() < self.max_host_leases;
             if lease.file.is_none() && acquire && !lease.breaking && lease.own_writers == 0 {
-                match self.take_host_lease(data) {
+                match within_budget.then(|| self.take_host_lease(data)).flatten() {
                     Some(fd) => {
                         self.stats.acquired.fetch_add(1, Ordering::Relaxed);
                         // What we reply must be read under the lease: a write that landed
@@ -458,6 +542,12 @@ impl LeaseKeeper for LeaseTable {
             self.stats.own_writes.fetch_add(1, Ordering::Relaxed);
             Self::drop_host_lease_in(&mut t.by_fd, lease);
         }
+        if let Some(hold) = t.holds.remove(&data.inode) {
+            // A host writer was waiting too; it goes on with the guest's own write.
+            if let (Some(n), true) = (&self.notifier, hold.notification != 0) {
+                n.cancel(hold.notification);
+            }
+        }
     }
 
     fn end_write(&self, data: &InodeData) {
@@ -478,12 +568,21 @@ impl InodeObserver for LeaseTable {
             // nothing of it any more.
             Self::drop_host_lease_in(&mut t.by_fd, &mut lease);
         }
+        if let Some(hold) = t.holds.remove(&data.inode) {
+            if let (Some(n), true) = (&self.notifier, hold.notification != 0) {
+                n.cancel(hold.notification);
+            }
+        }
     }
 }
 
 /// Set up leases of `lease` for `fs` and start serving breaks. A failure leaves the guest on
 /// zero timeouts, which is slower but coherent.
-pub fn start(fs: &Arc<PassthroughFs>, lease: Duration) -> Option<Arc<LeaseTable>> {
+pub fn start(
+    fs: &Arc<PassthroughFs>,
+    lease: Duration,
+    notifier: Arc<Notifier>,
+) -> Option<Arc<LeaseTable>> {
     if let Some(max) = lease_break_time() {
         if lease + GRANT_MARGIN >= max {
             warn!(
@@ -493,13 +592,7 @@ pub fn start(fs: &Arc<PassthroughFs>, lease: Duration) -> Option<Arc<LeaseTable>
             );
         }
     }
-    let table = match LeaseTable::new(lease) {
-        Ok(t) => Arc::new(t),
-        Err(e) => {
-            warn!("leases unavailable ({e}); guests revalidate every access");
-            return None;
-        }
-    };
+    let table = Arc::new(LeaseTable::new(lease, Arc::downgrade(fs), Some(notifier)));
     if let Err(e) = table.spawn() {
         warn!("leases unavailable ({e}); guests revalidate every access");
         return None;
@@ -507,7 +600,7 @@ pub fn start(fs: &Arc<PassthroughFs>, lease: Duration) -> Option<Arc<LeaseTable>
     fs.add_observer(table.clone());
     fs.set_lease_keeper(table.clone());
     info!(
-        "leases: {:.3} s per grant; host writers are held until the guest's lease ends",
+        "leases: {:.3} s per grant; host writers are held until the guest's lease ends or a notify-capable guest confirms",
         lease.as_secs_f64()
     );
     Some(table)

@@ -12,6 +12,7 @@ pub mod filesystem;
 pub mod frontend;
 pub mod fuse;
 pub mod lease;
+pub mod metrics;
 pub mod notify;
 pub mod passthrough;
 pub mod queue;

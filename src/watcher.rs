@@ -1,22 +1,31 @@
-//! Host change events: a fanotify listener that revokes what a notify-capable guest caches
-//! when another process changes a file's data.
+//! Host change events: fanotify listeners that revoke what a notify-capable guest caches when
+//! another process changes the share.
 //!
-//! Each regular file the guest knows (from its first LOOKUP to its last FORGET) carries a
-//! FAN_MODIFY mark, so the cost of watching grows with what the guest caches, not with the
-//! size of the tree. When a process other than this daemon modifies a marked file, the watcher
-//! sends INVAL_INODE for every node id of that inode on the notification queue: the guest drops
-//! the file's attributes and cached pages and fetches them again on next use.
+//! * **Data** (one fanotify group reporting descriptors): each regular file the guest knows
+//!   (from its first LOOKUP to its last FORGET) carries a FAN_MODIFY mark. When a process
+//!   other than this daemon modifies it, the guest gets INVAL_INODE for every node id of the
+//!   inode. This is the post-change path, for writers that opened the file before the guest's
+//!   lease (no lease break held them); the lease table's breaks cover the rest, before the
+//!   write.
+//! * **Names** (a second group reporting directory file handles and names,
+//!   FAN_REPORT_DFID_NAME): each directory the guest knows carries a mark for entries created,
+//!   deleted and moved in it and for attribute changes of it and its children. The kernel has
+//!   no event before these changes, so they are told after the fact: INVAL_ENTRY for a name
+//!   that went away, INVAL_INODE of the directory (attributes and cached listing) for any
+//!   change of its entries, INVAL_INODE (attributes) of a child whose mode, owner or times
+//!   changed. The guest sees the change within the notification's flight time.
 //!
-//! This is the post-change path: the host writer is not held, so a guest read racing the
-//! notification can still see old data for the notification's flight time. Marks are only
-//! placed while a guest has negotiated the notification queue; a stock guest stays coherent by
-//! revalidation alone (docs/coherency.md).
+//! Marks follow what the guest knows, so the cost of watching grows with what the guest
+//! caches, not with the size of the tree. They are only placed while a guest has negotiated
+//! the notification queue; a stock guest stays coherent through leases (src/lease.rs).
 
+use std::collections::HashMap;
+use std::ffi::CStr;
 use std::fs::File;
 use std::io;
-use std::os::fd::{AsRawFd, FromRawFd, OwnedFd};
+use std::os::fd::{AsRawFd, FromRawFd, OwnedFd, RawFd};
 use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::Arc;
+use std::sync::{Arc, Mutex};
 use std::thread;
 
 use log::{debug, info, warn};
@@ -26,11 +35,30 @@ use crate::passthrough::{InodeData, InodeObserver, PassthroughFs};
 
 const FAN_CLOEXEC: libc::c_uint = 0x1;
 const FAN_CLASS_NOTIF: libc::c_uint = 0x0;
+const FAN_REPORT_DFID_NAME: libc::c_uint = 0x400 | 0x800;
 const FAN_MARK_ADD: libc::c_uint = 0x1;
 const FAN_MARK_REMOVE: libc::c_uint = 0x2;
 const FAN_MODIFY: u64 = 0x2;
+const FAN_ATTRIB: u64 = 0x4;
+const FAN_MOVED_FROM: u64 = 0x40;
+const FAN_MOVED_TO: u64 = 0x80;
+const FAN_CREATE: u64 = 0x100;
+const FAN_DELETE: u64 = 0x200;
 const FAN_Q_OVERFLOW: u64 = 0x4000;
+const FAN_EVENT_ON_CHILD: u64 = 0x0800_0000;
+const FAN_ONDIR: u64 = 0x4000_0000;
 const FANOTIFY_METADATA_VERSION: u8 = 3;
+const FAN_EVENT_INFO_TYPE_DFID_NAME: u8 = 2;
+/// What a directory mark asks for.
+const NAMESPACE_EVENTS: u64 = FAN_CREATE
+    | FAN_DELETE
+    | FAN_MOVED_FROM
+    | FAN_MOVED_TO
+    | FAN_ATTRIB
+    | FAN_EVENT_ON_CHILD
+    | FAN_ONDIR;
+/// `MAX_HANDLE_SZ` of linux/exportfs.h.
+const MAX_HANDLE_SZ: usize = 128;
 
 /// `struct fanotify_event_metadata`.
 #[repr(C)]
@@ -52,11 +80,18 @@ pub struct WatchStats {
     pub host_changes: AtomicU64,
     pub own_changes: AtomicU64,
     pub revocations: AtomicU64,
+    pub dir_marks: AtomicU64,
+    pub namespace_changes: AtomicU64,
 }
 
 /// The fanotify listener.
 pub struct HostWatcher {
     fanotify: OwnedFd,
+    /// The directory group (FAN_REPORT_DFID_NAME); `None` where the kernel lacks it (before
+    /// 5.9), leaving names to the leases.
+    names: Option<OwnedFd>,
+    /// Directory file handle -> node ids, to find the directory an event names.
+    dirs: Mutex<HashMap<Vec<u8>, Vec<u64>>>,
     /// `/proc/self/fd`, to name our O_PATH inode descriptors to fanotify_mark (which refuses
     /// O_PATH descriptors themselves); opened before the sandbox hides /proc.
     proc_self_fd: File,
@@ -80,9 +115,28 @@ impl HostWatcher {
         }
         // SAFETY: fd is a fresh descriptor we own.
         let fanotify = unsafe { OwnedFd::from_raw_fd(fd) };
+        // SAFETY: as above.
+        let names = unsafe {
+            libc::fanotify_init(
+                FAN_CLASS_NOTIF | FAN_CLOEXEC | FAN_REPORT_DFID_NAME,
+                (libc::O_RDONLY | libc::O_CLOEXEC) as libc::c_uint,
+            )
+        };
+        let names = if names < 0 {
+            warn!(
+                "host watcher: no directory events ({}); names stay cached up to the lease",
+                io::Error::last_os_error()
+            );
+            None
+        } else {
+            // SAFETY: a fresh descriptor we own.
+            Some(unsafe { OwnedFd::from_raw_fd(names) })
+        };
         let proc_self_fd = File::open("/proc/self/fd")?;
         Ok(HostWatcher {
             fanotify,
+            names,
+            dirs: Mutex::new(HashMap::new()),
             proc_self_fd,
             notifier,
             stats: WatchStats::default(),
@@ -90,13 +144,23 @@ impl HostWatcher {
     }
 
     fn mark(&self, flags: libc::c_uint, data: &InodeData) -> io::Result<()> {
+        self.mark_in(self.fanotify.as_raw_fd(), flags, FAN_MODIFY, data)
+    }
+
+    fn mark_in(
+        &self,
+        group: RawFd,
+        flags: libc::c_uint,
+        mask: u64,
+        data: &InodeData,
+    ) -> io::Result<()> {
         let name = std::ffi::CString::new(data.file.as_raw_fd().to_string())?;
         // SAFETY: valid descriptors and C string.
         let rc = unsafe {
             libc::fanotify_mark(
-                self.fanotify.as_raw_fd(),
+                group,
                 flags,
-                FAN_MODIFY,
+                mask,
                 self.proc_self_fd.as_raw_fd(),
                 name.as_ptr(),
             )
@@ -109,49 +173,25 @@ impl HostWatcher {
 
     /// Read events until the process exits, revoking as they come.
     pub fn spawn(self: Arc<Self>, fs: Arc<PassthroughFs>) -> io::Result<()> {
+        if self.names.is_some() {
+            let (watcher, fs) = (self.clone(), fs.clone());
+            thread::Builder::new()
+                .name("leasefs-names".into())
+                .spawn(move || {
+                    let group = watcher.names.as_ref().map(|g| g.as_raw_fd()).unwrap();
+                    read_events(group, |event, record| {
+                        watcher.handle_namespace(&fs, event, record)
+                    })
+                })?;
+        }
         thread::Builder::new()
             .name("leasefs-watcher".into())
-            .spawn(move || self.run(&fs))
+            .spawn(move || {
+                read_events(self.fanotify.as_raw_fd(), |event, _| {
+                    self.handle(&fs, event, own_pid())
+                })
+            })
             .map(|_| ())
-    }
-
-    fn run(&self, fs: &PassthroughFs) {
-        // SAFETY: getpid cannot fail. In the namespace sandbox this is our pid there, which is
-        // also how fanotify reports our own accesses to us.
-        let own_pid = unsafe { libc::getpid() };
-        let mut buf = vec![0u8; 64 * 1024];
-        loop {
-            // SAFETY: buf is valid for its length.
-            let n = unsafe {
-                libc::read(
-                    self.fanotify.as_raw_fd(),
-                    buf.as_mut_ptr().cast(),
-                    buf.len(),
-                )
-            };
-            if n < 0 {
-                let e = io::Error::last_os_error();
-                if e.kind() == io::ErrorKind::Interrupted {
-                    continue;
-                }
-                warn!("host watcher stopped: {e}");
-                return;
-            }
-            let mut offset = 0usize;
-            let n = n as usize;
-            while offset + std::mem::size_of::<EventMetadata>() <= n {
-                // SAFETY: the kernel wrote a whole metadata record at this offset; read it
-                // unaligned since the buffer is bytes.
-                let event: EventMetadata =
-                    unsafe { std::ptr::read_unaligned(buf[offset..].as_ptr().cast()) };
-                if event.vers != FANOTIFY_METADATA_VERSION || event.event_len == 0 {
-                    warn!("host watcher: unexpected event record; skipping the batch");
-                    break;
-                }
-                self.handle(fs, &event, own_pid);
-                offset += event.event_len as usize;
-            }
-        }
     }
 
     fn handle(&self, fs: &PassthroughFs, event: &EventMetadata, own_pid: i32) {
@@ -186,9 +226,254 @@ impl HostWatcher {
     }
 }
 
+/// This process's pid as fanotify reports it. In the namespace sandbox this is our pid there,
+/// which is also how fanotify reports our own accesses to us.
+fn own_pid() -> i32 {
+    // SAFETY: getpid cannot fail.
+    unsafe { libc::getpid() }
+}
+
+/// Read events from fanotify group `group` until it fails, calling `handle` with each event's
+/// metadata and its whole record (metadata and information records).
+fn read_events(group: RawFd, mut handle: impl FnMut(&EventMetadata, &[u8])) {
+    let mut buf = vec![0u8; 64 * 1024];
+    loop {
+        // SAFETY: buf is valid for its length.
+        let n = unsafe { libc::read(group, buf.as_mut_ptr().cast(), buf.len()) };
+        if n < 0 {
+            let e = io::Error::last_os_error();
+            if e.kind() == io::ErrorKind::Interrupted {
+                continue;
+            }
+            warn!("host watcher stopped: {e}");
+            return;
+        }
+        let mut offset = 0usize;
+        let n = n as usize;
+        while offset + std::mem::size_of::<EventMetadata>() <= n {
+            // SAFETY: the kernel wrote a whole metadata record at this offset; read it
+            // unaligned since the buffer is bytes.
+            let event: EventMetadata =
+                unsafe { std::ptr::read_unaligned(buf[offset..].as_ptr().cast()) };
+            let end = offset + event.event_len as usize;
+            if event.vers != FANOTIFY_METADATA_VERSION
+                || (event.event_len as usize) < std::mem::size_of::<EventMetadata>()
+                || end > n
+            {
+                warn!("host watcher: unexpected event record; skipping the batch");
+                break;
+            }
+            handle(&event, &buf[offset..end]);
+            offset = end;
+        }
+    }
+}
+
+/// The directory and name a FAN_REPORT_DFID_NAME event names: the directory's file handle
+/// (type and bytes, the key of [`HostWatcher::dirs`]) and the entry name ("." for the
+/// directory itself).
+fn dfid_name(record: &[u8], metadata_len: usize) -> Option<(Vec<u8>, Vec<u8>)> {
+    let mut info = record.get(metadata_len..)?;
+    while info.len() >= 4 {
+        let info_type = info[0];
+        let len = u16::from_ne_bytes([info[2], info[3]]) as usize;
+        if len < 4 || len > info.len() {
+            return None;
+        }
+        let this = &info[..len];
+        info = &info[len..];
+        if info_type != FAN_EVENT_INFO_TYPE_DFID_NAME {
+            continue;
+        }
+        // header (4), fsid (8), struct file_handle { u32 handle_bytes; i32 handle_type; .. }
+        let fh = this.get(12..)?;
+        let handle_bytes = u32::from_ne_bytes(fh.get(0..4)?.try_into().ok()?) as usize;
+        let key = fh.get(4..8 + handle_bytes)?.to_vec();
+        let name = CStr::from_bytes_until_nul(fh.get(8 + handle_bytes..)?).ok()?;
+        return Some((key, name.to_bytes().to_vec()));
+    }
+    None
+}
+
+/// The key [`dfid_name`] reports for the directory open as `fd`: handle type and bytes.
+fn dir_handle_key(fd: RawFd) -> io::Result<Vec<u8>> {
+    let mut buf = [0u8; 8 + MAX_HANDLE_SZ];
+    buf[0..4].copy_from_slice(&(MAX_HANDLE_SZ as u32).to_ne_bytes());
+    let mut mount_id: libc::c_int = 0;
+    // SAFETY: buf is a struct file_handle with room for MAX_HANDLE_SZ bytes; the empty path
+    // with AT_EMPTY_PATH names `fd` itself.
+    let rc = unsafe {
+        libc::syscall(
+            libc::SYS_name_to_handle_at,
+            fd,
+            c"".as_ptr(),
+            buf.as_mut_ptr(),
+            &mut mount_id,
+            libc::AT_EMPTY_PATH,
+        )
+    };
+    if rc < 0 {
+        return Err(io::Error::last_os_error());
+    }
+    let handle_bytes =
+        (u32::from_ne_bytes(buf[0..4].try_into().unwrap()) as usize).min(MAX_HANDLE_SZ);
+    Ok(buf[4..8 + handle_bytes].to_vec())
+}
+
+impl HostWatcher {
+    /// Watch directory `data` for entry and attribute changes.
+    fn mark_dir(&self, data: &InodeData) {
+        let Some(group) = &self.names else {
+            return;
+        };
+        let key = match dir_handle_key(data.as_raw_fd()) {
+            Ok(key) => key,
+            Err(e) => {
+                debug!("cannot watch directory node {}: {e}", data.inode);
+                return;
+            }
+        };
+        if let Err(e) = self.mark_in(group.as_raw_fd(), FAN_MARK_ADD, NAMESPACE_EVENTS, data) {
+            debug!("cannot watch directory node {}: {e}", data.inode);
+            return;
+        }
+        let mut dirs = self.dirs.lock().unwrap();
+        let nodes = dirs.entry(key).or_default();
+        if !nodes.contains(&data.inode) {
+            nodes.push(data.inode);
+            self.stats.dir_marks.fetch_add(1, Ordering::Relaxed);
+        }
+    }
+
+    fn unmark_dir(&self, data: &InodeData) {
+        let Some(group) = &self.names else {
+            return;
+        };
+        let Ok(key) = dir_handle_key(data.as_raw_fd()) else {
+            return;
+        };
+        let mut dirs = self.dirs.lock().unwrap();
+        let Some(nodes) = dirs.get_mut(&key) else {
+            return;
+        };
+        nodes.retain(|&n| n != data.inode);
+        self.stats.dir_marks.fetch_sub(1, Ordering::Relaxed);
+        if nodes.is_empty() {
+            dirs.remove(&key);
+            // The mark is on the host inode: only remove it when no node id needs it.
+            let _ = self.mark_in(group.as_raw_fd(), FAN_MARK_REMOVE, NAMESPACE_EVENTS, data);
+        }
+    }
+
+    /// Start watching what the guest learned before it negotiated the queue (the root, at
+    /// least).
+    fn watch_known(&self, fs: &PassthroughFs) {
+        for data in fs.inodes_snapshot() {
+            self.added(&data);
+        }
+    }
+
+    fn handle_namespace(&self, fs: &PassthroughFs, event: &EventMetadata, record: &[u8]) {
+        if event.mask & FAN_Q_OVERFLOW != 0 {
+            warn!(
+                "host watcher: directory event queue overflow; names stay cached up to the lease"
+            );
+            return;
+        }
+        if event.pid == own_pid() {
+            // The guest's own change through us: its dentries are already right.
+            return;
+        }
+        let Some((key, name)) = dfid_name(record, event.metadata_len as usize) else {
+            debug!("directory event without a directory and name; ignored");
+            return;
+        };
+        let Some(dirs) = self.dirs.lock().unwrap().get(&key).cloned() else {
+            return; // A directory the guest forgot meanwhile.
+        };
+        self.stats.namespace_changes.fetch_add(1, Ordering::Relaxed);
+        let entries_changed =
+            event.mask & (FAN_CREATE | FAN_DELETE | FAN_MOVED_FROM | FAN_MOVED_TO) != 0;
+        let name_gone = event.mask & (FAN_DELETE | FAN_MOVED_FROM) != 0;
+        for &dir in &dirs {
+            if name == b"." {
+                // The directory's own attributes.
+                self.revoke(Notification::InvalInode {
+                    ino: dir,
+                    offset: -1,
+                    len: 0,
+                });
+                continue;
+            }
+            if name_gone {
+                self.revoke(Notification::InvalEntry {
+                    parent: dir,
+                    name: name.clone(),
+                });
+            }
+            if entries_changed {
+                // The guest may hold the listing (FOPEN_CACHE_DIR) in the directory's pages;
+                // an INVAL_ENTRY for a name it never looked up would not touch it.
+                self.revoke(Notification::InvalInode {
+                    ino: dir,
+                    offset: 0,
+                    len: 0,
+                });
+            }
+            if event.mask & FAN_ATTRIB != 0 {
+                for child in child_nodes(fs, dir, &name) {
+                    self.revoke(Notification::InvalInode {
+                        ino: child,
+                        offset: -1,
+                        len: 0,
+                    });
+                }
+            }
+        }
+    }
+
+    fn revoke(&self, message: Notification) {
+        debug!("host changed the share: {message:?}");
+        self.stats.revocations.fetch_add(1, Ordering::Relaxed);
+        self.notifier.send(message);
+    }
+}
+
+/// The node ids of `name` in directory node `dir`, if the guest knows that inode.
+fn child_nodes(fs: &PassthroughFs, dir: u64, name: &[u8]) -> Vec<u64> {
+    let Some(parent) = fs.inode_fd(dir) else {
+        return Vec::new();
+    };
+    let Ok(name) = std::ffi::CString::new(name) else {
+        return Vec::new();
+    };
+    // SAFETY: stat64 is plain data, filled by a successful fstatat.
+    let mut st: libc::stat64 = unsafe { std::mem::zeroed() };
+    // SAFETY: valid descriptor, C string and out pointer.
+    let rc = unsafe {
+        libc::fstatat64(
+            parent.as_raw_fd(),
+            name.as_ptr(),
+            &mut st,
+            libc::AT_SYMLINK_NOFOLLOW,
+        )
+    };
+    if rc < 0 {
+        return Vec::new();
+    }
+    fs.find_inodes_by_dev_ino(st.st_dev, st.st_ino)
+}
+
 impl InodeObserver for HostWatcher {
     fn added(&self, data: &InodeData) {
-        if data.mode & libc::S_IFMT != libc::S_IFREG || !self.notifier.active() {
+        if !self.notifier.active() {
+            return;
+        }
+        if data.mode & libc::S_IFMT == libc::S_IFDIR {
+            self.mark_dir(data);
+            return;
+        }
+        if data.mode & libc::S_IFMT != libc::S_IFREG {
             return;
         }
         match self.mark(FAN_MARK_ADD, data) {
@@ -200,7 +485,14 @@ impl InodeObserver for HostWatcher {
     }
 
     fn removed(&self, data: &InodeData) {
-        if data.mode & libc::S_IFMT != libc::S_IFREG || !self.notifier.active() {
+        if !self.notifier.active() {
+            return;
+        }
+        if data.mode & libc::S_IFMT == libc::S_IFDIR {
+            self.unmark_dir(data);
+            return;
+        }
+        if data.mode & libc::S_IFMT != libc::S_IFREG {
             return;
         }
         if self.mark(FAN_MARK_REMOVE, data).is_ok() {
@@ -216,6 +508,12 @@ pub fn start(fs: &Arc<PassthroughFs>, notifier: Arc<Notifier>) -> Option<Arc<Hos
         Ok(watcher) => {
             let watcher = Arc::new(watcher);
             fs.add_observer(watcher.clone());
+            let (w, f) = (Arc::downgrade(&watcher), Arc::downgrade(fs));
+            watcher.notifier.on_attach(move || {
+                if let (Some(w), Some(f)) = (w.upgrade(), f.upgrade()) {
+                    w.watch_known(&f);
+                }
+            });
             if let Err(e) = watcher.clone().spawn(fs.clone()) {
                 warn!("host watcher: {e}");
                 return None;

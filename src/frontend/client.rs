@@ -393,6 +393,18 @@ impl FuseClient {
             .map(|_| ())
     }
 
+    /// Confirm notification `unique` about node `nodeid` (FUSE_NOTIFY_REPLY with the
+    /// confirmation body of docs/coherency.md). No reply; returns once the device has
+    /// returned the chain.
+    pub fn confirm_notification(&self, unique: u64, nodeid: u64, error: i32) -> FuseResult<()> {
+        let mut header = self.in_header(opcode::NOTIFY_REPLY, nodeid, 8);
+        header.unique = unique;
+        let mut request = header.as_slice().to_vec();
+        request.extend_from_slice(&error.to_le_bytes());
+        request.extend_from_slice(&0u32.to_le_bytes());
+        self.send_bytes(&request, 0).map(|_| ())
+    }
+
     pub fn getattr(&self, nodeid: u64) -> FuseResult<AttrOut> {
         self.call_obj(opcode::GETATTR, nodeid, &[GetattrIn::default().as_slice()])
     }
@@ -739,4 +751,57 @@ fn parse_dirents(
         rest = &rest[padded.min(rest.len())..];
     }
     Ok(out)
+}
+
+/// A message from the notification queue, decoded.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Notice {
+    /// The FUSE notify code (2 INVAL_INODE, 3 INVAL_ENTRY, 6 DELETE...).
+    pub code: i32,
+    /// Non-zero: the device waits for a confirmation with this id.
+    pub unique: u64,
+    /// The inode (INVAL_INODE) or parent directory (INVAL_ENTRY, DELETE).
+    pub node: u64,
+    /// INVAL_INODE: the data offset (-1: attributes only).
+    pub offset: i64,
+    /// INVAL_ENTRY, DELETE: the name.
+    pub name: Vec<u8>,
+}
+
+impl Notice {
+    pub const INVAL_INODE: i32 = 2;
+    pub const INVAL_ENTRY: i32 = 3;
+    pub const DELETE: i32 = 6;
+
+    /// Decode what the device wrote into one notification buffer; `None` if it is not a
+    /// well-formed message of a known code.
+    pub fn parse(bytes: &[u8]) -> Option<Notice> {
+        let u32_at = |o: usize| Some(u32::from_le_bytes(bytes.get(o..o + 4)?.try_into().ok()?));
+        let u64_at = |o: usize| Some(u64::from_le_bytes(bytes.get(o..o + 8)?.try_into().ok()?));
+        if u32_at(0)? as usize != bytes.len() {
+            return None;
+        }
+        let code = u32_at(4)? as i32;
+        let unique = u64_at(8)?;
+        let node = u64_at(16)?;
+        let (offset, name) = match code {
+            Self::INVAL_INODE => (u64_at(24)? as i64, Vec::new()),
+            Self::INVAL_ENTRY => {
+                let len = u32_at(24)? as usize;
+                (0, bytes.get(32..32 + len)?.to_vec())
+            }
+            Self::DELETE => {
+                let len = u32_at(32)? as usize;
+                (0, bytes.get(40..40 + len)?.to_vec())
+            }
+            _ => return None,
+        };
+        Some(Notice {
+            code,
+            unique,
+            node,
+            offset,
+            name,
+        })
+    }
 }

@@ -280,6 +280,9 @@ impl Device {
             .notification_buffers
             .lock()
             .unwrap_or_else(|e| e.into_inner());
+        // Read every completed buffer before posting any again: a re-posted buffer can take
+        // the head number of a completion not read yet.
+        let mut done = Vec::new();
         for (head, len) in queue.take_completions() {
             let Some(buf) = buffers.remove(&head) else {
                 continue;
@@ -289,6 +292,9 @@ impl Device {
                 .read(buf.addr, &mut bytes)
                 .map_err(FrontendError::Io)?;
             out.push(bytes);
+            done.push(buf);
+        }
+        for buf in done {
             let head = queue
                 .submit(&[Segment::writable(buf)])
                 .map_err(FrontendError::Io)?;

@@ -35,7 +35,7 @@ pub mod memory;
 pub mod process;
 pub mod virtqueue;
 
-pub use client::{DirEntry, DirEntryPlus, FuseClient, FuseError, RawReply, ROOT_ID};
+pub use client::{DirEntry, DirEntryPlus, FuseClient, FuseError, Notice, RawReply, ROOT_ID};
 pub use connection::{Device, FrontendConfig, Negotiated, VIRTIO_FS_F_NOTIFICATION};
 pub use memory::{Buffer, GuestRam, GUEST_BASE};
 pub use virtqueue::{Next, RawDescriptor, Segment, Virtqueue, WaitError};

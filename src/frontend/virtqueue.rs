@@ -118,7 +118,10 @@ struct State {
     /// Indexed by head.
     in_flight: Vec<Option<InFlight>>,
     /// Harvested but not yet claimed: head → used length and the chain's descriptors.
-    completed: HashMap<u16, (u32, InFlight)>,
+    /// Completed chains by head: used length, descriptors, and position in the used ring
+    /// (so they can be claimed in the order the device completed them).
+    completed: HashMap<u16, (u32, InFlight, u64)>,
+    completions_seen: u64,
     /// Used entries naming a head we never submitted (a misbehaving device).
     bogus_used: u64,
     arena: Arena,
@@ -174,6 +177,7 @@ impl Virtqueue {
                 last_used: 0,
                 in_flight: (0..size).map(|_| None).collect(),
                 completed: HashMap::new(),
+                completions_seen: 0,
                 bogus_used: 0,
                 arena,
                 polling: false,
@@ -331,7 +335,7 @@ impl Virtqueue {
         }
         loop {
             self.harvest(&mut state);
-            if let Some((len, flight)) = state.completed.remove(&head) {
+            if let Some((len, flight, _)) = state.completed.remove(&head) {
                 state.free_descriptors.extend(flight.descriptors);
                 return Ok(len);
             }
@@ -366,9 +370,10 @@ impl Virtqueue {
     pub fn take_completions(&self) -> Vec<(u16, u32)> {
         let mut state = self.lock();
         self.harvest(&mut state);
-        let done: Vec<(u16, (u32, InFlight))> = state.completed.drain().collect();
+        let mut done: Vec<(u16, (u32, InFlight, u64))> = state.completed.drain().collect();
+        done.sort_by_key(|(_, (_, _, seq))| *seq);
         done.into_iter()
-            .map(|(head, (len, flight))| {
+            .map(|(head, (len, flight, _))| {
                 state.free_descriptors.extend(flight.descriptors);
                 (head, len)
             })
@@ -448,7 +453,9 @@ impl Virtqueue {
                 Some(flight) => {
                     // The descriptors stay reserved until the completion is claimed, so the
                     // head cannot be reused (and its completion confused) meanwhile.
-                    state.completed.insert(id as u16, (len, flight));
+                    state.completions_seen += 1;
+                    let seq = state.completions_seen;
+                    state.completed.insert(id as u16, (len, flight, seq));
                     any = true;
                 }
                 None => state.bogus_used += 1,

@@ -128,6 +128,11 @@ impl InodeTable {
         self.read().by_inode.len()
     }
 
+    /// Every inode in the table (a snapshot: the table is not locked while `f` runs).
+    pub(crate) fn snapshot(&self) -> Vec<Arc<InodeData>> {
+        self.read().by_inode.values().cloned().collect()
+    }
+
     /// Install the root (node id 1). Its lookup count starts at 2 and forgets never remove
     /// it: the guest's root dentry lives as long as the mount.
     pub(crate) fn set_root(&self, file: File, id: InodeId, mode: u32) {

@@ -250,6 +250,11 @@ impl PassthroughFs {
         self.reopen(&data, flags)
     }
 
+    /// A new descriptor of `data` opened with `flags`, as [`PassthroughFs::reopen_inode`].
+    pub fn reopen_data(&self, data: &InodeData, flags: i32) -> io::Result<File> {
+        self.reopen(data, flags)
+    }
+
     /// The host identity of a node id.
     pub fn inode_id(&self, inode: u64) -> Option<InodeId> {
         self.inodes.get(inode).map(|d| d.id)
@@ -278,6 +283,11 @@ impl PassthroughFs {
     /// The open descriptor behind a guest file handle.
     pub fn handle_fd(&self, handle: u64) -> Option<Arc<HandleData>> {
         self.handles.get_any(handle)
+    }
+
+    /// Every inode the guest currently knows (for watchers starting late).
+    pub fn inodes_snapshot(&self) -> Vec<Arc<InodeData>> {
+        self.inodes.snapshot()
     }
 
     /// Number of node ids in the table (the root included).

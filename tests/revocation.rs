@@ -1,0 +1,406 @@
+//! Revocation for notify-capable guests, through a real vhost-user socket with the project's
+//! frontend negotiating VIRTIO_FS_F_NOTIFICATION: a host writer breaks the lease, the guest
+//! gets INVAL_INODE asking for a confirmation *before* the host write returns, and the writer
+//! goes on as soon as the guest confirms (or, for a guest that never does, when the lease
+//! ends); host namespace changes reach the guest as INVAL_ENTRY/INVAL_INODE; and a host
+//! process touching 100,000 cached files gets every one revoked with memory back where it was.
+
+use std::collections::HashSet;
+use std::fs::{self, OpenOptions};
+use std::io::Write;
+use std::os::unix::fs::PermissionsExt;
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::Arc;
+use std::thread;
+use std::time::{Duration, Instant};
+
+use leasefs::frontend::process::Backend;
+use leasefs::frontend::{Device, FrontendConfig, FuseClient, Notice, ROOT_ID};
+
+fn start(lease: &str) -> (Backend, Arc<Device>, FuseClient) {
+    let backend = Backend::spawn(
+        env!("CARGO_BIN_EXE_leasefsd"),
+        &["--cache", "coherent", "--lease-timeout", lease],
+    )
+    .expect("starting leasefsd");
+    let config = FrontendConfig {
+        want_notification: true,
+        ..FrontendConfig::default()
+    };
+    let device = Arc::new(
+        Device::connect(backend.socket(), &config)
+            .unwrap_or_else(|e| panic!("connecting: {e}\ndaemon log:\n{}", backend.log())),
+    );
+    assert!(device.has_notification_queue());
+    let fuse = FuseClient::new(device.clone());
+    fuse.init().expect("INIT");
+    (backend, device, fuse)
+}
+
+/// Notices received until `pred` holds for one of them or `wait` passes; all of them.
+fn notices_until(
+    device: &Device,
+    wait: Duration,
+    mut pred: impl FnMut(&Notice) -> bool,
+) -> Vec<Notice> {
+    let deadline = Instant::now() + wait;
+    let mut all = Vec::new();
+    loop {
+        let mut found = false;
+        for bytes in device.notifications().expect("draining notifications") {
+            let notice =
+                Notice::parse(&bytes).unwrap_or_else(|| panic!("malformed notification {bytes:?}"));
+            found |= pred(&notice);
+            all.push(notice);
+        }
+        if found || Instant::now() > deadline {
+            return all;
+        }
+        thread::sleep(Duration::from_millis(1));
+    }
+}
+
+/// Open `path` for writing and write `data`, as a host editor would, on a thread; the flag
+/// turns true once the write has returned. The thread returns how long the open waited.
+fn host_writer(
+    path: PathBuf,
+    data: &'static [u8],
+) -> (Arc<AtomicBool>, thread::JoinHandle<Duration>) {
+    let done = Arc::new(AtomicBool::new(false));
+    let flag = done.clone();
+    let handle = thread::spawn(move || {
+        let start = Instant::now();
+        let mut f = OpenOptions::new()
+            .write(true)
+            .open(&path)
+            .expect("host open");
+        let waited = start.elapsed();
+        f.write_all(data).expect("host write");
+        flag.store(true, Ordering::SeqCst);
+        waited
+    });
+    (done, handle)
+}
+
+#[test]
+fn host_writer_waits_for_the_guest_confirmation_not_for_the_lease() {
+    // A 5 s lease: only the confirmation can let the writer through in well under that.
+    let (backend, device, fuse) = start("5");
+    let path = backend.share().join("f");
+    fs::write(&path, b"old contents").unwrap();
+    let entry = fuse.lookup(ROOT_ID, "f").expect("LOOKUP");
+    assert_eq!(entry.attr_valid, 5, "the file is leased for 5 s");
+
+    let (done, writer) = host_writer(path.clone(), b"NEW CONTENTS, longer");
+    let notices = notices_until(&device, Duration::from_secs(3), |n| {
+        n.code == Notice::INVAL_INODE && n.node == entry.nodeid && n.unique != 0
+    });
+    let revoke = notices
+        .iter()
+        .find(|n| n.code == Notice::INVAL_INODE && n.node == entry.nodeid && n.unique != 0)
+        .unwrap_or_else(|| {
+            panic!(
+                "no INVAL_INODE asking for confirmation; got {notices:?}\n{}",
+                backend.log()
+            )
+        });
+    assert_eq!(revoke.offset, 0, "pages from offset 0 are dropped too");
+    // The guest has been told, the host write has not happened: it waits for us.
+    thread::sleep(Duration::from_millis(200));
+    assert!(
+        !done.load(Ordering::SeqCst),
+        "the host write returned before the guest confirmed"
+    );
+    let confirmed_at = Instant::now();
+    fuse.confirm_notification(revoke.unique, entry.nodeid, 0)
+        .expect("NOTIFY_REPLY");
+    let waited = writer.join().unwrap();
+    let after_confirmation = confirmed_at.elapsed();
+    assert!(
+        after_confirmation < Duration::from_secs(1),
+        "the writer went on {after_confirmation:?} after the confirmation (waited {waited:?} in all)"
+    );
+    assert!(waited >= Duration::from_millis(200));
+    eprintln!("host open held {waited:?}; released {after_confirmation:?} after the confirmation");
+
+    // The guest re-fetches attributes and data, and they are the new ones. No lease while
+    // nobody writes... but the writer has closed, so a new lease may be granted.
+    let attr = fuse.getattr(entry.nodeid).expect("GETATTR");
+    assert_eq!(attr.attr.size, 20);
+    let open = fuse.open(entry.nodeid, libc::O_RDONLY).expect("OPEN");
+    assert_eq!(
+        fuse.read(entry.nodeid, open.fh, 0, 64).unwrap(),
+        b"NEW CONTENTS, longer"
+    );
+    // A second confirmation of the same id is harmless.
+    fuse.confirm_notification(revoke.unique, entry.nodeid, 0)
+        .expect("late NOTIFY_REPLY");
+    assert!(fuse.getattr(ROOT_ID).is_ok(), "daemon still serves");
+}
+
+#[test]
+fn a_guest_that_never_confirms_holds_the_writer_no_longer_than_the_lease() {
+    let lease = Duration::from_millis(800);
+    let (backend, device, fuse) = start("0.8");
+    let path = backend.share().join("f");
+    fs::write(&path, b"old").unwrap();
+    let entry = fuse.lookup(ROOT_ID, "f").expect("LOOKUP");
+    let granted = Instant::now();
+    let (_done, writer) = host_writer(path, b"new");
+    let notices = notices_until(&device, Duration::from_secs(3), |n| {
+        n.code == Notice::INVAL_INODE && n.node == entry.nodeid && n.unique != 0
+    });
+    assert!(
+        notices.iter().any(|n| n.unique != 0),
+        "the guest was asked to confirm: {notices:?}"
+    );
+    let waited = writer.join().unwrap();
+    let since_grant = granted.elapsed();
+    assert!(
+        since_grant >= lease,
+        "writer through {since_grant:?} after the grant, inside the {lease:?} lease"
+    );
+    assert!(
+        waited < lease + Duration::from_secs(2),
+        "held {waited:?}, far past the lease"
+    );
+}
+
+#[test]
+fn host_namespace_changes_reach_the_guest_and_its_own_do_not() {
+    let (backend, device, fuse) = start("5");
+    let share = backend.share().to_path_buf();
+    fs::create_dir(share.join("d")).unwrap();
+    for name in ["a", "b", "c", "mine"] {
+        fs::write(share.join("d").join(name), name).unwrap();
+    }
+    let dir = fuse.lookup(ROOT_ID, "d").expect("LOOKUP d").nodeid;
+    let c = fuse.lookup(dir, "c").expect("LOOKUP c").nodeid;
+    for name in ["a", "b", "mine"] {
+        fuse.lookup(dir, name).expect("LOOKUP");
+    }
+    // Let the marks settle, and drain anything so far.
+    notices_until(&device, Duration::from_millis(100), |_| false);
+
+    let entry_gone = |name: &'static [u8]| {
+        move |n: &Notice| n.code == Notice::INVAL_ENTRY && n.node == dir && n.name == name
+    };
+    let t = Instant::now();
+    fs::remove_file(share.join("d/a")).unwrap();
+    let got = notices_until(&device, Duration::from_secs(2), entry_gone(b"a"));
+    assert!(
+        got.iter().any(entry_gone(b"a")),
+        "unlink: no INVAL_ENTRY for a: {got:?}\n{}",
+        backend.log()
+    );
+    assert!(
+        got.iter()
+            .any(|n| n.code == Notice::INVAL_INODE && n.node == dir && n.offset == 0),
+        "unlink: the directory's listing was not revoked: {got:?}"
+    );
+    eprintln!("host unlink -> INVAL_ENTRY in {:?}", t.elapsed());
+
+    fs::rename(share.join("d/b"), share.join("d/b2")).unwrap();
+    let got = notices_until(&device, Duration::from_secs(2), entry_gone(b"b"));
+    assert!(got.iter().any(entry_gone(b"b")), "rename: {got:?}");
+
+    fs::write(share.join("d/new"), b"x").unwrap();
+    let got = notices_until(&device, Duration::from_secs(2), |n| {
+        n.code == Notice::INVAL_INODE && n.node == dir
+    });
+    assert!(
+        got.iter()
+            .any(|n| n.code == Notice::INVAL_INODE && n.node == dir),
+        "create: {got:?}"
+    );
+
+    fs::set_permissions(share.join("d/c"), fs::Permissions::from_mode(0o600)).unwrap();
+    let got = notices_until(&device, Duration::from_secs(2), |n| {
+        n.code == Notice::INVAL_INODE && n.node == c
+    });
+    assert!(
+        got.iter()
+            .any(|n| n.code == Notice::INVAL_INODE && n.node == c && n.offset == -1),
+        "chmod: no attribute revocation of c: {got:?}"
+    );
+
+    // The guest's own unlink through the daemon revokes nothing.
+    notices_until(&device, Duration::from_millis(100), |_| false);
+    fuse.unlink(dir, "mine").expect("UNLINK");
+    let got = notices_until(&device, Duration::from_millis(500), |_| false);
+    assert!(
+        got.is_empty(),
+        "the guest's own unlink came back as {got:?}"
+    );
+}
+
+/// How many files the big revocation test touches: 100,000 (LEASEFS_REVOKE_FILES overrides),
+/// or as many as the descriptor limit lets the daemon lease. Each cached file costs the daemon
+/// two descriptors (its inode's O_PATH descriptor and the host lease's), and leases may use at
+/// most half the limit; the daemon raises its limit only with CAP_SYS_RESOURCE.
+fn revoke_files() -> usize {
+    let wanted = std::env::var("LEASEFS_REVOKE_FILES")
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(100_000);
+    let mut limit = libc::rlimit {
+        rlim_cur: 0,
+        rlim_max: 0,
+    };
+    // SAFETY: valid out pointer.
+    unsafe { libc::getrlimit(libc::RLIMIT_NOFILE, &mut limit) };
+    let nr_open: u64 = fs::read_to_string("/proc/sys/fs/nr_open")
+        .ok()
+        .and_then(|s| s.trim().parse().ok())
+        .unwrap_or(1 << 20);
+    // The daemon gets nr_open if it may raise the hard limit, else the hard limit.
+    let probe = libc::rlimit {
+        rlim_cur: limit.rlim_cur,
+        rlim_max: nr_open,
+    };
+    // SAFETY: valid rlimit; setting the hard limit to nr_open succeeds only with
+    // CAP_SYS_RESOURCE, which the daemon would have too. Restored right after.
+    let may_raise = unsafe { libc::setrlimit(libc::RLIMIT_NOFILE, &probe) } == 0;
+    // SAFETY: as above.
+    unsafe { libc::setrlimit(libc::RLIMIT_NOFILE, &limit) };
+    let daemon_limit = if may_raise { nr_open } else { limit.rlim_max } as usize;
+    let fits = daemon_limit / 2 - 1000;
+    if fits < wanted {
+        eprintln!(
+            "note: the daemon may open {daemon_limit} descriptors here (no CAP_SYS_RESOURCE): testing {fits} cached files instead of {wanted}"
+        );
+    }
+    wanted.min(fits)
+}
+
+fn file_path(share: &Path, i: usize) -> PathBuf {
+    share.join(format!("d{}", i / 1000)).join(format!("f{i}"))
+}
+
+#[test]
+fn a_host_process_touching_100000_cached_files_gets_all_revoked_and_memory_returns() {
+    let files = revoke_files();
+    let (backend, device, fuse) = start("10");
+    let share = backend.share().to_path_buf();
+    for i in 0..files {
+        if i % 1000 == 0 {
+            fs::create_dir(share.join(format!("d{}", i / 1000))).unwrap();
+        }
+        fs::write(file_path(&share, i), b"v1").unwrap();
+    }
+    let baseline_kb = backend.status_kb("VmRSS").unwrap();
+    let mut first_round_kb = 0;
+
+    for round in 0..2 {
+        // The guest caches every file: a lease (and a host file lease) each.
+        let mut dirs = Vec::new();
+        let mut nodes = Vec::with_capacity(files);
+        for i in 0..files {
+            if i % 1000 == 0 {
+                dirs.push(
+                    fuse.lookup(ROOT_ID, format!("d{}", i / 1000))
+                        .unwrap()
+                        .nodeid,
+                );
+            }
+            let entry = fuse
+                .lookup(*dirs.last().unwrap(), format!("f{i}"))
+                .expect("LOOKUP");
+            assert_eq!(entry.attr_valid, 10, "file {i} leased");
+            nodes.push(entry.nodeid);
+        }
+        let cached_kb = backend.status_kb("VmRSS").unwrap();
+
+        // The guest confirms every revocation as it arrives, from its own thread.
+        let stop = Arc::new(AtomicBool::new(false));
+        let confirmed = Arc::new(AtomicU64::new(0));
+        let confirmer = {
+            let (device, stop, confirmed) = (device.clone(), stop.clone(), confirmed.clone());
+            let fuse = FuseClient::new(device.clone());
+            thread::spawn(move || {
+                let mut revoked = HashSet::new();
+                while !stop.load(Ordering::SeqCst) {
+                    let mut any = false;
+                    for bytes in device.notifications().expect("notifications") {
+                        let n = Notice::parse(&bytes).expect("well-formed notification");
+                        if n.code == Notice::INVAL_INODE && n.unique != 0 {
+                            fuse.confirm_notification(n.unique, n.node, 0).unwrap();
+                            revoked.insert(n.node);
+                            confirmed.fetch_add(1, Ordering::Relaxed);
+                        }
+                        any = true;
+                    }
+                    if !any {
+                        thread::yield_now();
+                    }
+                }
+                revoked
+            })
+        };
+
+        // The host process writes every file, one after another, as a build or a sync would.
+        let started = Instant::now();
+        let mut holds = Vec::with_capacity(files);
+        for i in 0..files {
+            let t = Instant::now();
+            let mut f = OpenOptions::new()
+                .write(true)
+                .open(file_path(&share, i))
+                .unwrap();
+            holds.push(t.elapsed());
+            f.write_all(b"v2").unwrap();
+        }
+        let elapsed = started.elapsed();
+        stop.store(true, Ordering::SeqCst);
+        let revoked = confirmer.join().unwrap();
+        let missing: Vec<_> = nodes.iter().filter(|n| !revoked.contains(n)).collect();
+        assert!(
+            missing.is_empty(),
+            "round {round}: {} of {files} cached files were not revoked (first: {:?})",
+            missing.len(),
+            &missing[..missing.len().min(5)]
+        );
+        holds.sort();
+        let pct = |q: f64| holds[((holds.len() as f64 * q) as usize).min(holds.len() - 1)];
+        eprintln!(
+            "round {round}: {files} revocations in {elapsed:.2?} ({:.0}/s); host open held p50 {:?}, p99 {:?}, max {:?}; {} confirmations",
+            files as f64 / elapsed.as_secs_f64(),
+            pct(0.5),
+            pct(0.99),
+            holds.last().unwrap(),
+            confirmed.load(Ordering::Relaxed),
+        );
+        assert!(
+            *holds.last().unwrap() < Duration::from_secs(5),
+            "a writer waited for the 10 s lease: a revocation was not confirmed in time"
+        );
+
+        // The guest forgets everything: the lease table and its descriptors go.
+        for n in nodes.iter().chain(dirs.iter()) {
+            fuse.forget(*n, 1).unwrap();
+        }
+        let forgotten_kb = backend.status_kb("VmRSS").unwrap();
+        let fds = fs::read_dir(format!("/proc/{}/fd", backend.pid()))
+            .unwrap()
+            .count();
+        eprintln!(
+            "round {round}: VmRSS baseline {baseline_kb} kB, with {files} leases {cached_kb} kB ({} B per cached file), after FORGET {forgotten_kb} kB; {fds} descriptors open",
+            (cached_kb.saturating_sub(baseline_kb) * 1024) / files as u64
+        );
+        assert!(
+            fds < 200,
+            "{fds} descriptors still open after the guest forgot everything"
+        );
+        if round == 0 {
+            first_round_kb = forgotten_kb;
+        } else {
+            // The allocator keeps freed memory for reuse: the second round must fit in what
+            // the first one left, so nothing grows per lease or revocation.
+            assert!(
+                forgotten_kb < first_round_kb + 4096,
+                "memory grew across rounds: {first_round_kb} kB after round 1, {forgotten_kb} kB after round 2"
+            );
+        }
+    }
+}
