@@ -185,10 +185,27 @@ fn parse_lease_timeout(value: &str) -> Result<f64, String> {
     }
 }
 
-/// The capabilities document of QEMU's docs/interop/vhost-user.json for a "fs" backend.
+/// The capabilities document of QEMU's docs/interop/vhost-user.json for a "fs" backend, plus
+/// a "leasefs" object (management tools read only "type" and "features") naming the coherence
+/// options: cache modes, the lease flag and its default, the host event sources, and whether
+/// the notification queue is offered.
 pub fn capabilities_json() -> &'static str {
     // No "migrate-precopy": leasefsd does not transfer device state, so it must not claim to.
-    "{\n  \"type\": \"fs\",\n  \"features\": [\n    \"separate-options\"\n  ]\n}"
+    concat!(
+        "{\n",
+        "  \"type\": \"fs\",\n",
+        "  \"features\": [\n",
+        "    \"separate-options\"\n",
+        "  ],\n",
+        "  \"leasefs\": {\n",
+        "    \"cache\": [\"coherent\", \"auto\", \"always\", \"metadata\", \"never\"],\n",
+        "    \"default-cache\": \"coherent\",\n",
+        "    \"lease-timeout\": { \"flag\": \"--lease-timeout\", \"default-seconds\": 1.0 },\n",
+        "    \"host-events\": [\"file-lease\", \"fanotify-modify\", \"fanotify-dirent\"],\n",
+        "    \"notification-queue\": { \"feature-bit\": 0, \"notify-buf-size\": 512, \"confirmation\": \"FUSE_NOTIFY_REPLY\" }\n",
+        "  }\n",
+        "}"
+    )
 }
 
 #[cfg(test)]
@@ -263,6 +280,17 @@ mod tests {
         let o = parse(&["--print-capabilities"]).unwrap();
         assert!(o.print_capabilities);
         assert!(capabilities_json().contains("\"type\": \"fs\""));
+        // The flags it names exist, with the defaults it claims.
+        let json = capabilities_json();
+        assert!(json.contains("\"--lease-timeout\""));
+        let defaults = parse(&["--socket-path", "/s", "--shared-dir", "/d"]).unwrap();
+        assert_eq!(defaults.lease_timeout, 1.0);
+        assert!(json.contains("\"default-seconds\": 1.0"));
+        assert_eq!(defaults.cache, CacheMode::Coherent);
+        assert!(json.contains(&format!(
+            "\"notify-buf-size\": {}",
+            crate::notify::NOTIFY_BUF_SIZE
+        )));
     }
 
     #[test]
