@@ -381,6 +381,24 @@ fn a_host_process_touching_100000_cached_files_gets_all_revoked_and_memory_retur
             fuse.forget(*n, 1).unwrap();
         }
         let forgotten_kb = backend.status_kb("VmRSS").unwrap();
+        // The same host opens with nothing leased: what a lease adds to a host write.
+        let mut plain = Vec::with_capacity(files);
+        for i in 0..files {
+            let t = Instant::now();
+            drop(
+                OpenOptions::new()
+                    .write(true)
+                    .open(file_path(&share, i))
+                    .unwrap(),
+            );
+            plain.push(t.elapsed());
+        }
+        plain.sort();
+        eprintln!(
+            "round {round}: host open without a lease p50 {:?}, p99 {:?}",
+            plain[plain.len() / 2],
+            plain[(plain.len() * 99 / 100).min(plain.len() - 1)]
+        );
         let fds = fs::read_dir(format!("/proc/{}/fd", backend.pid()))
             .unwrap()
             .count();
