@@ -10,10 +10,10 @@
 use std::ffi::CString;
 use std::io::Write;
 use std::os::fd::AsRawFd;
-use std::os::unix::net::{UnixListener, UnixStream};
+use std::os::unix::net::UnixListener;
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, Ordering};
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use crate::proto::{self, errno_name, hex_encode, split_relpath, HostStat, Request};
 use crate::sys::{self, Errno, Fd};
@@ -257,6 +257,85 @@ impl Server {
                 let n = sys::list_dir_fd(fd).map_err(en)?.len();
                 Ok(n.to_string())
             }
+            Request::Chmod(p, mode) => {
+                let (dir, name) = self.resolve(p)?;
+                let c = cstr(&name)?;
+                // glibc refuses a symlink with EOPNOTSUPP and changes anything else.
+                let r = unsafe {
+                    libc::fchmodat(
+                        dir.as_raw_fd(),
+                        c.as_ptr(),
+                        *mode as libc::mode_t,
+                        libc::AT_SYMLINK_NOFOLLOW,
+                    )
+                };
+                if r < 0 {
+                    return Err(en(Errno::last()));
+                }
+                Ok(String::new())
+            }
+            Request::Utimes(p, sec, nsec) => {
+                let (dir, name) = self.resolve(p)?;
+                let c = cstr(&name)?;
+                let times = [
+                    libc::timespec {
+                        tv_sec: 0,
+                        tv_nsec: libc::UTIME_OMIT,
+                    },
+                    sys::ts(*sec, *nsec),
+                ];
+                let r = unsafe {
+                    libc::utimensat(
+                        dir.as_raw_fd(),
+                        c.as_ptr(),
+                        times.as_ptr(),
+                        libc::AT_SYMLINK_NOFOLLOW,
+                    )
+                };
+                if r < 0 {
+                    return Err(en(Errno::last()));
+                }
+                Ok(String::new())
+            }
+            Request::Save(p, data) => {
+                let (dir, name) = self.resolve(p)?;
+                if name == b"." {
+                    return Err("EINVAL cannot save over the share root".into());
+                }
+                let mut tmp = b".".to_vec();
+                tmp.extend_from_slice(&name);
+                tmp.extend_from_slice(b".save-tmp");
+                let fd = sys::openat(
+                    &dir,
+                    sys::path_from_bytes(&tmp),
+                    libc::O_WRONLY | libc::O_CREAT | libc::O_TRUNC | libc::O_NOFOLLOW,
+                    0o644,
+                )
+                .map_err(en)?;
+                sys::write_all(&fd, data).map_err(en)?;
+                drop(fd);
+                let (ct, cn) = (cstr(&tmp)?, cstr(&name)?);
+                let r = unsafe {
+                    libc::renameat(dir.as_raw_fd(), ct.as_ptr(), dir.as_raw_fd(), cn.as_ptr())
+                };
+                if r < 0 {
+                    let e = Errno::last();
+                    let _ = sys::unlinkat(&dir, sys::path_from_bytes(&tmp), 0);
+                    return Err(en(e));
+                }
+                Ok(String::new())
+            }
+            Request::Echo(b) => Ok(hex_encode(b)),
+            Request::Timed(inner) => {
+                let start = Instant::now();
+                let r = self.handle(inner)?;
+                let us = start.elapsed().as_micros();
+                Ok(if r.is_empty() {
+                    us.to_string()
+                } else {
+                    format!("{us} {r}")
+                })
+            }
         }
     }
 
@@ -300,7 +379,7 @@ enum End {
     Error(String),
 }
 
-fn serve(server: &Server, mut stream: UnixStream, verbose: bool) -> End {
+fn serve<S: Write + AsRawFd>(server: &Server, mut stream: S, verbose: bool) -> End {
     let fd = stream.as_raw_fd();
     let mut buf: Vec<u8> = Vec::new();
     loop {
@@ -343,6 +422,22 @@ fn serve(server: &Server, mut stream: UnixStream, verbose: bool) -> End {
             return End::Eof;
         }
         buf.extend_from_slice(&chunk[..n as usize]);
+    }
+}
+
+/// Serves agent requests arriving on a character device (the guest's end of
+/// a virtio-serial port) against `share`, until BYE or end of connection:
+/// in the two-guest stress, each guest performs the other's changes through
+/// its own mount this way. Ok(true) after BYE, Ok(false) at end of connection.
+pub fn serve_device(share: &Path, dev: &Path) -> Result<bool, String> {
+    let server = Server::new(share, "")?;
+    let fd = sys::open(dev, libc::O_RDWR | libc::O_NOCTTY, 0)
+        .map_err(|e| format!("open {}: {e}", dev.display()))?;
+    match serve(&server, std::fs::File::from(fd), false) {
+        End::Bye => Ok(true),
+        End::Eof => Ok(false),
+        End::Signal => Err("terminated by signal".into()),
+        End::Error(e) => Err(e),
     }
 }
 
@@ -534,6 +629,63 @@ mod tests {
         assert_eq!(call(&s, Request::Unlink(b"sub".to_vec())), "OK");
         assert_eq!(call(&s, Request::List(b"".to_vec())), "OK 0");
         assert_eq!(call(&s, Request::Bye), "OK");
+        std::fs::remove_dir_all(&d).unwrap();
+    }
+
+    #[test]
+    fn server_stress_requests() {
+        use std::os::unix::fs::MetadataExt;
+        let d = tmpdir("stress");
+        let s = Server::new(&d, "S").unwrap();
+        assert_eq!(
+            call(&s, Request::Echo(b"n1".to_vec())),
+            format!("OK {}", hex_encode(b"n1"))
+        );
+        std::fs::write(d.join("f"), b"old").unwrap();
+        let ino = std::fs::metadata(d.join("f")).unwrap().ino();
+        // SAVE: new content under the old name, a new inode, no temporary left.
+        assert_eq!(
+            call(&s, Request::Save(b"f".to_vec(), b"new content".to_vec())),
+            "OK"
+        );
+        assert_eq!(std::fs::read(d.join("f")).unwrap(), b"new content");
+        assert_ne!(std::fs::metadata(d.join("f")).unwrap().ino(), ino);
+        assert_eq!(std::fs::read_dir(&d).unwrap().count(), 1);
+        assert_eq!(call(&s, Request::Chmod(b"f".to_vec(), 0o604)), "OK");
+        let m = std::fs::metadata(d.join("f")).unwrap();
+        assert_eq!(m.mode() & 0o7777, 0o604);
+        let atime = m.atime();
+        assert_eq!(
+            call(
+                &s,
+                Request::Utimes(b"f".to_vec(), 1_400_000_000, 123_456_789)
+            ),
+            "OK"
+        );
+        let m = std::fs::metadata(d.join("f")).unwrap();
+        assert_eq!((m.mtime(), m.mtime_nsec()), (1_400_000_000, 123_456_789));
+        assert_eq!(m.atime(), atime);
+        // TIMED: microseconds first, then the inner payload.
+        let r = call(
+            &s,
+            Request::Timed(Box::new(Request::Write(b"f".to_vec(), 0, b"N".to_vec()))),
+        );
+        let us = r.strip_prefix("OK ").unwrap();
+        assert!(us.parse::<u64>().is_ok(), "{r}");
+        let r = call(&s, Request::Timed(Box::new(Request::Hash(b"f".to_vec()))));
+        let f: Vec<&str> = r.split(' ').collect();
+        assert_eq!((f.len(), f[0], f[2]), (4, "OK", "11"), "{r}");
+        assert_eq!(
+            call(
+                &s,
+                Request::Timed(Box::new(Request::Unlink(b"nope".to_vec())))
+            ),
+            "ERR ENOENT"
+        );
+        // Symlinks are not followed.
+        std::os::unix::fs::symlink("f", d.join("ln")).unwrap();
+        assert!(call(&s, Request::Chmod(b"ln".to_vec(), 0o600)).starts_with("ERR"));
+        assert!(call(&s, Request::Save(b"".to_vec(), b"x".to_vec())).starts_with("ERR"));
         std::fs::remove_dir_all(&d).unwrap();
     }
 

@@ -22,9 +22,10 @@ pub struct Agent {
 /// An `ERR ...` reply, or a transport failure.
 pub type Reply = Result<String, String>;
 
-/// Finds the character device of the virtio-serial port named `leasefs.agent`.
-pub fn find_port() -> Result<PathBuf, String> {
-    let link = Path::new("/dev/virtio-ports").join(PORT_NAME);
+/// Finds the character device of the virtio-serial port with this name
+/// (`leasefs.agent` for the host agent).
+pub fn find_port_named(port: &str) -> Result<PathBuf, String> {
+    let link = Path::new("/dev/virtio-ports").join(port);
     if sys::stat(&link).is_ok() {
         return Ok(link);
     }
@@ -38,7 +39,7 @@ pub fn find_port() -> Result<PathBuf, String> {
         let name = std::fs::read_to_string(e.path().join("name")).unwrap_or_default();
         let name = name.trim();
         seen.push(format!("{}={name:?}", e.file_name().to_string_lossy()));
-        if name != PORT_NAME {
+        if name != port {
             continue;
         }
         let dev = Path::new("/dev").join(e.file_name());
@@ -59,7 +60,7 @@ pub fn find_port() -> Result<PathBuf, String> {
         return Ok(dev);
     }
     Err(format!(
-        "no virtio-serial port named {PORT_NAME} (ports: {})",
+        "no virtio-serial port named {port} (ports: {})",
         if seen.is_empty() {
             "none".to_string()
         } else {
@@ -68,9 +69,27 @@ pub fn find_port() -> Result<PathBuf, String> {
     ))
 }
 
+/// `OK ...` -> Ok(Ok(payload)), `ERR ...` -> Ok(Err(text)).
+fn parse_reply(line: &str) -> Result<Reply, String> {
+    if line == "OK" {
+        Ok(Ok(String::new()))
+    } else if let Some(rest) = line.strip_prefix("OK ") {
+        Ok(Ok(rest.to_string()))
+    } else if let Some(rest) = line.strip_prefix("ERR") {
+        Ok(Err(rest.trim_start().to_string()))
+    } else {
+        Err(format!("malformed agent reply {line:?}"))
+    }
+}
+
 impl Agent {
     pub fn connect_port() -> Result<Agent, String> {
-        let dev = find_port()?;
+        Agent::connect_port_named(PORT_NAME)
+    }
+
+    /// Connects to the virtio-serial port with this name.
+    pub fn connect_port_named(port: &str) -> Result<Agent, String> {
+        let dev = find_port_named(port)?;
         let fd = sys::open(&dev, libc::O_RDWR | libc::O_NONBLOCK | libc::O_NOCTTY, 0)
             .op(format!("open {}", dev.display()))?;
         Ok(Agent {
@@ -172,6 +191,80 @@ impl Agent {
         }
     }
 
+    /// Like `sync`, for a peer that may not be listening yet (the other
+    /// guest of the two-guest stress, still booting): sends `ECHO <nonce>`
+    /// every `every` until its own reply comes back, for at most `total`.
+    /// Replies to earlier nonces arrive before the awaited one, so they are
+    /// discarded here and cannot be taken for a later request's reply.
+    pub fn sync_patient(&mut self, every: Duration, total: Duration) -> Result<(), String> {
+        let deadline = Instant::now() + total;
+        let base = sys::random_hex();
+        for i in 0u64.. {
+            let nonce = format!("{base}-{i}").into_bytes();
+            let want = format!("OK {}", crate::proto::hex_encode(&nonce));
+            self.send_line(&Request::Echo(nonce).encode())?;
+            let until = (Instant::now() + every).min(deadline);
+            loop {
+                let left = until.saturating_duration_since(Instant::now());
+                if left.is_zero() {
+                    break;
+                }
+                match self.recv_line(left) {
+                    Ok(line) if line == want => return Ok(()),
+                    Ok(_) => {}
+                    Err(e) if e.starts_with("no reply") => break,
+                    Err(e) if e.contains("not connected") => sys::sleep_ms(200),
+                    Err(e) => return Err(e),
+                }
+            }
+            if Instant::now() >= deadline {
+                break;
+            }
+        }
+        Err(format!("no answer from {} within {total:?}", self.desc))
+    }
+
+    /// Sends all requests at once, then reads their replies in order.
+    pub fn call_many(&mut self, reqs: &[Request]) -> Result<Vec<Reply>, String> {
+        let mut text = String::new();
+        for r in reqs {
+            text.push_str(&r.encode());
+            text.push('\n');
+        }
+        let text = text.trim_end_matches('\n');
+        if !reqs.is_empty() {
+            self.send_line(text)?;
+        }
+        let mut out = Vec::with_capacity(reqs.len());
+        for _ in reqs {
+            let line = self.recv_line(REPLY_TIMEOUT)?;
+            out.push(parse_reply(&line)?);
+        }
+        Ok(out)
+    }
+
+    /// Runs requests as `TIMED` ones, all sent at once; returns how long the
+    /// agent took for each (its host system calls), in microseconds. Any
+    /// `ERR` reply is an error.
+    pub fn timed_many(&mut self, reqs: &[Request]) -> Result<Vec<u64>, String> {
+        let timed: Vec<Request> = reqs
+            .iter()
+            .map(|r| Request::Timed(Box::new(r.clone())))
+            .collect();
+        let replies = self.call_many(&timed)?;
+        let mut out = Vec::with_capacity(reqs.len());
+        for (req, rep) in reqs.iter().zip(replies) {
+            let what: String = req.encode().chars().take(80).collect();
+            let payload = rep.map_err(|e| format!("agent {what}: ERR {e}"))?;
+            let us = payload.split(' ').next().unwrap_or("");
+            out.push(
+                us.parse()
+                    .map_err(|_| format!("agent {what}: bad TIMED reply {payload:?}"))?,
+            );
+        }
+        Ok(out)
+    }
+
     /// Sends a request without reading its reply (runner self-test only).
     pub fn send_only(&mut self, req: &Request) -> Result<(), String> {
         self.send_line(&req.encode())
@@ -181,15 +274,7 @@ impl Agent {
     pub fn call(&mut self, req: &Request) -> Result<Reply, String> {
         self.send_line(&req.encode())?;
         let line = self.recv_line(REPLY_TIMEOUT)?;
-        if line == "OK" {
-            Ok(Ok(String::new()))
-        } else if let Some(rest) = line.strip_prefix("OK ") {
-            Ok(Ok(rest.to_string()))
-        } else if let Some(rest) = line.strip_prefix("ERR") {
-            Ok(Err(rest.trim_start().to_string()))
-        } else {
-            Err(format!("malformed agent reply {line:?}"))
-        }
+        parse_reply(&line)
     }
 
     fn ok(&mut self, req: Request) -> Result<String, String> {

@@ -5,12 +5,16 @@
 //!                   [--agent-path SOCK] [--timeout SECS] [--no-fork] [--list]
 //!   guest-tests host-agent --share DIR --listen SOCKPATH [-v]
 //!   guest-tests bench-tree [--dir /mnt/tree] [--files 200] [--size 16384] [--rounds 20] [--create]
+//!   guest-tests stress [--dir /mnt] [--rounds N | --seconds N] [--seed S] ... (see USAGE)
+//!   guest-tests relay --pair SOCK SOCK [--pair SOCK SOCK]...
 
 mod agent;
 mod bench;
 mod client;
 mod harness;
 mod proto;
+mod relay;
+mod stress;
 mod sys;
 mod tests;
 
@@ -33,6 +37,21 @@ usage:
       16384 bytes): a checked cold pass, then R (default 20) warm passes of
       readdir + stat + open + read + close; prints one JSON line. --create
       makes the tree instead (host side; qemu/bench-tree.sh).
+  guest-tests stress [--dir DIR] [--name NAME] [--rounds N] [--seconds N] [--seed S]
+                     [--kinds LIST] [--storm N] [--readers N] [--max-wait-ms MS]
+                     [--late-ms MS] [--strict-namespace-ms MS] [--agent-path SOCK] [--peer]
+                     [--connect-timeout SECS] [--keep] [-v]
+      Coherency stress (in the guest): the host agent changes files in
+      DIR/NAME (default /mnt/stress) and replies once its system calls have
+      returned; then the guest looks. A stale data answer fails (exit 1);
+      stale namespace answers at 0 ms and 50 ms are counted (with
+      --strict-namespace-ms MS, stale at MS ms fails). Default 48 rounds, seed 1.
+      Prints a table and `STRESS key=value...` lines. --peer: the agent port
+      leads to another guest, and this one serves that guest's requests on
+      the leasefs.peer port (qemu/stress.sh --two-guests). Exit 3: not completed.
+  guest-tests relay --pair SOCK_A SOCK_B [--pair SOCK_A SOCK_B]...
+      Host side: listen on every SOCK, accept one connection on each, copy
+      bytes both ways within each pair until all have closed.
 ";
 
 fn die(msg: &str) -> ! {
@@ -146,6 +165,97 @@ fn main() {
                 }
             }
             bench::main(o)
+        }
+        "stress" => {
+            let mut o = stress::Opts::new();
+            let pos = |flag: &str, v: String| -> u64 {
+                v.parse()
+                    .ok()
+                    .filter(|&n| n > 0)
+                    .unwrap_or_else(|| die(&format!("bad {flag} {v:?}")))
+            };
+            while let Some(a) = it.next() {
+                match a.as_str() {
+                    "--dir" => o.dir = PathBuf::from(value(a, &mut it)),
+                    "--name" => {
+                        o.name = value(a, &mut it);
+                        if o.name.is_empty() || o.name.contains('/') || o.name.starts_with('.') {
+                            die(&format!("bad --name {:?}", o.name));
+                        }
+                    }
+                    "--rounds" => o.rounds = Some(pos(a, value(a, &mut it))),
+                    "--seconds" => {
+                        let v = value(a, &mut it);
+                        o.seconds = Some(
+                            v.parse::<f64>()
+                                .ok()
+                                .filter(|&s| s > 0.0)
+                                .unwrap_or_else(|| die(&format!("bad --seconds {v:?}"))),
+                        );
+                    }
+                    "--seed" => {
+                        let v = value(a, &mut it);
+                        o.seed = v
+                            .parse()
+                            .unwrap_or_else(|_| die(&format!("bad --seed {v:?}")));
+                    }
+                    "--kinds" => {
+                        o.kinds =
+                            stress::parse_kinds(&value(a, &mut it)).unwrap_or_else(|e| die(&e))
+                    }
+                    "--storm" => o.storm = pos(a, value(a, &mut it)) as usize,
+                    "--readers" => {
+                        let v = value(a, &mut it);
+                        o.readers = v
+                            .parse()
+                            .unwrap_or_else(|_| die(&format!("bad --readers {v:?}")));
+                    }
+                    "--max-wait-ms" => o.max_wait_ms = pos(a, value(a, &mut it)),
+                    "--late-ms" => o.late_ms = pos(a, value(a, &mut it)),
+                    "--strict-namespace-ms" => {
+                        let v = value(a, &mut it);
+                        o.late_ms = v
+                            .parse()
+                            .unwrap_or_else(|_| die(&format!("bad --strict-namespace-ms {v:?}")));
+                        o.strict = true;
+                    }
+                    "--agent-path" => o.agent_path = Some(PathBuf::from(value(a, &mut it))),
+                    "--peer" => o.peer = true,
+                    "--connect-timeout" => o.connect_secs = pos(a, value(a, &mut it)),
+                    "--keep" => o.keep = true,
+                    "-v" | "--verbose" => o.verbose = true,
+                    "-h" | "--help" => {
+                        print!("{USAGE}");
+                        std::process::exit(0);
+                    }
+                    other => die(&format!("unknown option {other:?}")),
+                }
+            }
+            if o.late_ms >= o.max_wait_ms {
+                die("the late namespace look must come before --max-wait-ms");
+            }
+            stress::main(o)
+        }
+        "relay" => {
+            let mut pairs = Vec::new();
+            while let Some(a) = it.next() {
+                match a.as_str() {
+                    "--pair" => {
+                        let x = PathBuf::from(value(a, &mut it));
+                        let y = PathBuf::from(value(a, &mut it));
+                        pairs.push((x, y));
+                    }
+                    "-h" | "--help" => {
+                        print!("{USAGE}");
+                        std::process::exit(0);
+                    }
+                    other => die(&format!("unknown option {other:?}")),
+                }
+            }
+            if pairs.is_empty() {
+                die("relay needs at least one --pair");
+            }
+            relay::main(pairs)
         }
         "-h" | "--help" | "help" => {
             print!("{USAGE}");

@@ -98,6 +98,18 @@ pub enum Request {
     List(Vec<u8>),
     Secret,
     Bye,
+    /// chmod without following a symlink (mode in octal on the wire).
+    Chmod(Vec<u8>, u32),
+    /// Sets the mtime (seconds, nanoseconds); atime is left alone.
+    Utimes(Vec<u8>, i64, i64),
+    /// An editor's save: write the data to a temporary name in the same
+    /// directory, then rename it over the path.
+    Save(Vec<u8>, Vec<u8>),
+    /// Replies with its argument (a nonce, to resynchronise a connection).
+    Echo(Vec<u8>),
+    /// Runs the inner request and puts the microseconds its handling took
+    /// (the host system calls) first in the reply: `OK <us>[ <payload>]`.
+    Timed(Box<Request>),
 }
 
 impl Request {
@@ -118,6 +130,11 @@ impl Request {
             Request::List(p) => format!("LIST {}", h(p)),
             Request::Secret => "SECRET".into(),
             Request::Bye => "BYE".into(),
+            Request::Chmod(p, mode) => format!("CHMOD {} {mode:o}", h(p)),
+            Request::Utimes(p, sec, nsec) => format!("UTIMES {} {sec} {nsec}", h(p)),
+            Request::Save(p, data) => format!("SAVE {} {}", h(p), h(data)),
+            Request::Echo(b) => format!("ECHO {}", h(b)),
+            Request::Timed(r) => format!("TIMED {}", r.encode()),
         }
     }
 
@@ -126,6 +143,13 @@ impl Request {
     /// (`STAT ` ) names the share root.
     pub fn parse(line: &str) -> Result<Request, String> {
         let line = line.trim_end_matches(['\n', '\r']);
+        if let Some(inner) = line.strip_prefix("TIMED ") {
+            let r = Request::parse(inner)?;
+            if matches!(r, Request::Timed(_)) {
+                return Err("TIMED cannot be nested".into());
+            }
+            return Ok(Request::Timed(Box::new(r)));
+        }
         let mut parts = line.split(' ');
         let cmd = parts.next().unwrap_or("");
         let args: Vec<&str> = parts.collect();
@@ -190,6 +214,35 @@ impl Request {
                 let name = hex_decode(args[1]).map_err(|e| format!("bad hex name: {e}"))?;
                 Request::Xattr(path(args[0])?, name)
             }
+            "CHMOD" => {
+                want(2)?;
+                let mode = u32::from_str_radix(args[1], 8)
+                    .ok()
+                    .filter(|m| *m <= 0o7777)
+                    .ok_or_else(|| format!("bad mode {:?}", args[1]))?;
+                Request::Chmod(path(args[0])?, mode)
+            }
+            "UTIMES" => {
+                want(3)?;
+                let sec = args[1]
+                    .parse::<i64>()
+                    .map_err(|_| format!("bad seconds {:?}", args[1]))?;
+                let nsec = num(args[2], "nanoseconds")?;
+                if nsec >= 1_000_000_000 {
+                    return Err(format!("bad nanoseconds {nsec}"));
+                }
+                Request::Utimes(path(args[0])?, sec, nsec as i64)
+            }
+            "SAVE" => {
+                want(2)?;
+                let data = hex_decode(args[1]).map_err(|e| format!("bad hex data: {e}"))?;
+                Request::Save(path(args[0])?, data)
+            }
+            "ECHO" => {
+                want(1)?;
+                Request::Echo(hex_decode(args[0]).map_err(|e| format!("bad hex: {e}"))?)
+            }
+            "TIMED" => return Err("TIMED needs a request".into()),
             "" => return Err("empty request".into()),
             other => return Err(format!("unknown command {other:?}")),
         })
@@ -366,6 +419,15 @@ mod tests {
             Request::List(b"".to_vec()),
             Request::Secret,
             Request::Bye,
+            Request::Chmod(b"f".to_vec(), 0o4755),
+            Request::Chmod(b"f".to_vec(), 0),
+            Request::Utimes(b"f".to_vec(), 1_500_000_000, 999_999_999),
+            Request::Utimes(b"f".to_vec(), -5, 0),
+            Request::Save(b"d/f".to_vec(), b"new".to_vec()),
+            Request::Save(b"d/f".to_vec(), vec![]),
+            Request::Echo(b"nonce".to_vec()),
+            Request::Timed(Box::new(Request::Write(b"f".to_vec(), 3, vec![1]))),
+            Request::Timed(Box::new(Request::Truncate(b"f".to_vec(), 0))),
         ];
         for r in reqs {
             let line = r.encode();
@@ -412,6 +474,18 @@ mod tests {
             "RENAME 61",
             "XATTR 61 7",
             "BYE now",
+            "CHMOD 61",
+            "CHMOD 61 9",
+            "CHMOD 61 17777",
+            "UTIMES 61 1",
+            "UTIMES 61 x 0",
+            "UTIMES 61 1 1000000000",
+            "SAVE 61",
+            "ECHO",
+            "TIMED",
+            "TIMED ",
+            "TIMED NOPE",
+            "TIMED TIMED HELLO",
         ] {
             assert!(Request::parse(bad).is_err(), "{bad:?} should not parse");
         }

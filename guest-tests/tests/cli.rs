@@ -340,6 +340,63 @@ fn run_with_local_agent() {
 }
 
 #[test]
+fn stress_with_local_agent() {
+    // On the host's own filesystem nothing is ever stale: every kind must
+    // pass, with machine-readable lines for the runner.
+    let share = TempDir::new("share");
+    let sock = TempDir::new("sock");
+    let sock = sock.0.join("agent.sock");
+    let mut agent = AgentProc::start(&share.0, &sock);
+    let (out, text) = run(&[
+        "stress",
+        "--dir",
+        share.0.to_str().unwrap(),
+        "--agent-path",
+        sock.to_str().unwrap(),
+        "--rounds",
+        "24",
+        "--seed",
+        "7",
+        "--storm",
+        "3",
+    ]);
+    assert_eq!(out.status.code(), Some(0), "{text}");
+    let kinds: Vec<&str> = text
+        .lines()
+        .filter(|l| l.starts_with("STRESS kind=") && !l.starts_with("STRESS kind=total"))
+        .collect();
+    assert_eq!(kinds.len(), 12, "{text}");
+    for l in &kinds {
+        assert!(
+            l.contains(" rounds=2 ") && l.contains(" stale_0ms=0 "),
+            "{l}"
+        );
+    }
+    let total = text
+        .lines()
+        .find(|l| l.starts_with("STRESS kind=total "))
+        .unwrap_or_else(|| panic!("no total line\n{text}"));
+    for want in [
+        " rounds=24 ",
+        " seed=7 ",
+        " stale_data=0 ",
+        " ns_stale_50ms=0 ",
+        " result=pass",
+    ] {
+        assert!(total.contains(want), "{want:?} missing in {total}");
+    }
+    assert!(text.contains("\nstress: PASS\n"), "{text}");
+    // The work tree is removed, and BYE ended the agent.
+    assert!(!share.0.join("stress").exists());
+    assert!(agent.wait(Duration::from_secs(20)).success());
+    // Usage errors.
+    let (out, text) = run(&["stress", "--kinds", "nope"]);
+    assert_eq!(out.status.code(), Some(2), "{text}");
+    let (out, text) = run(&["stress", "--max-wait-ms", "10"]);
+    assert_eq!(out.status.code(), Some(2), "{text}");
+}
+
+#[test]
 fn missing_agent_fails_clearly() {
     let dir = TempDir::new("noagent");
     let (out, text) = run(&[
