@@ -9,7 +9,12 @@
 #                       the default extra args "--cache always --sandbox none"
 #   --agent             start the host agent (guest-tests host-agent) and give
 #                       the guest a virtio-serial port named leasefs.agent
-#   --qemu PATH         QEMU binary (default qemu-system-x86_64)
+#   --qemu PATH         QEMU binary (default qemu-system-x86_64); it also gets
+#                       -L for Debian's firmware directories (/usr/share/seabios,
+#                       /usr/lib/ipxe/qemu, /usr/share/qemu: bios-256k.bin,
+#                       linuxboot_dma.bin, kvmvapic.bin), which a QEMU built
+#                       from source may not search, e.g. one run from its build
+#                       tree; qemu/build-notify-qemu.sh builds the patched one
 #   --kernel PATH       guest kernel (default: qemu/fetch-kernel.sh)
 #   --memory MB         guest RAM (default 512)
 #   --queues N          virtio-fs request queues (num-request-queues=N)
