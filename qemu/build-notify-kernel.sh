@@ -25,6 +25,7 @@ set -euo pipefail
 . "$(dirname "${BASH_SOURCE[0]}")/lib.sh"
 
 PKG=linux-source-6.12
+SELF="$LEASEFS_QEMU_DIR/build-notify-kernel.sh"
 PATCH_DIR="$LEASEFS_QEMU_DIR/patches/linux-6.12"
 FRAGMENT="$PATCH_DIR/guest.config"
 SRC_CACHE="$LEASEFS_ROOT/build/notify-src"
@@ -61,7 +62,7 @@ shopt -u nullglob
 key="$(
     cd "$PATCH_DIR"
     sha256sum "${patches[@]##*/}" "${FRAGMENT##*/}"
-    sha256sum < "${BASH_SOURCE[0]}"
+    sha256sum < "$SELF"
 )"
 key="$(printf '%s\n' "$key" | sha256sum | cut -d' ' -f1)"
 if [ "$force" -eq 0 ] && [ -s "$out" ] && [ -f "$out.stamp" ] \

@@ -4,6 +4,7 @@
 # Conventions:
 #   LEASEFS_ROOT      repository root (derived from this file's location)
 #   LEASEFS_VM_DIR    cache for kernels, initramfs, logs: build/vm/ (gitignored)
+#   LEASEFS_NOTIFY_DIR  the patched QEMU and kernel: build/notify/ (gitignored)
 #   LEASEFS_TARGET    cargo target dir (honours CARGO_TARGET_DIR, else target/)
 # Messages go to stderr so scripts can print a single path on stdout.
 
@@ -11,6 +12,8 @@ LEASEFS_ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 LEASEFS_QEMU_DIR="$LEASEFS_ROOT/qemu"
 LEASEFS_VM_DIR="${LEASEFS_VM_DIR:-$LEASEFS_ROOT/build/vm}"
 LEASEFS_TARGET="${CARGO_TARGET_DIR:-$LEASEFS_ROOT/target}"
+# The notify-capable stack (qemu/build-notify-stack.sh): patched QEMU and kernel.
+LEASEFS_NOTIFY_DIR="${LEASEFS_NOTIFY_DIR:-$LEASEFS_ROOT/build/notify}"
 # The triple the static guest binary is built for (see make-initramfs.sh).
 LEASEFS_GUEST_TRIPLE=x86_64-unknown-linux-gnu
 # The virtio-fs tag QEMU advertises and the guest mounts.

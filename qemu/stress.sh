@@ -19,9 +19,9 @@
 #                     qemu-only      patched QEMU + stock kernel (alias: patched-qemu)
 #                     kernel-only    stock QEMU + patched kernel (alias: patched-kernel)
 #   --qemu PATH     the patched QEMU (default $LEASEFS_NOTIFY_QEMU, else
-#                   /work/build-notify/qemu/out/qemu-system-x86_64)
+#                   build/notify/qemu-system-x86_64 from qemu/build-notify-stack.sh)
 #   --kernel PATH   the patched kernel (default $LEASEFS_NOTIFY_KERNEL, else
-#                   /work/build-notify/linux/out/bzImage)
+#                   build/notify/bzImage)
 #   --strict-namespace-ms MS  leasefsd runs only: a namespace answer still stale
 #                   MS ms after the change fails the run (for notify-capable stacks)
 #   --two-guests    add the two-guest run (config two-leasefsd): two VMs at once,
@@ -64,8 +64,8 @@ rounds=48
 seed=1
 configs="leasefsd-default virtiofsd-always virtiofsd-auto virtiofsd-never"
 stacks=()
-notify_qemu=${LEASEFS_NOTIFY_QEMU:-/work/build-notify/qemu/out/qemu-system-x86_64}
-notify_kernel=${LEASEFS_NOTIFY_KERNEL:-/work/build-notify/linux/out/bzImage}
+notify_qemu=${LEASEFS_NOTIFY_QEMU:-$LEASEFS_NOTIFY_DIR/qemu-system-x86_64}
+notify_kernel=${LEASEFS_NOTIFY_KERNEL:-$LEASEFS_NOTIFY_DIR/bzImage}
 strict_ms=""
 two_guests=0
 timeout_secs=600
