@@ -11,9 +11,10 @@
 //!   FAN_REPORT_DFID_NAME): each directory the guest knows carries a mark for entries created,
 //!   deleted and moved in it and for attribute changes of it and its children. The kernel has
 //!   no event before these changes, so they are told after the fact: INVAL_ENTRY for a name
-//!   that went away, INVAL_INODE of the directory (attributes and cached listing) for any
-//!   change of its entries, INVAL_INODE (attributes) of a child whose mode, owner or times
-//!   changed. The guest sees the change within the notification's flight time.
+//!   that went away or was renamed over, INVAL_INODE of the directory (attributes and cached
+//!   listing) for any change of its entries, INVAL_INODE (attributes) of a child whose mode,
+//!   owner or times changed (a modification of a child also counts: an mtime-only utimensat
+//!   raises nothing else). The guest sees the change within the notification's flight time.
 //!
 //! Marks follow what the guest knows, so the cost of watching grows with what the guest
 //! caches, not with the size of the tree. They are only placed while a guest has negotiated
@@ -50,7 +51,10 @@ const FAN_ONDIR: u64 = 0x4000_0000;
 const FANOTIFY_METADATA_VERSION: u8 = 3;
 const FAN_EVENT_INFO_TYPE_DFID_NAME: u8 = 2;
 /// What a directory mark asks for.
+// FAN_MODIFY too: a utimensat that sets only the mtime raises FAN_MODIFY, not FAN_ATTRIB, and
+// only with a directory entry (no path), which the data group cannot receive.
 const NAMESPACE_EVENTS: u64 = FAN_CREATE
+    | FAN_MODIFY
     | FAN_DELETE
     | FAN_MOVED_FROM
     | FAN_MOVED_TO
@@ -394,7 +398,8 @@ impl HostWatcher {
         self.stats.namespace_changes.fetch_add(1, Ordering::Relaxed);
         let entries_changed =
             event.mask & (FAN_CREATE | FAN_DELETE | FAN_MOVED_FROM | FAN_MOVED_TO) != 0;
-        let name_gone = event.mask & (FAN_DELETE | FAN_MOVED_FROM) != 0;
+        // A rename over an existing name (an editor's save) replaces what the name led to.
+        let name_changed = event.mask & (FAN_DELETE | FAN_MOVED_FROM | FAN_MOVED_TO) != 0;
         for &dir in &dirs {
             if name == b"." {
                 // The directory's own attributes.
@@ -405,7 +410,7 @@ impl HostWatcher {
                 });
                 continue;
             }
-            if name_gone {
+            if name_changed {
                 self.revoke(Notification::InvalEntry {
                     parent: dir,
                     name: name.clone(),
@@ -420,7 +425,7 @@ impl HostWatcher {
                     len: 0,
                 });
             }
-            if event.mask & FAN_ATTRIB != 0 {
+            if event.mask & (FAN_ATTRIB | FAN_MODIFY) != 0 {
                 for child in child_nodes(fs, dir, &name) {
                     self.revoke(Notification::InvalInode {
                         ino: child,
