@@ -225,6 +225,42 @@ fn host_namespace_changes_reach_the_guest_and_its_own_do_not() {
         "chmod: no attribute revocation of c: {got:?}"
     );
 
+    // An editor's save: a new file renamed over a cached name.
+    fs::write(share.join("d/.c.tmp"), b"new c").unwrap();
+    fs::rename(share.join("d/.c.tmp"), share.join("d/c")).unwrap();
+    let got = notices_until(&device, Duration::from_secs(2), entry_gone(b"c"));
+    assert!(
+        got.iter().any(entry_gone(b"c")),
+        "rename over c: no INVAL_ENTRY for c: {got:?}"
+    );
+
+    // utimensat of the mtime alone raises FAN_MODIFY (not FAN_ATTRIB) on the entry.
+    let b2 = fuse.lookup(dir, "b2").expect("LOOKUP b2").nodeid;
+    notices_until(&device, Duration::from_millis(100), |_| false);
+    let path = std::ffi::CString::new(share.join("d/b2").into_os_string().into_encoded_bytes())
+        .unwrap();
+    let times = [
+        libc::timespec {
+            tv_sec: 0,
+            tv_nsec: libc::UTIME_OMIT,
+        },
+        libc::timespec {
+            tv_sec: 1_500_000_000,
+            tv_nsec: 0,
+        },
+    ];
+    // SAFETY: a valid C string and two timespecs.
+    let rc = unsafe { libc::utimensat(libc::AT_FDCWD, path.as_ptr(), times.as_ptr(), 0) };
+    assert_eq!(rc, 0, "utimensat: {}", std::io::Error::last_os_error());
+    let got = notices_until(&device, Duration::from_secs(2), |n| {
+        n.code == Notice::INVAL_INODE && n.node == b2
+    });
+    assert!(
+        got.iter()
+            .any(|n| n.code == Notice::INVAL_INODE && n.node == b2 && n.offset == -1),
+        "mtime-only utimes: no attribute revocation of b2: {got:?}"
+    );
+
     // The guest's own unlink through the daemon revokes nothing.
     notices_until(&device, Duration::from_millis(100), |_| false);
     fuse.unlink(dir, "mine").expect("UNLINK");
