@@ -1,10 +1,15 @@
 #!/usr/bin/env bash
-# Cached re-reads of a small file tree in a stock guest: leasefsd against
+# Cached re-reads of a small file tree in a guest: leasefsd against
 # virtiofsd 1.14, every configuration in the same run.
 #
 # Usage: qemu/bench-tree.sh [--rounds R] [--repeat N] [--out DIR] [--configs "NAME..."]
 #                           [--files N] [--size BYTES] [--timeout SECS] [--no-build]
+#                           [--stack NAME] [--qemu PATH] [--kernel PATH]
 #
+#   --stack NAME   the VM stack (default stock): stock, notify, qemu-only,
+#                  kernel-only, as for qemu/stress.sh; --qemu and --kernel name
+#                  the patched parts (default build/notify/, from
+#                  qemu/build-notify-stack.sh)
 #   --rounds R     warm passes per guest run (default 20); the guest reports
 #                  their median, p10 and p90
 #   --repeat N     run the whole configuration sequence N times, interleaved
@@ -58,6 +63,9 @@ size=16384
 timeout_secs=900
 build=1
 count_requests=0
+stack=stock
+notify_qemu=${LEASEFS_NOTIFY_QEMU:-$LEASEFS_NOTIFY_DIR/qemu-system-x86_64}
+notify_kernel=${LEASEFS_NOTIFY_KERNEL:-$LEASEFS_NOTIFY_DIR/bzImage}
 while [ $# -gt 0 ]; do
     case "$1" in
         --rounds) [ $# -ge 2 ] || die "--rounds needs a number"; rounds=$2; shift ;;
@@ -69,6 +77,9 @@ while [ $# -gt 0 ]; do
         --timeout) [ $# -ge 2 ] || die "--timeout needs seconds"; timeout_secs=$2; shift ;;
         --no-build) build=0 ;;
         --count-requests) count_requests=1 ;;
+        --stack) [ $# -ge 2 ] || die "--stack needs a name"; stack=$2; shift ;;
+        --qemu) [ $# -ge 2 ] || die "--qemu needs a path"; notify_qemu=$2; shift ;;
+        --kernel) [ $# -ge 2 ] || die "--kernel needs a path"; notify_kernel=$2; shift ;;
         -h|--help) print_header "$0"; exit 0 ;;
         *) die "unknown argument: $1 (try --help)" ;;
     esac
@@ -77,6 +88,12 @@ done
 for v in rounds repeat files size timeout_secs; do
     [[ "${!v}" =~ ^[1-9][0-9]*$ ]] || die "--${v%_secs} wants a positive number, got '${!v}'"
 done
+
+spec=$(stack_spec "$stack" "$notify_qemu" "$notify_kernel") \
+    || die "unknown stack '$stack' (stock, notify, qemu-only, kernel-only)"
+read -r stack_qemu stack_kernel <<< "$spec"
+check_stack "$stack" "$stack_qemu" "$stack_kernel"
+mapfile -t vm_args < <(stack_vm_args "$stack_qemu" "$stack_kernel")
 
 declare -A cfg_daemon=(
     [leasefsd-default]=leasefsd
@@ -122,8 +139,7 @@ host_gt="$LEASEFS_TARGET/release/guest-tests"
 [ -x "$host_gt" ] || die "host guest-tests binary missing: $host_gt"
 for c in "${config_list[@]}"; do
     if [ "${cfg_daemon[$c]}" = virtiofsd ]; then
-        command -v virtiofsd >/dev/null 2>&1 || [ -x "$HOME/.cargo/bin/virtiofsd" ] \
-            || die "virtiofsd not found (apt-get install -y libseccomp-dev libcap-ng-dev && cargo install virtiofsd --version 1.14.0 --locked)"
+        ensure_virtiofsd >/dev/null || exit 1
     fi
 done
 
@@ -148,7 +164,7 @@ for ((rep = 1; rep <= repeat; rep++)); do
         logdir="$out/logs/$rep-$c"
         log "run $runs/$total: $c ($daemon ${cfg_args[$c]}), load $load"
         status=0
-        LEASEFS_LOG_DIR="$logdir" "$LEASEFS_QEMU_DIR/run-vm.sh" --no-build \
+        LEASEFS_LOG_DIR="$logdir" "$LEASEFS_QEMU_DIR/run-vm.sh" --no-build "${vm_args[@]}" \
             --share "$share" --daemon "$daemon" "${dargs[@]}" --timeout "$timeout_secs" \
             -- guest-tests bench-tree --dir /mnt/tree --files "$files" --size "$size" \
                --rounds "$rounds" > "$logdir.out" 2>&1 || status=$?
@@ -193,7 +209,7 @@ if [ "$count_requests" -eq 1 ]; then
             logdir="$out/logs/requests-$c-r$r"
             log "request count: $c, --rounds $r"
             status=0
-            LEASEFS_LOG_DIR="$logdir" "$LEASEFS_QEMU_DIR/run-vm.sh" --no-build \
+            LEASEFS_LOG_DIR="$logdir" "$LEASEFS_QEMU_DIR/run-vm.sh" --no-build "${vm_args[@]}" \
                 --share "$share" --daemon "${cfg_daemon[$c]}" "${dargs[@]}" --timeout "$timeout_secs" \
                 -- guest-tests bench-tree --dir /mnt/tree --files "$files" --size "$size" \
                    --rounds "$r" > "$logdir.out" 2>&1 || status=$?
@@ -220,11 +236,13 @@ summary=$(jq -rs --argjson order "$(printf '%s\n' "${config_list[@]}" | jq -R . 
              elif length % 2 == 1 then .[length / 2 | floor]
              else (.[length / 2 - 1] + .[length / 2]) / 2 end;
     def f: if . == null then "-" else (. * 10 | round / 10 | tostring) end;
+    def ratio($m; $b): if $m == null or $b == null then "-" else ($m / $b * 100 | round / 100 | tostring) end;
     (map(select(.config == "virtiofsd-auto")) | map(.warm_ms_median) | med) as $base
+    | (map(select(.config == "virtiofsd-always")) | map(.warm_ms_median) | med) as $always
     | $order[] as $c
     | map(select(.config == $c)) as $r
     | ($r | map(.warm_ms_median) | med) as $m
-    | "| \($c) | \($r[0].args // "-") | \($r | length) | \($m | f) | \($r | map(.warm_ms_p10) | med | f) | \($r | map(.warm_ms_p90) | med | f) | \($r | map(.cold_ms) | med | f) | \(if $m == null or $base == null then "-" else ($m / $base * 100 | round / 100 | tostring) end) |"
+    | "| \($c) | \($r[0].args // "-") | \($r | length) | \($m | f) | \($r | map(.warm_ms_p10) | med | f) | \($r | map(.warm_ms_p90) | med | f) | \($r | map(.cold_ms) | med | f) | \(ratio($m; $base)) | \(ratio($m; $always)) |"
 ' "$out/results.jsonl")
 per_run=$(jq -r '
     def f: . * 10 | round / 10 | tostring;
@@ -232,9 +250,11 @@ per_run=$(jq -r '
 ' "$out/results.jsonl")
 
 {
-    echo "# bench-tree: cached re-reads of a $files-file tree in a stock guest"
+    echo "# bench-tree: cached re-reads of a $files-file tree, stack $stack"
     echo
-    echo "$(date -u '+%Y-%m-%d %H:%M UTC'), $(nproc) CPUs, QEMU $(qemu-system-x86_64 --version | head -n1 | sed 's/.*version //'), accel ${LEASEFS_ACCEL:-tcg}, guest SMP ${LEASEFS_SMP:-2}."
+    qemu_bin=qemu-system-x86_64
+    [ "$stack_qemu" = - ] || qemu_bin=$stack_qemu
+    echo "$(date -u '+%Y-%m-%d %H:%M UTC'), $(nproc) CPUs, QEMU $("$qemu_bin" --version | head -n1 | sed 's/.*version //'), guest kernel ${stack_kernel/#-/Debian 6.12 cloud}, accel ${LEASEFS_ACCEL:-tcg}, guest SMP ${LEASEFS_SMP:-2}."
     echo "Tree: $files files of $size bytes in $(( files < 10 ? files : 10 )) directories. Each guest run: one cold pass (checked content),"
     echo "then $rounds warm passes (readdir, stat, open, read to EOF, close of every file, by full path)."
     echo "Sequence repeated $repeat times, interleaved; each run in a fresh VM."
@@ -243,10 +263,10 @@ per_run=$(jq -r '
     echo "- load at end: \`$load_end\`"
     echo
     echo "Per configuration, the median over its runs of each run's figure (ms, one pass over the tree);"
-    echo "ratio = warm median / virtiofsd-auto's warm median (lower is faster)."
+    echo "ratios = warm median / virtiofsd-auto's or virtiofsd-always' warm median (lower is faster)."
     echo
-    echo "| config | daemon args | runs | warm median ms | p10 | p90 | cold ms | ratio to virtiofsd-auto |"
-    echo "|---|---|---|---|---|---|---|---|"
+    echo "| config | daemon args | runs | warm median ms | p10 | p90 | cold ms | vs virtiofsd-auto | vs virtiofsd-always |"
+    echo "|---|---|---|---|---|---|---|---|---|"
     echo "$summary"
     echo
     echo "Individual runs:"

@@ -120,3 +120,50 @@ show_log() {
         echo "----- end of $what log -----"
     } >&2
 }
+
+# stack_spec NAME NOTIFY_QEMU NOTIFY_KERNEL: the QEMU and guest kernel of a VM
+# stack as "QEMU KERNEL", "-" for Debian's stock one; fails for an unknown name.
+#   stock        Debian QEMU 7.2 + Debian 6.12 cloud kernel
+#   notify       patched QEMU + patched kernel (alias: patched)
+#   qemu-only    patched QEMU + stock kernel (alias: patched-qemu)
+#   kernel-only  stock QEMU + patched kernel (alias: patched-kernel)
+stack_spec() {
+    case "$1" in
+        stock) echo "- -" ;;
+        notify|patched) echo "$2 $3" ;;
+        qemu-only|patched-qemu) echo "$2 -" ;;
+        kernel-only|patched-kernel) echo "- $3" ;;
+        *) return 1 ;;
+    esac
+}
+
+# stack_vm_args QEMU KERNEL: run-vm.sh's arguments for a stack_spec result,
+# one per line.
+stack_vm_args() {
+    [ "$1" = - ] || printf '%s\n' --qemu "$1"
+    [ "$2" = - ] || printf '%s\n' --kernel "$2"
+}
+
+# check_stack NAME QEMU KERNEL: die unless the stack's patched parts exist.
+check_stack() {
+    [ "$2" = - ] || [ -x "$2" ] || die "stack $1: patched QEMU not found: $2 (qemu/build-notify-stack.sh builds it, or give --qemu PATH)"
+    [ "$3" = - ] || [ -s "$3" ] || die "stack $1: patched kernel not found: $3 (qemu/build-notify-stack.sh builds it, or give --kernel PATH)"
+}
+
+# ensure_virtiofsd: print the path of virtiofsd (the reference daemon),
+# installing 1.14.0 with cargo (about a minute) if it is neither on PATH nor
+# in ~/.cargo/bin. Fails if it cannot be had.
+ensure_virtiofsd() {
+    local v
+    v=$(command -v virtiofsd 2>/dev/null || true)
+    [ -n "$v" ] || v="$HOME/.cargo/bin/virtiofsd"
+    if [ ! -x "$v" ]; then
+        local missing=()
+        for p in libseccomp-dev libcap-ng-dev; do pkg_installed "$p" || missing+=("$p"); done
+        install_pkgs "${missing[@]}"
+        log "installing virtiofsd 1.14.0 with cargo install (about a minute)"
+        cargo install virtiofsd --version 1.14.0 --locked >&2 || die "cargo install virtiofsd failed"
+    fi
+    [ -x "$v" ] || die "virtiofsd is not at $v after cargo install"
+    echo "$v"
+}

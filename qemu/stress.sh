@@ -125,21 +125,11 @@ for c in "${config_list[@]}"; do
     [ -n "${cfg_daemon[$c]:-}" ] || die "unknown configuration '$c' (try --help)"
 done
 
-# stack name -> "QEMU KERNEL" ("-" = the stock one)
-stack_spec() {
-    case "$1" in
-        stock) echo "- -" ;;
-        notify|patched) echo "$notify_qemu $notify_kernel" ;;
-        qemu-only|patched-qemu) echo "$notify_qemu -" ;;
-        kernel-only|patched-kernel) echo "- $notify_kernel" ;;
-        *) return 1 ;;
-    esac
-}
 for s in "${stacks[@]}"; do
-    spec=$(stack_spec "$s") || die "unknown stack '$s' (stock, notify, qemu-only, kernel-only)"
+    spec=$(stack_spec "$s" "$notify_qemu" "$notify_kernel") \
+        || die "unknown stack '$s' (stock, notify, qemu-only, kernel-only)"
     read -r sq sk <<< "$spec"
-    [ "$sq" = - ] || [ -x "$sq" ] || die "stack $s: patched QEMU not found: $sq (build it, or give --qemu PATH)"
-    [ "$sk" = - ] || [ -s "$sk" ] || die "stack $s: patched kernel not found: $sk (build it, or give --kernel PATH)"
+    check_stack "$s" "$sq" "$sk"
 done
 
 require_cargo
@@ -165,8 +155,7 @@ host_gt="$LEASEFS_TARGET/release/guest-tests"
 virtiofsd_version="-"
 for c in "${config_list[@]}"; do
     if [ "${cfg_daemon[$c]}" = virtiofsd ]; then
-        vfs=$(command -v virtiofsd 2>/dev/null || echo "$HOME/.cargo/bin/virtiofsd")
-        [ -x "$vfs" ] || die "virtiofsd not found (apt-get install -y libseccomp-dev libcap-ng-dev && cargo install virtiofsd --version 1.14.0 --locked)"
+        vfs=$(ensure_virtiofsd) || exit 1
         virtiofsd_version=$("$vfs" --version 2>/dev/null | head -n 1 || echo "?")
         break
     fi
@@ -181,7 +170,7 @@ done
     echo "stock QEMU: $(qemu-system-x86_64 --version | head -n 1)"
     echo "stock kernel: $(basename "$("$LEASEFS_QEMU_DIR/fetch-kernel.sh" 2>/dev/null)")"
     for s in "${stacks[@]}"; do
-        read -r sq sk <<< "$(stack_spec "$s")"
+        read -r sq sk <<< "$(stack_spec "$s" "$notify_qemu" "$notify_kernel")"
         if [ "$sq" != - ] || [ "$sk" != - ]; then
             echo "stack $s: QEMU ${sq/#-/stock}$([ "$sq" = - ] || echo " ($("$sq" --version | head -n 1))"), kernel ${sk/#-/stock}"
         fi
@@ -241,8 +230,7 @@ stress_cmd() {   # the guest command line for a config (words)
 run_single() {   # STACK CONFIG QEMU KERNEL
     local stack=$1 config=$2 q=$3 k=$4 share status=0 a dargs=() vm=() res
     for a in ${cfg_args[$config]}; do dargs+=(--daemon-arg "$a"); done
-    [ "$q" = - ] || vm+=(--qemu "$q")
-    [ "$k" = - ] || vm+=(--kernel "$k")
+    mapfile -t vm < <(stack_vm_args "$q" "$k")
     local logdir="$out/logs/$stack-$config"
     share=$(mktemp -d /tmp/leasefs-stress.XXXXXX)
     mapfile -t cmd < <(stress_cmd "$config")
@@ -260,8 +248,7 @@ run_single() {   # STACK CONFIG QEMU KERNEL
 run_two() {   # STACK CONFIG QEMU KERNEL
     local stack=$1 config=$2 q=$3 k=$4 share rdir a dargs=() vm=() g pids=() st res relay_pid
     for a in ${cfg_args[$config]}; do dargs+=(--daemon-arg "$a"); done
-    [ "$q" = - ] || vm+=(--qemu "$q")
-    [ "$k" = - ] || vm+=(--kernel "$k")
+    mapfile -t vm < <(stack_vm_args "$q" "$k")
     share=$(mktemp -d /tmp/leasefs-stress.XXXXXX)
     rdir=$(mktemp -d /tmp/leasefs-relay.XXXXXX)
     local base="$out/logs/$stack-$config"
@@ -309,7 +296,7 @@ run_two() {   # STACK CONFIG QEMU KERNEL
 }
 
 for stack in "${stacks[@]}"; do
-    read -r sq sk <<< "$(stack_spec "$stack")"
+    read -r sq sk <<< "$(stack_spec "$stack" "$notify_qemu" "$notify_kernel")"
     for c in "${config_list[@]}"; do
         runs=$((runs + 1))
         log "run $runs/$total: stack $stack, $c (${cfg_daemon[$c]} ${cfg_args[$c]}), load $(cut -d' ' -f1-3 /proc/loadavg)"

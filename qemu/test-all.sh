@@ -1,26 +1,44 @@
 #!/usr/bin/env bash
-# Run all tests: the cargo workspace tests, then guest-tests inside a QEMU
-# guest against leasefsd in several daemon configurations.
+# Run all tests: the cargo workspace tests, guest-tests inside QEMU guests
+# against leasefsd in several daemon configurations and VM stacks, and the
+# coherency stress on every pairing of stock and patched QEMU and kernel.
 #
-# Usage: qemu/test-all.sh [--skip-cargo-test] [--no-virtiofsd] [--no-build] [--timeout SECS]
+# Usage: qemu/test-all.sh [--skip-cargo-test] [--no-virtiofsd] [--no-build]
+#                         [--no-notify] [--timeout SECS]
 #
-# VM runs (each with a fresh share directory and the host agent):
+# VM runs of guest-tests (each with a fresh share directory and the host agent):
 #   sandbox-none       --cache always --sandbox none --xattr
 #   sandbox-namespace  --cache always --sandbox namespace --xattr
 #   cache-default      --sandbox none --xattr   (the default cache mode, coherent: here the
 #                      coherence_* checks run too)
-# If virtiofsd is installed (command -v virtiofsd), guest-tests also runs
-# against it once, for information only: it is not counted and cannot fail
-# the build (the reference daemon lacks leasefs's coherence guarantees).
+#   notify-default     the same on the notify stack: patched QEMU + patched
+#                      kernel (qemu/build-notify-stack.sh builds them into
+#                      build/notify/), with the notification queue negotiated
+#   notify-virtiofsd   virtiofsd 1.14 --cache always on the notify stack: with
+#                      a backend that lacks the bit, both patches must behave
+#                      as before
+# Coherency stress (qemu/stress.sh, leasefsd default mode, one VM per run):
+#   stress-notify      notify stack, one guest and two guests on two leasefsd
+#                      sharing a directory; fails on any stale data read and
+#                      on a namespace answer still stale 50 ms after a change
+#   stress-fallback    stock, qemu-only and kernel-only stacks (the bit is not
+#                      negotiated: leases alone), one and two guests; fails on
+#                      any stale data read
+# --no-notify leaves out the notify stack (its build and every run on it).
+# If virtiofsd is on PATH or in ~/.cargo/bin, guest-tests also runs against
+# it on the stock stack once, for information only (not counted). The
+# notify-virtiofsd run installs virtiofsd if it is missing.
 #
-# The last line is the summary "N passed, M failed" (VM runs). Exits non-zero
-# if cargo test or any VM run failed. Logs: build/vm/logs/test-all-<time>/.
+# The last line is the summary "N passed, M failed" (VM and stress runs).
+# Exits non-zero if cargo test or any counted run failed.
+# Logs: build/vm/logs/test-all-<time>/.
 # --no-build uses the binaries already in target/ (built by an earlier step).
 set -euo pipefail
 . "$(dirname "${BASH_SOURCE[0]}")/lib.sh"
 
 cargo_test=1
 try_virtiofsd=1
+notify=1
 build=1
 timeout_secs=${LEASEFS_VM_TIMEOUT:-600}
 while [ $# -gt 0 ]; do
@@ -28,6 +46,7 @@ while [ $# -gt 0 ]; do
         --skip-cargo-test) cargo_test=0 ;;
         --no-virtiofsd) try_virtiofsd=0 ;;
         --no-build) build=0 ;;
+        --no-notify) notify=0 ;;
         --timeout) [ $# -ge 2 ] || die "--timeout needs seconds"; timeout_secs=$2; shift ;;
         --timeout=*) timeout_secs=${1#*=} ;;
         -h|--help) print_header "$0"; exit 0 ;;
@@ -69,58 +88,108 @@ if [ "$build_ok" -eq 1 ]; then
     "$LEASEFS_QEMU_DIR/fetch-kernel.sh" >/dev/null || build_ok=0
     "$LEASEFS_QEMU_DIR/make-initramfs.sh" "${mk_args[@]}" >/dev/null || build_ok=0
 fi
+notify_ok=0
+if [ "$notify" -eq 1 ] && [ "$build_ok" -eq 1 ]; then
+    section "build: the notify stack (Debian's QEMU 7.2 and Linux 6.12 with qemu/patches/)"
+    notify_ok=1
+    "$LEASEFS_QEMU_DIR/build-notify-stack.sh" "$LEASEFS_NOTIFY_DIR" || notify_ok=0
+fi
+notify_vm=(--qemu "$LEASEFS_NOTIFY_DIR/qemu-system-x86_64" --kernel "$LEASEFS_NOTIFY_DIR/bzImage")
 
 # ------------------------------------------------------------- VM runs
-names=(sandbox-none sandbox-namespace cache-default)
-declare -A run_args=(
-    [sandbox-none]="--cache always --sandbox none --xattr"
-    [sandbox-namespace]="--cache always --sandbox namespace --xattr"
-    [cache-default]="--sandbox none --xattr"
-)
 # The coherence_* tests check that host changes reach a caching guest at once: the promise of
 # the default coherent cache mode, which virtiofsd's modes do not make (cache=always is stale by
 # design, auto for up to a second). Runs in those modes skip them.
-declare -A run_skip=(
-    [sandbox-none]='coherence_*'
-    [sandbox-namespace]='coherence_*'
-    [cache-default]=''
-)
 passed=0
 failed=0
 results=()
 
-# vm_run NAME DAEMON "DAEMON ARGS" SKIP: one guest-tests run (SKIP: tests to leave out); returns its status.
+# count NAME STATUS: record a counted run's result.
+count() {
+    if [ "$2" -eq 0 ]; then
+        results+=("ok    $1")
+        passed=$((passed + 1))
+    else
+        results+=("FAIL  $1 (status $2, logs $logs/$1)")
+        failed=$((failed + 1))
+    fi
+}
+
+# vm_run NAME DAEMON "DAEMON ARGS" SKIP [RUN-VM ARGS...]: one guest-tests run (SKIP: tests to
+# leave out); returns its status.
 vm_run() {
     local name=$1 daemon=$2 dargs=$3 skip=$4 share status=0 a args=()
+    shift 4
     for a in $dargs; do args+=(--daemon-arg "$a"); done
     share=$(mktemp -d /tmp/leasefs-share.XXXXXX)
-    section "VM run $name: $daemon $dargs"
+    section "VM run $name: $daemon $dargs${*:+ ($*)}"
     LEASEFS_LOG_DIR="$logs/$name" "$LEASEFS_QEMU_DIR/run-vm.sh" --no-build --agent \
-        --share "$share" --daemon "$daemon" "${args[@]}" --timeout "$timeout_secs" \
+        --share "$share" --daemon "$daemon" "${args[@]}" "$@" --timeout "$timeout_secs" \
         -- guest-tests run --skip "$skip" || status=$?
     rm -rf "$share"
     return "$status"
 }
 
-for name in "${names[@]}"; do
+# stress NAME STRESS-ARGS...: one qemu/stress.sh invocation, counted as one run.
+stress() {
+    local name=$1 status=0
+    shift
+    section "coherency stress $name: $*"
+    "$LEASEFS_QEMU_DIR/stress.sh" --no-build --configs leasefsd-default --two-guests \
+        --timeout "$timeout_secs" --out "$logs/$name" "$@" || status=$?
+    return "$status"
+}
+
+# name|daemon|daemon args|skip|stack (notify: needs the notify stack)
+runs=(
+    "sandbox-none|leasefsd|--cache always --sandbox none --xattr|coherence_*|stock"
+    "sandbox-namespace|leasefsd|--cache always --sandbox namespace --xattr|coherence_*|stock"
+    "cache-default|leasefsd|--sandbox none --xattr||stock"
+    "notify-default|leasefsd|--sandbox none --xattr||notify"
+    "notify-virtiofsd|virtiofsd|--cache always --sandbox none|coherence_*|notify"
+)
+for run in "${runs[@]}"; do
+    IFS='|' read -r name daemon dargs skip stack <<< "$run"
+    vm=()
+    if [ "$stack" = notify ]; then
+        [ "$notify" -eq 1 ] || continue
+        if [ "$notify_ok" -eq 0 ]; then
+            results+=("FAIL  $name (not run: the notify stack did not build)")
+            failed=$((failed + 1))
+            continue
+        fi
+        vm=("${notify_vm[@]}")
+    fi
     if [ "$build_ok" -eq 0 ]; then
         results+=("FAIL  $name (not run: the build failed)")
         failed=$((failed + 1))
         continue
     fi
-    status=0
-    vm_run "$name" leasefsd "${run_args[$name]}" "${run_skip[$name]}" || status=$?
-    if [ "$status" -eq 0 ]; then
-        results+=("ok    $name")
-        passed=$((passed + 1))
-    else
-        results+=("FAIL  $name (status $status, logs $logs/$name)")
-        failed=$((failed + 1))
+    if [ "$daemon" = virtiofsd ] && ! ensure_virtiofsd >/dev/null; then
+        count "$name" 1
+        continue
     fi
+    status=0
+    vm_run "$name" "$daemon" "$dargs" "$skip" "${vm[@]}" || status=$?
+    count "$name" "$status"
 done
 
-# Reference run against virtiofsd: informational only.
-if [ "$try_virtiofsd" -eq 1 ] && [ "$build_ok" -eq 1 ] && command -v virtiofsd >/dev/null 2>&1; then
+if [ "$build_ok" -eq 1 ]; then
+    if [ "$notify" -eq 1 ] && [ "$notify_ok" -eq 1 ]; then
+        status=0
+        stress stress-notify --stack notify --strict-namespace-ms 50 || status=$?
+        count stress-notify "$status"
+    fi
+    fallback=(--stack stock)
+    [ "$notify" -eq 0 ] || [ "$notify_ok" -eq 0 ] || fallback+=(--stack qemu-only --stack kernel-only)
+    status=0
+    stress stress-fallback "${fallback[@]}" || status=$?
+    count stress-fallback "$status"
+fi
+
+# Reference run against virtiofsd on the stock stack: informational only.
+if [ "$try_virtiofsd" -eq 1 ] && [ "$build_ok" -eq 1 ] \
+        && { command -v virtiofsd >/dev/null 2>&1 || [ -x "$HOME/.cargo/bin/virtiofsd" ]; }; then
     status=0
     vm_run virtiofsd-reference virtiofsd "--cache always --sandbox none" 'coherence_*' || status=$?
     if [ "$status" -eq 0 ]; then
