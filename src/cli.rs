@@ -114,6 +114,14 @@ pub struct Options {
           value_parser = parse_lease_timeout)]
     pub lease_timeout: f64,
 
+    /// With --cache coherent and a guest that negotiated the notification queue: the lease,
+    /// in seconds. Such a guest is told of host changes as they happen, so it may cache
+    /// longer; a host writer waits for its confirmation, and for at most this long if it never
+    /// confirms. Changes no event reports (a lost fanotify event) stay stale at most this long.
+    #[arg(long = "notify-lease-timeout", value_name = "SECS", default_value_t = 10.0,
+          value_parser = parse_lease_timeout)]
+    pub notify_lease_timeout: f64,
+
     /// Sandbox mechanism to isolate the daemon process.
     #[arg(long, value_enum, default_value_t = SandboxMode::Namespace)]
     pub sandbox: SandboxMode,
@@ -201,6 +209,7 @@ pub fn capabilities_json() -> &'static str {
         "    \"cache\": [\"coherent\", \"auto\", \"always\", \"metadata\", \"never\"],\n",
         "    \"default-cache\": \"coherent\",\n",
         "    \"lease-timeout\": { \"flag\": \"--lease-timeout\", \"default-seconds\": 1.0 },\n",
+        "    \"notify-lease-timeout\": { \"flag\": \"--notify-lease-timeout\", \"default-seconds\": 10.0 },\n",
         "    \"host-events\": [\"file-lease\", \"fanotify-modify\", \"fanotify-dirent\"],\n",
         "    \"notification-queue\": { \"feature-bit\": 0, \"notify-buf-size\": 512, \"confirmation\": \"FUSE_NOTIFY_REPLY\" }\n",
         "  }\n",

@@ -77,6 +77,7 @@ pub fn run(options: Options) -> Result<(), DaemonError> {
             lease::start(
                 &fs,
                 Duration::from_secs_f64(options.lease_timeout),
+                Duration::from_secs_f64(options.notify_lease_timeout),
                 notifier.clone(),
             )
         })

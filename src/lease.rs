@@ -173,7 +173,10 @@ struct Hold {
 /// its [`LeaseKeeper`] in `--cache coherent` with a non-zero `--lease-timeout`.
 pub struct LeaseTable {
     table: Mutex<Table>,
+    /// The lease of a stock guest, and of one that negotiated the notification queue (told of
+    /// changes, so it may cache longer).
     lease: Duration,
+    notify_lease: Duration,
     epoch: Instant,
     /// Opens our inodes read-only to take host leases (weak: the filesystem owns us).
     fs: Weak<PassthroughFs>,
@@ -215,9 +218,14 @@ fn is_reg(mode: u32) -> bool {
 }
 
 impl LeaseTable {
-    /// A table granting leases of `lease` on inodes of `fs`, telling breaks to the guest
-    /// through `notifier` once it negotiated the notification queue.
-    pub fn new(lease: Duration, fs: Weak<PassthroughFs>, notifier: Option<Arc<Notifier>>) -> Self {
+    /// A table granting leases of `lease` on inodes of `fs`, or of `notify_lease` once the
+    /// guest negotiated the notification queue, telling breaks to it through `notifier`.
+    pub fn new(
+        lease: Duration,
+        notify_lease: Duration,
+        fs: Weak<PassthroughFs>,
+        notifier: Option<Arc<Notifier>>,
+    ) -> Self {
         LeaseTable {
             table: Mutex::new(Table {
                 leases: HashMap::new(),
@@ -226,11 +234,20 @@ impl LeaseTable {
                 holds: HashMap::new(),
             }),
             lease,
+            notify_lease,
             epoch: Instant::now(),
             fs,
             notifier,
             max_host_leases: host_lease_budget(),
             stats: LeaseStats::default(),
+        }
+    }
+
+    /// The lease a reply grants now.
+    fn granted_lease(&self) -> Duration {
+        match &self.notifier {
+            Some(n) if n.active() => self.notify_lease,
+            _ => self.lease,
         }
     }
 
@@ -472,10 +489,11 @@ impl LeaseKeeper for LeaseTable {
         acquire: bool,
     ) -> (Duration, Duration) {
         let now = self.now_ns();
+        let granted = self.granted_lease();
         let mut t = self.lock();
         let t = &mut *t;
         let lease = t.leases.entry(data.inode).or_default();
-        let mut attr = self.lease;
+        let mut attr = granted;
         if is_reg(data.mode) {
             let within_budget = t.by_fd.len() < self.max_host_leases;
             if lease.file.is_none() && acquire && !lease.breaking && lease.own_writers == 0 {
@@ -508,7 +526,7 @@ impl LeaseKeeper for LeaseTable {
             lease.entry_ctime_ns = ctime_ns(st);
             lease.stale_answered = false;
         }
-        (attr, self.lease)
+        (attr, granted)
     }
 
     fn check_open(&self, data: &InodeData, st: &stat64) -> io::Result<bool> {
@@ -581,18 +599,29 @@ impl InodeObserver for LeaseTable {
 pub fn start(
     fs: &Arc<PassthroughFs>,
     lease: Duration,
+    notify_lease: Duration,
     notifier: Arc<Notifier>,
 ) -> Option<Arc<LeaseTable>> {
     if let Some(max) = lease_break_time() {
-        if lease + GRANT_MARGIN >= max {
-            warn!(
-                "--lease-timeout {:.3} s is not below /proc/sys/fs/lease-break-time ({} s): the kernel would let host writers through before guest leases end",
-                lease.as_secs_f64(),
-                max.as_secs()
-            );
+        for (flag, secs) in [
+            ("--lease-timeout", lease),
+            ("--notify-lease-timeout", notify_lease),
+        ] {
+            if secs + GRANT_MARGIN >= max {
+                warn!(
+                    "{flag} {:.3} s is not below /proc/sys/fs/lease-break-time ({} s): the kernel would let host writers through before guest leases end",
+                    secs.as_secs_f64(),
+                    max.as_secs()
+                );
+            }
         }
     }
-    let table = Arc::new(LeaseTable::new(lease, Arc::downgrade(fs), Some(notifier)));
+    let table = Arc::new(LeaseTable::new(
+        lease,
+        notify_lease,
+        Arc::downgrade(fs),
+        Some(notifier),
+    ));
     if let Err(e) = table.spawn() {
         warn!("leases unavailable ({e}); guests revalidate every access");
         return None;
@@ -600,8 +629,9 @@ pub fn start(
     fs.add_observer(table.clone());
     fs.set_lease_keeper(table.clone());
     info!(
-        "leases: {:.3} s per grant; host writers are held until the guest's lease ends or a notify-capable guest confirms",
-        lease.as_secs_f64()
+        "leases: {:.3} s per grant ({:.3} s for a notify-capable guest); host writers are held until the guest's lease ends or a notify-capable guest confirms",
+        lease.as_secs_f64(),
+        notify_lease.as_secs_f64()
     );
     Some(table)
 }

@@ -201,8 +201,10 @@ impl HostWatcher {
     fn handle(&self, fs: &PassthroughFs, event: &EventMetadata, own_pid: i32) {
         if event.fd < 0 {
             if event.mask & FAN_Q_OVERFLOW != 0 {
-                // Events were lost: every file the guest knows may have changed.
-                warn!("host watcher: event queue overflow");
+                warn!(
+                    "host watcher: file event queue overflow; revoking everything the guest caches"
+                );
+                self.revoke_everything(fs);
             }
             return;
         }
@@ -380,8 +382,9 @@ impl HostWatcher {
     fn handle_namespace(&self, fs: &PassthroughFs, event: &EventMetadata, record: &[u8]) {
         if event.mask & FAN_Q_OVERFLOW != 0 {
             warn!(
-                "host watcher: directory event queue overflow; names stay cached up to the lease"
+                "host watcher: directory event queue overflow; revoking every inode the guest caches (names stay cached up to the lease)"
             );
+            self.revoke_everything(fs);
             return;
         }
         if event.pid == own_pid() {
@@ -434,6 +437,18 @@ impl HostWatcher {
                     });
                 }
             }
+        }
+    }
+
+    /// Events were lost: any inode the guest knows may have changed. Its attributes, pages and
+    /// listings go; its dentries cannot without their names, and keep their lease.
+    fn revoke_everything(&self, fs: &PassthroughFs) {
+        for data in fs.inodes_snapshot() {
+            self.revoke(Notification::InvalInode {
+                ino: data.inode,
+                offset: 0,
+                len: 0,
+            });
         }
     }
 

@@ -18,10 +18,15 @@ use std::time::{Duration, Instant};
 use leasefs::frontend::process::Backend;
 use leasefs::frontend::{Device, FrontendConfig, FuseClient, Notice, ROOT_ID};
 
+/// leasefsd whose guest (this frontend, notify-capable) gets leases of `lease` seconds.
 fn start(lease: &str) -> (Backend, Arc<Device>, FuseClient) {
+    start_with(&["--lease-timeout", "1", "--notify-lease-timeout", lease])
+}
+
+fn start_with(args: &[&str]) -> (Backend, Arc<Device>, FuseClient) {
     let backend = Backend::spawn(
         env!("CARGO_BIN_EXE_leasefsd"),
-        &["--cache", "coherent", "--lease-timeout", lease],
+        &[&["--cache", "coherent"], args].concat(),
     )
     .expect("starting leasefsd");
     let config = FrontendConfig {
@@ -81,6 +86,22 @@ fn host_writer(
         waited
     });
     (done, handle)
+}
+
+#[test]
+fn a_notify_capable_guest_gets_the_notify_lease() {
+    let (backend, _device, fuse) =
+        start_with(&["--lease-timeout", "2", "--notify-lease-timeout", "7"]);
+    fs::write(backend.share().join("f"), b"x").unwrap();
+    fs::create_dir(backend.share().join("d")).unwrap();
+    for name in ["f", "d"] {
+        let entry = fuse.lookup(ROOT_ID, name).expect("LOOKUP");
+        assert_eq!(
+            (entry.entry_valid, entry.attr_valid),
+            (7, 7),
+            "{name}: the notify lease, not --lease-timeout"
+        );
+    }
 }
 
 #[test]
@@ -237,8 +258,8 @@ fn host_namespace_changes_reach_the_guest_and_its_own_do_not() {
     // utimensat of the mtime alone raises FAN_MODIFY (not FAN_ATTRIB) on the entry.
     let b2 = fuse.lookup(dir, "b2").expect("LOOKUP b2").nodeid;
     notices_until(&device, Duration::from_millis(100), |_| false);
-    let path = std::ffi::CString::new(share.join("d/b2").into_os_string().into_encoded_bytes())
-        .unwrap();
+    let path =
+        std::ffi::CString::new(share.join("d/b2").into_os_string().into_encoded_bytes()).unwrap();
     let times = [
         libc::timespec {
             tv_sec: 0,
