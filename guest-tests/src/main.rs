@@ -59,6 +59,14 @@ fn die(msg: &str) -> ! {
     std::process::exit(2);
 }
 
+/// The positive whole number given for `flag`, or a usage error.
+fn positive(flag: &str, v: String) -> u64 {
+    v.parse()
+        .ok()
+        .filter(|&n| n > 0)
+        .unwrap_or_else(|| die(&format!("bad {flag} {v:?}")))
+}
+
 fn main() {
     let args: Vec<String> = std::env::args().skip(1).collect();
     let Some(cmd) = args.first() else {
@@ -144,18 +152,12 @@ fn main() {
                 rounds: 20,
                 create: false,
             };
-            let num = |flag: &str, v: String| -> usize {
-                v.parse()
-                    .ok()
-                    .filter(|&n| n > 0)
-                    .unwrap_or_else(|| die(&format!("bad {flag} {v:?}")))
-            };
             while let Some(a) = it.next() {
                 match a.as_str() {
                     "--dir" => o.dir = PathBuf::from(value(a, &mut it)),
-                    "--files" => o.files = num(a, value(a, &mut it)),
-                    "--size" => o.size = num(a, value(a, &mut it)),
-                    "--rounds" => o.rounds = num(a, value(a, &mut it)),
+                    "--files" => o.files = positive(a, value(a, &mut it)) as usize,
+                    "--size" => o.size = positive(a, value(a, &mut it)) as usize,
+                    "--rounds" => o.rounds = positive(a, value(a, &mut it)) as usize,
                     "--create" => o.create = true,
                     "-h" | "--help" => {
                         print!("{USAGE}");
@@ -168,12 +170,6 @@ fn main() {
         }
         "stress" => {
             let mut o = stress::Opts::new();
-            let pos = |flag: &str, v: String| -> u64 {
-                v.parse()
-                    .ok()
-                    .filter(|&n| n > 0)
-                    .unwrap_or_else(|| die(&format!("bad {flag} {v:?}")))
-            };
             while let Some(a) = it.next() {
                 match a.as_str() {
                     "--dir" => o.dir = PathBuf::from(value(a, &mut it)),
@@ -183,7 +179,7 @@ fn main() {
                             die(&format!("bad --name {:?}", o.name));
                         }
                     }
-                    "--rounds" => o.rounds = Some(pos(a, value(a, &mut it))),
+                    "--rounds" => o.rounds = Some(positive(a, value(a, &mut it))),
                     "--seconds" => {
                         let v = value(a, &mut it);
                         o.seconds = Some(
@@ -203,15 +199,15 @@ fn main() {
                         o.kinds =
                             stress::parse_kinds(&value(a, &mut it)).unwrap_or_else(|e| die(&e))
                     }
-                    "--storm" => o.storm = pos(a, value(a, &mut it)) as usize,
+                    "--storm" => o.storm = positive(a, value(a, &mut it)) as usize,
                     "--readers" => {
                         let v = value(a, &mut it);
                         o.readers = v
                             .parse()
                             .unwrap_or_else(|_| die(&format!("bad --readers {v:?}")));
                     }
-                    "--max-wait-ms" => o.max_wait_ms = pos(a, value(a, &mut it)),
-                    "--late-ms" => o.late_ms = pos(a, value(a, &mut it)),
+                    "--max-wait-ms" => o.max_wait_ms = positive(a, value(a, &mut it)),
+                    "--late-ms" => o.late_ms = positive(a, value(a, &mut it)),
                     "--strict-namespace-ms" => {
                         let v = value(a, &mut it);
                         o.late_ms = v
@@ -221,7 +217,7 @@ fn main() {
                     }
                     "--agent-path" => o.agent_path = Some(PathBuf::from(value(a, &mut it))),
                     "--peer" => o.peer = true,
-                    "--connect-timeout" => o.connect_secs = pos(a, value(a, &mut it)),
+                    "--connect-timeout" => o.connect_secs = positive(a, value(a, &mut it)),
                     "--keep" => o.keep = true,
                     "-v" | "--verbose" => o.verbose = true,
                     "-h" | "--help" => {
