@@ -33,6 +33,7 @@
 #   leasefsd-always          leasefsd --cache always
 #   leasefsd-lease0          leasefsd --lease-timeout 0 (coherent without leases: the
 #                            guest revalidates every use, host writers never wait)
+#   virtiofsd-never          virtiofsd --cache never
 #
 # It builds once (leasefsd release, guest-tests for the host and static for
 # the guest, the initramfs), creates the tree once on the host in a scratch
@@ -95,24 +96,11 @@ read -r stack_qemu stack_kernel <<< "$spec"
 check_stack "$stack" "$stack_qemu" "$stack_kernel"
 mapfile -t vm_args < <(stack_vm_args "$stack_qemu" "$stack_kernel")
 
-declare -A cfg_daemon=(
-    [leasefsd-default]=leasefsd
-    [virtiofsd-auto]=virtiofsd
-    [virtiofsd-always]=virtiofsd
-    [leasefsd-always]=leasefsd
-    [leasefsd-lease0]=leasefsd
-)
-declare -A cfg_args=(
-    [leasefsd-default]="--sandbox none"
-    [virtiofsd-auto]="--cache auto --sandbox none"
-    [virtiofsd-always]="--cache always --sandbox none"
-    [leasefsd-always]="--cache always --sandbox none"
-    [leasefsd-lease0]="--lease-timeout 0 --sandbox none"
-)
 read -r -a config_list <<< "$configs"
 [ "${#config_list[@]}" -gt 0 ] || die "--configs is empty"
 for c in "${config_list[@]}"; do
-    [ -n "${cfg_daemon[$c]:-}" ] || die "unknown configuration '$c' (try --help)"
+    [ -n "${cfg_daemon[$c]:-}" ] && [ "$c" != two-leasefsd ] \
+        || die "unknown configuration '$c' (try --help)"
 done
 
 require_cargo

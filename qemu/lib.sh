@@ -121,6 +121,28 @@ show_log() {
     } >&2
 }
 
+# The daemon configurations the benchmark and stress scripts name (all with
+# --sandbox none, so that the runs compare the daemons, not their sandboxes):
+# the daemon, and its arguments.
+declare -A cfg_daemon=(
+    [leasefsd-default]=leasefsd
+    [virtiofsd-always]=virtiofsd
+    [virtiofsd-auto]=virtiofsd
+    [virtiofsd-never]=virtiofsd
+    [leasefsd-lease0]=leasefsd
+    [leasefsd-always]=leasefsd
+    [two-leasefsd]=leasefsd
+)
+declare -A cfg_args=(
+    [leasefsd-default]="--sandbox none"
+    [virtiofsd-always]="--cache always --sandbox none"
+    [virtiofsd-auto]="--cache auto --sandbox none"
+    [virtiofsd-never]="--cache never --sandbox none"
+    [leasefsd-lease0]="--lease-timeout 0 --sandbox none"
+    [leasefsd-always]="--cache always --sandbox none"
+    [two-leasefsd]="--sandbox none"
+)
+
 # stack_spec NAME NOTIFY_QEMU NOTIFY_KERNEL: the QEMU and guest kernel of a VM
 # stack as "QEMU KERNEL", "-" for Debian's stock one; fails for an unknown name.
 #   stock        Debian QEMU 7.2 + Debian 6.12 cloud kernel

@@ -98,24 +98,6 @@ done
 [ -z "$strict_ms" ] || [[ "$strict_ms" =~ ^[0-9]+$ ]] || die "--strict-namespace-ms wants ms, got '$strict_ms'"
 [ "${#stacks[@]}" -gt 0 ] || stacks=(stock)
 
-declare -A cfg_daemon=(
-    [leasefsd-default]=leasefsd
-    [virtiofsd-always]=virtiofsd
-    [virtiofsd-auto]=virtiofsd
-    [virtiofsd-never]=virtiofsd
-    [leasefsd-lease0]=leasefsd
-    [leasefsd-always]=leasefsd
-    [two-leasefsd]=leasefsd
-)
-declare -A cfg_args=(
-    [leasefsd-default]="--sandbox none"
-    [virtiofsd-always]="--cache always --sandbox none"
-    [virtiofsd-auto]="--cache auto --sandbox none"
-    [virtiofsd-never]="--cache never --sandbox none"
-    [leasefsd-lease0]="--lease-timeout 0 --sandbox none"
-    [leasefsd-always]="--cache always --sandbox none"
-    [two-leasefsd]="--sandbox none"
-)
 read -r -a config_list <<< "$configs"
 if [ "$two_guests" -eq 1 ] && [[ " $configs " != *" two-leasefsd "* ]]; then
     config_list+=(two-leasefsd)
