@@ -71,13 +71,20 @@ pub fn run(options: Options) -> Result<(), DaemonError> {
     let fs = Arc::new(filesystem::open(&options, &shared_dir).map_err(DaemonError::Filesystem)?);
     let notifier = Arc::new(Notifier::default());
     // Before the sandbox: the watcher keeps a /proc/self/fd descriptor, as the filesystem does.
-    let _watcher = watcher::start(&fs, notifier.clone());
+    let host_watcher = watcher::start(&fs, notifier.clone());
+    // Without the watcher nothing tells a notify-capable guest of host renames, unlinks or
+    // attribute changes: it gets the stock guest's lease, which bounds how stale they get.
+    let notify_lease = if host_watcher.is_some() {
+        options.notify_lease_timeout
+    } else {
+        options.lease_timeout
+    };
     let leases = (options.cache == CacheMode::Coherent && options.lease_timeout > 0.0)
         .then(|| {
             lease::start(
                 &fs,
                 Duration::from_secs_f64(options.lease_timeout),
-                Duration::from_secs_f64(options.notify_lease_timeout),
+                Duration::from_secs_f64(notify_lease),
                 notifier.clone(),
             )
         })
