@@ -198,7 +198,8 @@ fn host_namespace_changes_reach_the_guest_and_its_own_do_not() {
     }
     let dir = fuse.lookup(ROOT_ID, "d").expect("LOOKUP d").nodeid;
     let c = fuse.lookup(dir, "c").expect("LOOKUP c").nodeid;
-    for name in ["a", "b", "mine"] {
+    let a = fuse.lookup(dir, "a").expect("LOOKUP a").nodeid;
+    for name in ["b", "mine"] {
         fuse.lookup(dir, name).expect("LOOKUP");
     }
     // Let the marks settle, and drain anything so far.
@@ -207,12 +208,16 @@ fn host_namespace_changes_reach_the_guest_and_its_own_do_not() {
     let entry_gone = |name: &'static [u8]| {
         move |n: &Notice| n.code == Notice::INVAL_ENTRY && n.node == dir && n.name == name
     };
+    // A host unlink of a name the guest looked up: DELETE names the inode that went (the
+    // host kernel reports the child's handle, Linux 5.17 and later).
+    let deleted =
+        |n: &Notice| n.code == Notice::DELETE && n.node == dir && n.child == a && n.name == b"a";
     let t = Instant::now();
     fs::remove_file(share.join("d/a")).unwrap();
-    let got = notices_until(&device, Duration::from_secs(2), entry_gone(b"a"));
+    let got = notices_until(&device, Duration::from_secs(2), deleted);
     assert!(
-        got.iter().any(entry_gone(b"a")),
-        "unlink: no INVAL_ENTRY for a: {got:?}\n{}",
+        got.iter().any(deleted),
+        "unlink: no DELETE of a: {got:?}\n{}",
         backend.log()
     );
     assert!(
@@ -220,7 +225,7 @@ fn host_namespace_changes_reach_the_guest_and_its_own_do_not() {
             .any(|n| n.code == Notice::INVAL_INODE && n.node == dir && n.offset == 0),
         "unlink: the directory's listing was not revoked: {got:?}"
     );
-    eprintln!("host unlink -> INVAL_ENTRY in {:?}", t.elapsed());
+    eprintln!("host unlink -> DELETE in {:?}", t.elapsed());
 
     fs::rename(share.join("d/b"), share.join("d/b2")).unwrap();
     let got = notices_until(&device, Duration::from_secs(2), entry_gone(b"b"));
@@ -338,7 +343,10 @@ fn file_path(share: &Path, i: usize) -> PathBuf {
 #[test]
 fn a_host_process_touching_100000_cached_files_gets_all_revoked_and_memory_returns() {
     let files = revoke_files();
-    let (backend, device, fuse) = start("10");
+    // A lease long enough to outlast both rounds on a loaded machine: a lease that ran out
+    // before the host writer got to its file is released without a revocation, which this
+    // test would count as missing. Below lease-break-time (45 s).
+    let (backend, device, fuse) = start("40");
     let share = backend.share().to_path_buf();
     for i in 0..files {
         if i % 1000 == 0 {
@@ -364,7 +372,7 @@ fn a_host_process_touching_100000_cached_files_gets_all_revoked_and_memory_retur
             let entry = fuse
                 .lookup(*dirs.last().unwrap(), format!("f{i}"))
                 .expect("LOOKUP");
-            assert_eq!(entry.attr_valid, 10, "file {i} leased");
+            assert_eq!(entry.attr_valid, 40, "file {i} leased");
             nodes.push(entry.nodeid);
         }
         let cached_kb = backend.status_kb("VmRSS").unwrap();
@@ -414,9 +422,10 @@ fn a_host_process_touching_100000_cached_files_gets_all_revoked_and_memory_retur
         let missing: Vec<_> = nodes.iter().filter(|n| !revoked.contains(n)).collect();
         assert!(
             missing.is_empty(),
-            "round {round}: {} of {files} cached files were not revoked (first: {:?})",
+            "round {round}: {} of {files} cached files were not revoked (first: {:?})\ndaemon log:\n{}",
             missing.len(),
-            &missing[..missing.len().min(5)]
+            &missing[..missing.len().min(5)],
+            backend.log()
         );
         holds.sort();
         let pct = |q: f64| holds[((holds.len() as f64 * q) as usize).min(holds.len() - 1)];
@@ -430,7 +439,7 @@ fn a_host_process_touching_100000_cached_files_gets_all_revoked_and_memory_retur
         );
         assert!(
             *holds.last().unwrap() < Duration::from_secs(5),
-            "a writer waited for the 10 s lease: a revocation was not confirmed in time"
+            "a writer waited for the 40 s lease: a revocation was not confirmed in time"
         );
 
         // The guest forgets everything: the lease table and its descriptors go.
