@@ -37,6 +37,10 @@ use crate::passthrough::{InodeData, InodeObserver, PassthroughFs};
 const FAN_CLOEXEC: libc::c_uint = 0x1;
 const FAN_CLASS_NOTIF: libc::c_uint = 0x0;
 const FAN_REPORT_DFID_NAME: libc::c_uint = 0x400 | 0x800;
+const FAN_REPORT_FID: libc::c_uint = 0x200;
+/// With FAN_REPORT_FID and FAN_REPORT_DFID_NAME (Linux 5.17): entry events also carry the
+/// file handle of the child they created, deleted or moved.
+const FAN_REPORT_TARGET_FID: libc::c_uint = 0x1000;
 const FAN_MARK_ADD: libc::c_uint = 0x1;
 const FAN_MARK_REMOVE: libc::c_uint = 0x2;
 const FAN_MODIFY: u64 = 0x2;
@@ -49,6 +53,7 @@ const FAN_Q_OVERFLOW: u64 = 0x4000;
 const FAN_EVENT_ON_CHILD: u64 = 0x0800_0000;
 const FAN_ONDIR: u64 = 0x4000_0000;
 const FANOTIFY_METADATA_VERSION: u8 = 3;
+const FAN_EVENT_INFO_TYPE_FID: u8 = 1;
 const FAN_EVENT_INFO_TYPE_DFID_NAME: u8 = 2;
 /// What a directory mark asks for.
 // FAN_MODIFY too: a utimensat that sets only the mtime raises FAN_MODIFY, not FAN_ATTRIB, and
@@ -96,6 +101,10 @@ pub struct HostWatcher {
     names: Option<OwnedFd>,
     /// Directory file handle -> node ids, to find the directory an event names.
     dirs: Mutex<HashMap<Vec<u8>, Vec<u64>>>,
+    /// Whether directory events name their child (FAN_REPORT_TARGET_FID), and then regular
+    /// file handle -> node ids, to tell the guest which inode a host unlink deleted.
+    target_fid: bool,
+    files: Mutex<HashMap<Vec<u8>, Vec<u64>>>,
     /// `/proc/self/fd`, to name our O_PATH inode descriptors to fanotify_mark (which refuses
     /// O_PATH descriptors themselves); opened before the sandbox hides /proc.
     proc_self_fd: File,
@@ -119,13 +128,23 @@ impl HostWatcher {
         }
         // SAFETY: fd is a fresh descriptor we own.
         let fanotify = unsafe { OwnedFd::from_raw_fd(fd) };
-        // SAFETY: as above.
-        let names = unsafe {
-            libc::fanotify_init(
-                FAN_CLASS_NOTIF | FAN_CLOEXEC | FAN_REPORT_DFID_NAME,
-                (libc::O_RDONLY | libc::O_CLOEXEC) as libc::c_uint,
-            )
+        let names_group = |report: libc::c_uint| {
+            // SAFETY: plain syscall; the result is checked.
+            unsafe {
+                libc::fanotify_init(
+                    FAN_CLASS_NOTIF | FAN_CLOEXEC | report,
+                    (libc::O_RDONLY | libc::O_CLOEXEC) as libc::c_uint,
+                )
+            }
         };
+        let mut target_fid = true;
+        let mut names = names_group(FAN_REPORT_DFID_NAME | FAN_REPORT_FID | FAN_REPORT_TARGET_FID);
+        if names < 0 {
+            // Before Linux 5.17: no child handles, host unlinks become INVAL_ENTRY.
+            target_fid = false;
+            names = names_group(FAN_REPORT_DFID_NAME);
+        }
+        target_fid &= names >= 0;
         let names = if names < 0 {
             warn!(
                 "host watcher: no directory events ({}); names stay cached up to the lease",
@@ -141,6 +160,8 @@ impl HostWatcher {
             fanotify,
             names,
             dirs: Mutex::new(HashMap::new()),
+            target_fid,
+            files: Mutex::new(HashMap::new()),
             proc_self_fd,
             notifier,
             stats: WatchStats::default(),
@@ -275,34 +296,56 @@ fn read_events(group: RawFd, mut handle: impl FnMut(&EventMetadata, &[u8])) {
     }
 }
 
-/// The directory and name a FAN_REPORT_DFID_NAME event names: the directory's file handle
-/// (type and bytes, the key of [`HostWatcher::dirs`]) and the entry name ("." for the
-/// directory itself).
-fn dfid_name(record: &[u8], metadata_len: usize) -> Option<(Vec<u8>, Vec<u8>)> {
-    let mut info = record.get(metadata_len..)?;
-    while info.len() >= 4 {
-        let info_type = info[0];
+/// The information records after an event's metadata, as (type, record) pairs; stops at the
+/// first malformed one.
+fn info_records(record: &[u8], metadata_len: usize) -> impl Iterator<Item = (u8, &[u8])> {
+    let mut info = record.get(metadata_len..).unwrap_or_default();
+    std::iter::from_fn(move || {
+        if info.len() < 4 {
+            return None;
+        }
         let len = u16::from_ne_bytes([info[2], info[3]]) as usize;
         if len < 4 || len > info.len() {
             return None;
         }
-        let this = &info[..len];
-        info = &info[len..];
-        if info_type != FAN_EVENT_INFO_TYPE_DFID_NAME {
-            continue;
-        }
-        // header (4), fsid (8), struct file_handle { u32 handle_bytes; i32 handle_type; .. }
-        let fh = this.get(12..)?;
-        let handle_bytes = u32::from_ne_bytes(fh.get(0..4)?.try_into().ok()?) as usize;
-        let key = fh.get(4..8 + handle_bytes)?.to_vec();
-        let name = CStr::from_bytes_until_nul(fh.get(8 + handle_bytes..)?).ok()?;
-        return Some((key, name.to_bytes().to_vec()));
-    }
-    None
+        let (this, rest) = info.split_at(len);
+        info = rest;
+        Some((this[0], this))
+    })
 }
 
-/// The key [`dfid_name`] reports for the directory open as `fd`: handle type and bytes.
-fn dir_handle_key(fd: RawFd) -> io::Result<Vec<u8>> {
+/// The handle key (type and bytes) of a FID or DFID_NAME record, and what follows it: header
+/// (4), fsid (8), struct file_handle { u32 handle_bytes; i32 handle_type; bytes }.
+fn record_handle(this: &[u8]) -> Option<(Vec<u8>, &[u8])> {
+    let fh = this.get(12..)?;
+    let handle_bytes = u32::from_ne_bytes(fh.get(0..4)?.try_into().ok()?) as usize;
+    Some((
+        fh.get(4..8 + handle_bytes)?.to_vec(),
+        fh.get(8 + handle_bytes..)?,
+    ))
+}
+
+/// The directory and name a FAN_REPORT_DFID_NAME event names: the directory's file handle
+/// (type and bytes, the key of [`HostWatcher::dirs`]) and the entry name ("." for the
+/// directory itself).
+fn dfid_name(record: &[u8], metadata_len: usize) -> Option<(Vec<u8>, Vec<u8>)> {
+    let (_, this) = info_records(record, metadata_len)
+        .find(|&(info_type, _)| info_type == FAN_EVENT_INFO_TYPE_DFID_NAME)?;
+    let (key, rest) = record_handle(this)?;
+    let name = CStr::from_bytes_until_nul(rest).ok()?;
+    Some((key, name.to_bytes().to_vec()))
+}
+
+/// The child's handle key in an entry event of a FAN_REPORT_TARGET_FID group.
+fn target_fid(record: &[u8], metadata_len: usize) -> Option<Vec<u8>> {
+    let (_, this) = info_records(record, metadata_len)
+        .find(|&(info_type, _)| info_type == FAN_EVENT_INFO_TYPE_FID)?;
+    Some(record_handle(this)?.0)
+}
+
+/// The key [`dfid_name`] and [`target_fid`] report for the inode open as `fd`: handle type and
+/// bytes.
+fn handle_key(fd: RawFd) -> io::Result<Vec<u8>> {
     let mut buf = [0u8; 8 + MAX_HANDLE_SZ];
     buf[0..4].copy_from_slice(&(MAX_HANDLE_SZ as u32).to_ne_bytes());
     let mut mount_id: libc::c_int = 0;
@@ -332,7 +375,7 @@ impl HostWatcher {
         let Some(group) = &self.names else {
             return;
         };
-        let key = match dir_handle_key(data.as_raw_fd()) {
+        let key = match handle_key(data.as_raw_fd()) {
             Ok(key) => key,
             Err(e) => {
                 debug!("cannot watch directory node {}: {e}", data.inode);
@@ -355,7 +398,7 @@ impl HostWatcher {
         let Some(group) = &self.names else {
             return;
         };
-        let Ok(key) = dir_handle_key(data.as_raw_fd()) else {
+        let Ok(key) = handle_key(data.as_raw_fd()) else {
             return;
         };
         let mut dirs = self.dirs.lock().unwrap();
@@ -403,6 +446,13 @@ impl HostWatcher {
             event.mask & (FAN_CREATE | FAN_DELETE | FAN_MOVED_FROM | FAN_MOVED_TO) != 0;
         // A rename over an existing name (an editor's save) replaces what the name led to.
         let name_changed = event.mask & (FAN_DELETE | FAN_MOVED_FROM | FAN_MOVED_TO) != 0;
+        // A host unlink or rmdir of an inode the guest knows: DELETE tells it which one went
+        // (the guest drops its link count too). A move away leaves the inode alive elsewhere.
+        let deleted = if event.mask & FAN_DELETE != 0 {
+            self.known_child(record, event.metadata_len as usize)
+        } else {
+            Vec::new()
+        };
         for &dir in &dirs {
             if name == b"." {
                 // The directory's own attributes.
@@ -414,10 +464,7 @@ impl HostWatcher {
                 continue;
             }
             if name_changed {
-                self.revoke(Notification::InvalEntry {
-                    parent: dir,
-                    name: name.clone(),
-                });
+                self.revoke_name(dir, &name, &deleted);
             }
             if entries_changed {
                 // The guest may hold the listing (FOPEN_CACHE_DIR) in the directory's pages;
@@ -436,6 +483,60 @@ impl HostWatcher {
                         len: 0,
                     });
                 }
+            }
+        }
+    }
+
+    /// Nodes of the child an entry event names, if the guest knows it.
+    fn known_child(&self, record: &[u8], metadata_len: usize) -> Vec<u64> {
+        if !self.target_fid {
+            return Vec::new();
+        }
+        let Some(key) = target_fid(record, metadata_len) else {
+            return Vec::new();
+        };
+        let files = self.files.lock().unwrap().get(&key).cloned();
+        files
+            .or_else(|| self.dirs.lock().unwrap().get(&key).cloned())
+            .unwrap_or_default()
+    }
+
+    /// `name` in directory node `dir` leads elsewhere now: DELETE for each node in `deleted`
+    /// that it led to, else INVAL_ENTRY.
+    fn revoke_name(&self, dir: u64, name: &[u8], deleted: &[u64]) {
+        if deleted.is_empty() {
+            self.revoke(Notification::InvalEntry {
+                parent: dir,
+                name: name.to_vec(),
+            });
+        }
+        for &child in deleted {
+            self.revoke(Notification::Delete {
+                parent: dir,
+                child,
+                name: name.to_vec(),
+            });
+        }
+    }
+
+    /// Remember (or forget) regular file `data`'s handle, to name it in DELETE.
+    fn track_file(&self, data: &InodeData, add: bool) {
+        if !self.target_fid {
+            return;
+        }
+        let Ok(key) = handle_key(data.as_raw_fd()) else {
+            return;
+        };
+        let mut files = self.files.lock().unwrap();
+        if add {
+            let nodes = files.entry(key).or_default();
+            if !nodes.contains(&data.inode) {
+                nodes.push(data.inode);
+            }
+        } else if let Some(nodes) = files.get_mut(&key) {
+            nodes.retain(|&n| n != data.inode);
+            if nodes.is_empty() {
+                files.remove(&key);
             }
         }
     }
@@ -502,6 +603,7 @@ impl InodeObserver for HostWatcher {
             }
             Err(e) => debug!("cannot watch node {}: {e}", data.inode),
         }
+        self.track_file(data, true);
     }
 
     fn removed(&self, data: &InodeData) {
@@ -518,6 +620,7 @@ impl InodeObserver for HostWatcher {
         if self.mark(FAN_MARK_REMOVE, data).is_ok() {
             self.stats.marks.fetch_sub(1, Ordering::Relaxed);
         }
+        self.track_file(data, false);
     }
 }
 

@@ -766,6 +766,8 @@ pub struct Notice {
     pub offset: i64,
     /// INVAL_ENTRY, DELETE: the name.
     pub name: Vec<u8>,
+    /// DELETE: the inode the name led to (else 0).
+    pub child: u64,
 }
 
 impl Notice {
@@ -784,15 +786,15 @@ impl Notice {
         let code = u32_at(4)? as i32;
         let unique = u64_at(8)?;
         let node = u64_at(16)?;
-        let (offset, name) = match code {
-            Self::INVAL_INODE => (u64_at(24)? as i64, Vec::new()),
+        let (offset, name, child) = match code {
+            Self::INVAL_INODE => (u64_at(24)? as i64, Vec::new(), 0),
             Self::INVAL_ENTRY => {
                 let len = u32_at(24)? as usize;
-                (0, bytes.get(32..32 + len)?.to_vec())
+                (0, bytes.get(32..32 + len)?.to_vec(), 0)
             }
             Self::DELETE => {
                 let len = u32_at(32)? as usize;
-                (0, bytes.get(40..40 + len)?.to_vec())
+                (0, bytes.get(40..40 + len)?.to_vec(), u64_at(24)?)
             }
             _ => return None,
         };
@@ -802,6 +804,7 @@ impl Notice {
             node,
             offset,
             name,
+            child,
         })
     }
 }
