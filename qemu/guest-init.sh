@@ -7,6 +7,9 @@
 # run-vm.sh takes the guest's exit status from that marker line.
 export PATH=/bin:/sbin:/usr/bin:/usr/sbin
 export HOME=/root TERM=linux
+# run-vm.sh tells a guest kernel that crashed while booting from one that
+# crashed under the test by this line.
+echo LEASEFS-GUEST-INIT
 
 mount -t proc proc /proc
 mount -t sysfs sysfs /sys

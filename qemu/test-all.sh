@@ -17,6 +17,11 @@
 #   notify-virtiofsd   virtiofsd 1.14 --cache always on the notify stack: with
 #                      a backend that lacks the bit, both patches must behave
 #                      as before
+# Queue checks (a shell script in the guest reads sysfs and /proc/interrupts):
+#   queues-notify          notify stack: bit 0 acked, queues hiprio, notification,
+#                          requests.0, an MSI-X vector for the notification queue
+#   queues-patched-qemu    patched QEMU + stock kernel: bit 0 not acked, hiprio,
+#   queues-patched-kernel  requests.0 (and stock QEMU + patched kernel: the same)
 # Coherency stress (qemu/stress.sh, leasefsd default mode, one VM per run):
 #   stress-notify      notify stack, one guest and two guests on two leasefsd
 #                      sharing a directory; fails on any stale data read and
@@ -130,6 +135,39 @@ vm_run() {
     return "$status"
 }
 
+# queue_check NAME WANT RUN-VM-ARGS...: boot a guest and check from inside what the device
+# negotiated: WANT "notify" (feature bit 0 acked; queues hiprio, notification, requests.0, the
+# notification queue with an MSI-X vector of its own) or "plain" (bit 0 not acked; hiprio,
+# requests.0). Returns the guest's status.
+queue_check() {
+    local name=$1 want=$2 share status=0 expect_bit expect_queues
+    shift 2
+    if [ "$want" = notify ]; then
+        expect_bit=1 expect_queues="hiprio notification requests.0"
+    else
+        expect_bit=0 expect_queues="hiprio requests.0"
+    fi
+    # shellcheck disable=SC2016  # expands in the guest
+    local script='
+dev=$(readlink -f /sys/fs/virtiofs/*/device)
+bit=$(cut -c1 "$dev/features")
+queues=$(cat /sys/fs/virtiofs/*/mqs/*/name | tr "\n" " ")
+echo "virtio-fs: feature bit 0 = $bit, queues: $queues"
+[ "$bit" = '"$expect_bit"' ] || { echo "CHECK FAILED: feature bit 0 is $bit"; exit 1; }
+[ "$queues" = "'"$expect_queues"' " ] || { echo "CHECK FAILED: queues"; exit 1; }
+if [ '"$expect_bit"' = 1 ]; then
+    grep -- "-notification" /proc/interrupts \
+        || { echo "CHECK FAILED: no MSI-X vector of its own for the notification queue"; cat /proc/interrupts; exit 1; }
+fi
+echo "queue layout as expected"'
+    share=$(mktemp -d /tmp/leasefs-share.XXXXXX)
+    section "VM run $name: what the device negotiated (want: $want) ($*)"
+    LEASEFS_LOG_DIR="$logs/$name" "$LEASEFS_QEMU_DIR/run-vm.sh" --no-build --share "$share" \
+        --daemon-arg=--sandbox=none "$@" --timeout "$timeout_secs" -- "$script" || status=$?
+    rm -rf "$share"
+    return "$status"
+}
+
 # stress NAME STRESS-ARGS...: one qemu/stress.sh invocation, counted as one run.
 stress() {
     local name=$1 status=0
@@ -173,6 +211,19 @@ for run in "${runs[@]}"; do
     vm_run "$name" "$daemon" "$dargs" "$skip" "${vm[@]}" || status=$?
     count "$name" "$status"
 done
+
+if [ "$build_ok" -eq 1 ] && [ "$notify" -eq 1 ] && [ "$notify_ok" -eq 1 ]; then
+    # Both patches negotiate the queue; each alone falls back to the layout of old.
+    for check in "queues-notify|notify|${notify_vm[*]}" \
+                 "queues-patched-qemu|plain|${notify_vm[*]:0:2}" \
+                 "queues-patched-kernel|plain|${notify_vm[*]:2:2}"; do
+        IFS='|' read -r name want vmargs <<< "$check"
+        status=0
+        # shellcheck disable=SC2086  # two or four words, paths without spaces
+        queue_check "$name" "$want" $vmargs || status=$?
+        count "$name" "$status"
+    done
+fi
 
 if [ "$build_ok" -eq 1 ]; then
     if [ "$notify" -eq 1 ] && [ "$notify_ok" -eq 1 ]; then
