@@ -81,6 +81,24 @@ ensure_vm_tools() {
     install_pkgs "${missing[@]}"
 }
 
+# prepare_vm_runs BUILD: what a script needs before it boots guests with
+# run-vm.sh --no-build: leasefsd and guest-tests built (release) when BUILD is
+# 1, the VM tools installed, the stock guest kernel fetched and the base
+# initramfs made.
+prepare_vm_runs() {
+    local mk_args=()
+    if [ "$1" -eq 1 ]; then
+        log "building leasefsd and guest-tests (release)"
+        cargo build --release --bin leasefsd >&2 || die "cargo build --release --bin leasefsd failed"
+        cargo build --release -p guest-tests >&2 || die "cargo build --release -p guest-tests failed"
+    else
+        mk_args+=(--no-build)
+    fi
+    ensure_vm_tools
+    "$LEASEFS_QEMU_DIR/fetch-kernel.sh" >/dev/null || die "fetch-kernel.sh failed"
+    "$LEASEFS_QEMU_DIR/make-initramfs.sh" "${mk_args[@]}" >/dev/null || die "make-initramfs.sh failed"
+}
+
 require_cargo() {
     command -v cargo >/dev/null 2>&1 \
         || die "cargo not found (install Rust with rustup; ~/.cargo/bin is searched too)"

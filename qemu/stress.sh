@@ -121,17 +121,7 @@ mkdir -p "$out/logs"
 out=$(cd "$out" && pwd -P)
 
 # ------------------------------------------------------------- builds
-mk_args=()
-if [ "$build" -eq 1 ]; then
-    log "building leasefsd and guest-tests (release)"
-    cargo build --release --bin leasefsd >&2 || die "cargo build --release --bin leasefsd failed"
-    cargo build --release -p guest-tests >&2 || die "cargo build --release -p guest-tests failed"
-else
-    mk_args+=(--no-build)
-fi
-ensure_vm_tools
-"$LEASEFS_QEMU_DIR/fetch-kernel.sh" >/dev/null || die "fetch-kernel.sh failed"
-"$LEASEFS_QEMU_DIR/make-initramfs.sh" "${mk_args[@]}" >/dev/null || die "make-initramfs.sh failed"
+prepare_vm_runs "$build"
 host_gt="$LEASEFS_TARGET/release/guest-tests"
 [ -x "$host_gt" ] || die "host guest-tests binary missing: $host_gt"
 virtiofsd_version="-"
