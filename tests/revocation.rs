@@ -251,6 +251,17 @@ fn host_namespace_changes_reach_the_guest_and_its_own_do_not() {
         "chmod: no attribute revocation of c: {got:?}"
     );
 
+    // The directory's own attributes (the event names the directory itself).
+    fs::set_permissions(share.join("d"), fs::Permissions::from_mode(0o700)).unwrap();
+    let got = notices_until(&device, Duration::from_secs(2), |n| {
+        n.code == Notice::INVAL_INODE && n.node == dir && n.offset == -1
+    });
+    assert!(
+        got.iter()
+            .any(|n| n.code == Notice::INVAL_INODE && n.node == dir && n.offset == -1),
+        "chmod of the directory: no attribute revocation of it: {got:?}"
+    );
+
     // An editor's save: a new file renamed over a cached name.
     fs::write(share.join("d/.c.tmp"), b"new c").unwrap();
     fs::rename(share.join("d/.c.tmp"), share.join("d/c")).unwrap();
