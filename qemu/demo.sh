@@ -13,7 +13,7 @@
 # on success.
 #
 # --notify   boot the notify-capable stack (patched QEMU and kernel, built
-#            first by qemu/build-notify-stack.sh, about 7 minutes the first
+#            first by qemu/build-notify-stack.sh, about 8 minutes the first
 #            time): the guest is told of the host write through the
 #            notification queue and confirms, instead of waiting out its lease
 # --shell (with a terminal on stdin): an interactive guest shell in /mnt
