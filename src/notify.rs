@@ -10,7 +10,7 @@
 
 use std::collections::{HashMap, VecDeque};
 use std::io::{self, Write};
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::Mutex;
 use std::time::Instant;
 
@@ -158,6 +158,9 @@ type AttachHook = Box<dyn Fn() + Send + Sync>;
 /// matches the guest's confirmations (FUSE_NOTIFY_REPLY) to the messages that asked for them.
 pub struct Notifier {
     queue: Mutex<Option<(VringRwLock, GuestMemory)>>,
+    /// Set once `queue` is: read on every lease grant, which must not wait behind a delivery
+    /// holding the queue's lock.
+    attached: AtomicBool,
     /// Messages not yet in a guest buffer, with their ids (0: no confirmation wanted).
     pending: Mutex<VecDeque<(u64, Notification)>>,
     waiting: Mutex<HashMap<u64, Waiter>>,
@@ -170,6 +173,7 @@ impl Default for Notifier {
     fn default() -> Self {
         Notifier {
             queue: Mutex::new(None),
+            attached: AtomicBool::new(false),
             pending: Mutex::new(VecDeque::new()),
             waiting: Mutex::new(HashMap::new()),
             next_id: AtomicU64::new(1),
@@ -182,7 +186,7 @@ impl Default for Notifier {
 impl Notifier {
     /// Whether a guest driver negotiated the queue and it is ready to use.
     pub fn active(&self) -> bool {
-        self.queue.lock().unwrap().is_some()
+        self.attached.load(Ordering::Acquire)
     }
 
     /// Run `hook` once the guest starts using the queue (at once if it already does): the
@@ -197,6 +201,7 @@ impl Notifier {
     /// Start delivering on `vring` (the guest negotiated the feature and posted buffers).
     pub fn attach(&self, vring: VringRwLock, memory: GuestMemory) {
         *self.queue.lock().unwrap() = Some((vring, memory));
+        self.attached.store(true, Ordering::Release);
         for hook in self.on_attach.lock().unwrap().iter() {
             hook();
         }
