@@ -298,7 +298,7 @@ mod tests {
         assert_eq!(defaults.cache, CacheMode::Coherent);
         assert!(json.contains(&format!(
             "\"notify-buf-size\": {}",
-            crate::notify::NOTIFY_BUF_SIZE
+            crate::coherence::notifier::NOTIFY_BUF_SIZE
         )));
     }
 

@@ -17,12 +17,12 @@ use vhost_user_backend::{Error as BackendError, VhostUserDaemon};
 use vm_memory::{GuestMemoryAtomic, GuestMemoryMmap};
 
 use crate::cli::{capabilities_json, CacheMode, InodeFileHandles, Options, SandboxMode};
+use crate::coherence::notifier::Notifier;
+use crate::coherence::{lease, watcher};
 use crate::device::FsDevice;
 use crate::filesystem;
 use crate::fuse::FuseDispatcher;
-use crate::notify::Notifier;
 use crate::sandbox::{self, Sandbox, SandboxError};
-use crate::{lease, watcher};
 
 /// Everything that stops the daemon, each naming its cause for the one-line error.
 #[derive(Debug, thiserror::Error)]

@@ -21,8 +21,10 @@ use vmm_sys_util::event::{
 };
 
 use crate::cli::MAX_QUEUE_SIZE;
+use crate::coherence::notifier::{
+    Notifier, NOTIFICATION_QUEUE, NOTIFY_BUF_SIZE, VIRTIO_FS_F_NOTIFICATION,
+};
 use crate::fuse::FuseDispatcher;
-use crate::notify::{Notifier, NOTIFICATION_QUEUE, NOTIFY_BUF_SIZE, VIRTIO_FS_F_NOTIFICATION};
 use crate::queue::{RequestQueue, WorkerPool};
 
 /// Queue 0 carries high-priority requests (FORGET, INTERRUPT); request queues follow it.

@@ -18,8 +18,8 @@ use fuse_backend_rs::transport::{Reader, VirtioFsWriter, Writer};
 use log::{debug, warn};
 use vm_memory::{ByteValued, GuestMemoryMmap};
 
+use crate::coherence::notifier::Notifier;
 use crate::filesystem::Fs;
-use crate::notify::Notifier;
 use crate::queue::Chain;
 
 /// FUSE opcodes (linux/include/uapi/linux/fuse.h), for the daemon and the test frontend.

@@ -6,15 +6,13 @@
 //! [`sandbox`] confines the process first; [`cli`] holds virtiofsd's command line.
 
 pub mod cli;
+pub mod coherence;
 pub mod daemon;
 pub mod device;
 pub mod filesystem;
 pub mod frontend;
 pub mod fuse;
-pub mod lease;
 pub mod metrics;
-pub mod notify;
 pub mod passthrough;
 pub mod queue;
 pub mod sandbox;
-pub mod watcher;

@@ -68,7 +68,7 @@ use fuse_backend_rs::api::filesystem::{Entry, OpenOptions};
 pub use handle::HandleData;
 pub use inode::{InodeData, InodeId, InodeObserver, ROOT_INODE};
 
-/// The coherence engine's say in what the guest may cache (see `crate::lease`). Without one,
+/// The coherence engine's say in what the guest may cache (see `crate::coherence::lease`). Without one,
 /// the configured timeouts and cache policy apply as they are.
 pub trait LeaseKeeper: Send + Sync {
     /// The (attribute, entry) timeouts for a reply describing `data` with attributes `st`;

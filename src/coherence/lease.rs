@@ -41,8 +41,8 @@ use std::time::{Duration, Instant};
 use fuse_backend_rs::abi::fuse_abi::stat64;
 use log::{debug, info, warn};
 
+use crate::coherence::notifier::{Notification, Notifier};
 use crate::metrics::Histogram;
-use crate::notify::{Notification, Notifier};
 use crate::passthrough::{InodeData, InodeObserver, LeaseKeeper, PassthroughFs};
 
 /// Added to every hold: the guest starts its timeout when it processes our reply, which can

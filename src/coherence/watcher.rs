@@ -18,7 +18,7 @@
 //!
 //! Marks follow what the guest knows, so the cost of watching grows with what the guest
 //! caches, not with the size of the tree. They are only placed while a guest has negotiated
-//! the notification queue; a stock guest stays coherent through leases (src/lease.rs).
+//! the notification queue; a stock guest stays coherent through leases (src/coherence/lease.rs).
 
 use std::collections::HashMap;
 use std::ffi::CStr;
@@ -31,7 +31,7 @@ use std::thread;
 
 use log::{debug, info, warn};
 
-use crate::notify::{Notification, Notifier};
+use crate::coherence::notifier::{Notification, Notifier};
 use crate::passthrough::{InodeData, InodeObserver, PassthroughFs};
 
 const FAN_CLOEXEC: libc::c_uint = 0x1;
