@@ -43,7 +43,7 @@ use log::{debug, info, warn};
 
 use crate::coherence::notifier::{Notification, Notifier};
 use crate::metrics::Histogram;
-use crate::passthrough::{InodeData, InodeObserver, LeaseKeeper, PassthroughFs};
+use crate::passthrough::{InodeData, InodeObserver, LeaseKeeper, PassthroughFs, ReadOnly};
 
 /// Added to every hold: the guest starts its timeout when it processes our reply, which can
 /// be later than when we sent it (a busy or emulated vCPU).
@@ -103,18 +103,16 @@ pub struct LeaseStats {
     /// it ended early by confirming.
     pub revocations_sent: AtomicU64,
     pub released_on_confirmation: AtomicU64,
-    /// OPENs answered ESTALE because the inode lost its name since the guest looked it up.
-    pub stale_opens: AtomicU64,
     /// OPENs told to drop cached pages or listings (mtime or size changed).
     pub cache_drops: AtomicU64,
 }
 
 impl LeaseStats {
-    fn line(&self, entries: usize) -> String {
+    fn line(&self, entries: usize, stale_names: u64) -> String {
         let g = |c: &AtomicU64| c.load(Ordering::Relaxed);
         let held = g(&self.held);
         format!(
-            "leases: {entries} inodes tracked, {} file leases taken, {} refused, {} broken by host writers, {} given up for guest writes; {held} host writers held, mean {} us, max {} us ({}); {} revocations sent, {} holds ended by confirmation; {} stale opens, {} cache drops at open",
+            "leases: {entries} inodes tracked, {} file leases taken, {} refused, {} broken by host writers, {} given up for guest writes; {held} host writers held, mean {} us, max {} us ({}); {} revocations sent, {} holds ended by confirmation; {} requests answered ESTALE for a stale guest name, {} cache drops at open",
             g(&self.acquired),
             g(&self.refused),
             g(&self.broken),
@@ -124,7 +122,7 @@ impl LeaseStats {
             self.hold_us.summary("us"),
             g(&self.revocations_sent),
             g(&self.released_on_confirmation),
-            g(&self.stale_opens),
+            stale_names,
             g(&self.cache_drops),
         )
     }
@@ -138,16 +136,17 @@ struct Lease {
     /// When the last attribute lease we granted runs out (ns since the table's epoch); a
     /// host writer is held until then.
     attr_expires_ns: u64,
-    /// ctime in our last entry reply (ns); 0 if the guest never got the inode by name.
-    entry_ctime_ns: i64,
-    /// mtime (ns) and size in our last attribute reply: what the guest believes.
-    attr_mtime_ns: i64,
-    attr_size: i64,
+    /// The inode's ctime (ns) when the guest's cached pages or listing were last known to be
+    /// what the host has: at its last OPEN/OPENDIR, or when it closed its own writes. ctime,
+    /// not mtime: userspace can set mtime back (touch -r, cp -p, rsync -t) but not ctime.
+    /// 0: never validated.
+    cache_ctime_ns: i64,
+    /// A host change may have happened since `cache_ctime_ns` without moving ctime visibly (a
+    /// lease break, or a validation within one coarse timestamp tick with no host lease to
+    /// catch a writer): the next OPEN drops the cache whatever ctime says.
+    cache_suspect: bool,
     /// A host writer is waiting for the lease to be released: grant no attribute time.
     breaking: bool,
-    /// ESTALE was answered once since the last entry grant: do not answer it again (the
-    /// guest's retry could not revalidate, e.g. an open through /proc/self/fd).
-    stale_answered: bool,
     /// Our own opens for writing in flight: do not take a lease meanwhile.
     own_writers: u16,
 }
@@ -205,8 +204,20 @@ fn ns(ts_sec: i64, ts_nsec: i64) -> i64 {
     ts_sec.saturating_mul(1_000_000_000).saturating_add(ts_nsec)
 }
 
-fn mtime_ns(st: &stat64) -> i64 {
-    ns(st.st_mtime, st.st_mtime_nsec)
+/// How close to the wall clock a ctime must be for a later change to possibly share its value:
+/// the kernel stamps ctime from a clock that advances once per timer tick (up to 10 ms), or
+/// finer with multigrain timestamps. Twice the coarsest tick.
+const COARSE_TIMESTAMP_SLACK_NS: i64 = 20_000_000;
+
+/// Whether `ctime` is so recent that another change could still get the same stamp.
+fn ctime_is_recent(ctime: i64) -> bool {
+    let mut now = libc::timespec {
+        tv_sec: 0,
+        tv_nsec: 0,
+    };
+    // SAFETY: now is a valid out pointer.
+    unsafe { libc::clock_gettime(libc::CLOCK_REALTIME, &mut now) };
+    ns(now.tv_sec, now.tv_nsec).saturating_sub(ctime) < COARSE_TIMESTAMP_SLACK_NS
 }
 
 fn ctime_ns(st: &stat64) -> i64 {
@@ -275,10 +286,11 @@ impl LeaseTable {
         let fs = self.fs.upgrade()?;
         // O_NONBLOCK: should someone hold a write lease, fail instead of waiting for it.
         // O_NOATIME needs ownership or CAP_FOWNER; retry without it.
-        let flags = libc::O_RDONLY | libc::O_NONBLOCK;
+        let with_noatime = ReadOnly::new(libc::O_NONBLOCK | libc::O_NOATIME).ok()?;
+        let plain = ReadOnly::new(libc::O_NONBLOCK).ok()?;
         let file = fs
-            .reopen_data(data, flags | libc::O_NOATIME)
-            .or_else(|_| fs.reopen_data(data, flags))
+            .reopen_data(data, with_noatime)
+            .or_else(|_| fs.reopen_data(data, plain))
             .ok()?;
         let fd = OwnedFd::from(file);
         // SAFETY: fcntl on our descriptor with integer arguments.
@@ -314,6 +326,9 @@ impl LeaseTable {
             return;
         }
         lease.breaking = true;
+        // The writer may change data without moving ctime visibly (same tick) or set mtime
+        // back: the next OPEN must not keep the guest's pages whatever the timestamps say.
+        lease.cache_suspect = true;
         self.stats.broken.fetch_add(1, Ordering::Relaxed);
         let guest_may_cache = lease.attr_expires_ns > now;
         let release_at = if guest_may_cache {
@@ -473,7 +488,8 @@ impl LeaseTable {
 
     /// Log the counters (at exit).
     pub fn log_stats(&self) {
-        info!("{}", self.stats.line(self.len()));
+        let stale_names = self.fs.upgrade().map_or(0, |fs| fs.stale_name_answers());
+        info!("{}", self.stats.line(self.len(), stale_names));
         if let Some(n) = &self.notifier {
             info!("{}", n.stats.line(n.backlog()));
         }
@@ -520,35 +536,26 @@ impl LeaseKeeper for LeaseTable {
         if !attr.is_zero() {
             lease.attr_expires_ns = lease.attr_expires_ns.max(now + attr.as_nanos() as u64);
         }
-        lease.attr_mtime_ns = mtime_ns(st);
-        lease.attr_size = st.st_size;
-        if entry {
-            lease.entry_ctime_ns = ctime_ns(st);
-            lease.stale_answered = false;
-        }
+        let _ = entry;
         (attr, granted)
     }
 
-    fn check_open(&self, data: &InodeData, st: &stat64) -> io::Result<bool> {
+    fn check_open(&self, data: &InodeData, st: &stat64) -> bool {
         let mut t = self.lock();
-        let Some(lease) = t.leases.get_mut(&data.inode) else {
-            return Ok(false);
-        };
-        // Lost its name since the guest looked it up: unlinked or replaced (no links left), or
-        // renamed (ctime moved without mtime: a data write moves both together).
+        let lease = t.leases.entry(data.inode).or_default();
         let ctime = ctime_ns(st);
-        let renamed_or_gone = lease.entry_ctime_ns != 0
-            && (st.st_nlink == 0 || (ctime != lease.entry_ctime_ns && ctime != mtime_ns(st)));
-        if renamed_or_gone && !lease.stale_answered {
-            lease.stale_answered = true;
-            self.stats.stale_opens.fetch_add(1, Ordering::Relaxed);
-            return Err(io::Error::from_raw_os_error(libc::ESTALE));
-        }
-        let keep = mtime_ns(st) == lease.attr_mtime_ns && st.st_size == lease.attr_size;
-        if !keep {
+        let keep =
+            lease.cache_ctime_ns != 0 && lease.cache_ctime_ns == ctime && !lease.cache_suspect;
+        if !keep && lease.cache_ctime_ns != 0 {
             self.stats.cache_drops.fetch_add(1, Ordering::Relaxed);
         }
-        Ok(keep)
+        // From this reply on, the guest's cache is what the host has now (kept because
+        // unchanged, or dropped). A later change shows in ctime, unless it lands in the same
+        // timestamp tick: then only a host lease (regular files) catches the writer.
+        let lease_catches_writers = lease.file.is_some() && !lease.breaking;
+        lease.cache_ctime_ns = ctime;
+        lease.cache_suspect = !lease_catches_writers && ctime_is_recent(ctime);
+        keep
     }
 
     fn begin_write(&self, data: &InodeData) {
@@ -556,15 +563,30 @@ impl LeaseKeeper for LeaseTable {
         let t = &mut *t;
         let lease = t.leases.entry(data.inode).or_default();
         lease.own_writers = lease.own_writers.saturating_add(1);
+        if lease.breaking {
+            // A host writer is held until the guest's lease ends (or it confirms). Letting our
+            // open through now would let that writer through too, while the guest may still
+            // use what it cached: keep the host lease; our open waits in the kernel with the
+            // host writer and goes on when the hold ends.
+            return;
+        }
         if lease.file.is_some() {
             self.stats.own_writes.fetch_add(1, Ordering::Relaxed);
             Self::drop_host_lease_in(&mut t.by_fd, lease);
         }
-        if let Some(hold) = t.holds.remove(&data.inode) {
-            // A host writer was waiting too; it goes on with the guest's own write.
-            if let (Some(n), true) = (&self.notifier, hold.notification != 0) {
-                n.cancel(hold.notification);
-            }
+    }
+
+    fn write_handle_closed(&self, data: &InodeData, st: &stat64) {
+        let mut t = self.lock();
+        let Some(lease) = t.leases.get_mut(&data.inode) else {
+            return;
+        };
+        // The guest's pages hold its own writes. If they were what the host had before (not
+        // suspect), they still are: keep them across the next open.
+        if !lease.cache_suspect && lease.cache_ctime_ns != 0 {
+            let ctime = ctime_ns(st);
+            lease.cache_ctime_ns = ctime;
+            lease.cache_suspect = ctime_is_recent(ctime);
         }
     }
 

@@ -11,13 +11,19 @@ use std::os::fd::{AsFd, AsRawFd, BorrowedFd, RawFd};
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard, RwLock};
 
+use super::inode::{InodeData, OpenHandleCount};
+
 /// One open file or directory of the guest's.
 pub struct HandleData {
     /// The FUSE node id it was opened for.
     pub inode: u64,
     pub file: File,
+    /// Opened for writing (or created): its close tells the lease keeper.
+    pub(crate) writable: bool,
     /// Serialises users of the shared file position: READDIR seeks then reads.
     pos: Mutex<()>,
+    /// Counts this handle on its inode while the descriptor is open.
+    _open: OpenHandleCount,
 }
 
 impl HandleData {
@@ -50,12 +56,14 @@ impl HandleTable {
         }
     }
 
-    pub(crate) fn insert(&self, inode: u64, file: File) -> u64 {
+    pub(crate) fn insert(&self, inode: &Arc<InodeData>, file: File, writable: bool) -> u64 {
         let handle = self.next.fetch_add(1, Ordering::Relaxed);
         let data = Arc::new(HandleData {
-            inode,
+            inode: inode.inode,
             file,
+            writable,
             pos: Mutex::new(()),
+            _open: OpenHandleCount::new(inode),
         });
         self.map
             .write()

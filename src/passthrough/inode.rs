@@ -12,7 +12,7 @@
 use std::collections::{BTreeMap, HashMap};
 use std::fs::File;
 use std::os::fd::{AsFd, AsRawFd, BorrowedFd, RawFd};
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::{AtomicU32, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, RwLock};
 
 /// The FUSE node id of the share's root.
@@ -40,6 +40,77 @@ pub struct InodeData {
     /// Per lock owner, the descriptor whose open file description carries that owner's
     /// POSIX (OFD) locks on this inode; closing it releases them.
     pub(crate) plocks: Mutex<HashMap<u64, Arc<File>>>,
+    /// The names the guest was given this inode under (see [`GuestNames`]).
+    pub(crate) names: Mutex<GuestNames>,
+    /// Guest handles open on this inode (OPEN, CREATE, TMPFILE, OPENDIR), counted by
+    /// [`OpenHandleCount`] guards that live as long as the handle's descriptor.
+    pub(crate) open_handles: AtomicU32,
+}
+
+/// The (parent node id, name) pairs under which the guest got this inode in an entry reply
+/// (LOOKUP, READDIRPLUS, CREATE, MKNOD, MKDIR, SYMLINK, LINK) or moved it (RENAME): the guest
+/// may hold a dentry for each. FUSE's OPEN and SETATTR name only the inode, so before one of
+/// them changes anything the daemon checks that every one of these names still leads to this
+/// very inode on the host (see `PassthroughFs::check_names`).
+///
+/// Bounded: a guest that links one inode under many names keeps the newest
+/// [`GuestNames::MAX`]; older ones are no longer checked (docs/coherency.md, limits).
+#[derive(Default)]
+pub(crate) struct GuestNames {
+    names: Vec<(u64, Box<[u8]>)>,
+}
+
+impl GuestNames {
+    pub(crate) const MAX: usize = 4;
+
+    /// Remember `name` in `parent`; no allocation when it is already known (a revalidation).
+    pub(crate) fn remember(&mut self, parent: u64, name: &[u8]) {
+        if let Some(i) = self
+            .names
+            .iter()
+            .position(|(p, n)| *p == parent && &n[..] == name)
+        {
+            // Keep the newest last, so the oldest goes first when the list is full.
+            let last = self.names.len() - 1;
+            self.names.swap(i, last);
+            return;
+        }
+        if self.names.len() >= Self::MAX {
+            self.names.remove(0);
+        }
+        self.names.push((parent, name.into()));
+    }
+
+    /// Forget `name` in `parent` (the guest removed or moved that dentry itself).
+    pub(crate) fn forget(&mut self, parent: u64, name: &[u8]) {
+        self.names
+            .retain(|(p, n)| !(*p == parent && &n[..] == name));
+    }
+
+    pub(crate) fn snapshot(&self) -> Vec<(u64, Box<[u8]>)> {
+        self.names.clone()
+    }
+
+    #[cfg(test)]
+    pub(crate) fn len(&self) -> usize {
+        self.names.len()
+    }
+}
+
+/// Counts one guest handle open on an inode for as long as it lives (held by the handle).
+pub(crate) struct OpenHandleCount(Arc<InodeData>);
+
+impl OpenHandleCount {
+    pub(crate) fn new(data: &Arc<InodeData>) -> Self {
+        data.open_handles.fetch_add(1, Ordering::Relaxed);
+        OpenHandleCount(data.clone())
+    }
+}
+
+impl Drop for OpenHandleCount {
+    fn drop(&mut self) {
+        self.0.open_handles.fetch_sub(1, Ordering::Relaxed);
+    }
 }
 
 impl InodeData {
@@ -143,6 +214,8 @@ impl InodeTable {
             mode,
             refcount: AtomicU64::new(2),
             plocks: Mutex::new(HashMap::new()),
+            names: Mutex::new(GuestNames::default()),
+            open_handles: AtomicU32::new(0),
         });
         let mut m = self.write();
         m.by_id.insert(id, ROOT_INODE);
@@ -165,6 +238,8 @@ impl InodeTable {
             mode: mode & libc::S_IFMT,
             refcount: AtomicU64::new(1),
             plocks: Mutex::new(HashMap::new()),
+            names: Mutex::new(GuestNames::default()),
+            open_handles: AtomicU32::new(0),
         });
         m.by_id.insert(id, inode);
         m.by_inode.insert(inode, data.clone());
@@ -219,5 +294,28 @@ impl InodeTable {
 
     fn write(&self) -> std::sync::RwLockWriteGuard<'_, Maps> {
         self.maps.write().unwrap_or_else(|e| e.into_inner())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::GuestNames;
+
+    #[test]
+    fn guest_names_are_bounded_and_deduplicated() {
+        let mut n = GuestNames::default();
+        n.remember(1, b"a");
+        n.remember(1, b"a");
+        assert_eq!(n.len(), 1, "a revalidation adds nothing");
+        for i in 0..10u8 {
+            n.remember(2, &[b'x', i]);
+        }
+        assert_eq!(n.len(), GuestNames::MAX);
+        assert!(
+            n.snapshot().iter().all(|(p, _)| *p == 2),
+            "the oldest names go first"
+        );
+        n.forget(2, &[b'x', 9]);
+        assert_eq!(n.len(), GuestNames::MAX - 1);
     }
 }

@@ -83,16 +83,17 @@ impl PassthroughFs {
         if owners.len() >= MAX_OWNERS_PER_INODE {
             return Err(errno(libc::ENOLCK));
         }
-        // Write locks need a writable descriptor; a read-only share or file still allows
-        // read locks.
-        let file = match self.reopen(data, libc::O_RDWR | libc::O_NONBLOCK) {
+        // Write locks need a writable descriptor (through the write-open choke point, which
+        // gives up the daemon's own host lease first instead of breaking it); a read-only
+        // share or file still allows read locks.
+        let file = match self.open_for_write(data, libc::O_RDWR) {
             Err(e)
                 if matches!(
                     e.raw_os_error(),
                     Some(libc::EROFS | libc::EACCES | libc::ETXTBSY | libc::EISDIR)
                 ) =>
             {
-                self.reopen(data, libc::O_RDONLY | libc::O_NONBLOCK)?
+                self.open_read(data, super::ReadOnly::new(libc::O_NONBLOCK)?)?
             }
             r => r?,
         };

@@ -45,6 +45,7 @@
 mod handle;
 mod inode;
 mod locks;
+mod open;
 mod ops;
 mod util;
 mod xattr;
@@ -58,7 +59,7 @@ use std::io;
 use std::os::fd::AsRawFd;
 use std::os::unix::ffi::OsStrExt;
 use std::path::PathBuf;
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, OnceLock};
 use std::time::Duration;
 
@@ -67,6 +68,7 @@ use fuse_backend_rs::api::filesystem::{Entry, OpenOptions};
 
 pub use handle::HandleData;
 pub use inode::{InodeData, InodeId, InodeObserver, ROOT_INODE};
+pub use open::ReadOnly;
 
 /// The coherence engine's say in what the guest may cache (see `crate::coherence::lease`). Without one,
 /// the configured timeouts and cache policy apply as they are.
@@ -83,12 +85,15 @@ pub trait LeaseKeeper: Send + Sync {
         acquire: bool,
     ) -> (Duration, Duration);
     /// At OPEN or OPENDIR, with the inode's current attributes: whether the guest may keep
-    /// the pages or listing it cached, or an error (ESTALE) to make it look the name up again.
-    fn check_open(&self, data: &InodeData, st: &stat64) -> io::Result<bool>;
+    /// the pages or listing it cached. From here on the guest's cache is what the host has.
+    fn check_open(&self, data: &InodeData, st: &stat64) -> bool;
     /// The daemon is about to open `data` for writing or truncate it for the guest, and has
-    /// finished doing so.
+    /// finished doing so (the write-open choke point, `open.rs`, calls both).
     fn begin_write(&self, data: &InodeData);
     fn end_write(&self, data: &InodeData);
+    /// The guest closed a handle it had open for writing; `st` is the inode now. Its cached
+    /// pages hold its own writes, so they may be kept across the next open.
+    fn write_handle_closed(&self, data: &InodeData, st: &stat64);
 }
 
 /// The attributes of an inode in the table, read now.
@@ -98,7 +103,7 @@ pub fn statx_info(data: &InodeData) -> io::Result<stat64> {
 
 use handle::HandleTable;
 use inode::InodeTable;
-use util::{ebadf, einval, fd_name, is_dir, is_safe_inode, openat, statx_fd};
+use util::{ebadf, einval, fd_name, is_dir, openat, statx_fd};
 
 /// How much the guest may cache, with virtiofsd's meaning of each mode.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
@@ -173,6 +178,8 @@ pub struct PassthroughFs {
     posix_acl: AtomicBool,
     submounts: AtomicBool,
     leases: OnceLock<Arc<dyn LeaseKeeper>>,
+    /// See [`PassthroughFs::stale_name_answers`].
+    stale_names: AtomicU64,
 }
 
 impl PassthroughFs {
@@ -207,6 +214,7 @@ impl PassthroughFs {
             posix_acl: AtomicBool::new(false),
             submounts: AtomicBool::new(false),
             leases: OnceLock::new(),
+            stale_names: AtomicU64::new(0),
         };
         fs.install_root()?;
         Ok(fs)
@@ -243,16 +251,16 @@ impl PassthroughFs {
         self.inodes.get(inode)
     }
 
-    /// A new descriptor of the inode opened with `flags` (e.g. `O_RDONLY` for a file lease or
-    /// a fanotify mark). Only regular files and directories can be opened (else EBADF).
-    pub fn reopen_inode(&self, inode: u64, flags: i32) -> io::Result<File> {
+    /// A new read-only descriptor of the inode (e.g. for a file lease or a fanotify mark).
+    /// Only regular files and directories can be opened (else EBADF).
+    pub fn reopen_inode(&self, inode: u64, flags: ReadOnly) -> io::Result<File> {
         let data = self.inode(inode)?;
-        self.reopen(&data, flags)
+        self.open_read(&data, flags)
     }
 
-    /// A new descriptor of `data` opened with `flags`, as [`PassthroughFs::reopen_inode`].
-    pub fn reopen_data(&self, data: &InodeData, flags: i32) -> io::Result<File> {
-        self.reopen(data, flags)
+    /// A new read-only descriptor of `data`, as [`PassthroughFs::reopen_inode`].
+    pub fn reopen_data(&self, data: &InodeData, flags: ReadOnly) -> io::Result<File> {
+        self.open_read(data, flags)
     }
 
     /// The host identity of a node id.
@@ -308,28 +316,6 @@ impl PassthroughFs {
 
     fn handle(&self, handle: u64, inode: u64) -> io::Result<Arc<HandleData>> {
         self.handles.get(handle, inode).ok_or_else(ebadf)
-    }
-
-    /// Open the inode for I/O through its /proc/self/fd entry (the magic link leads to the
-    /// inode itself, never through a symlink's text).
-    fn reopen(&self, data: &InodeData, flags: i32) -> io::Result<File> {
-        if !is_safe_inode(data.mode) {
-            return Err(ebadf());
-        }
-        // Creation and O_PATH make no sense on an existing inode; O_NOFOLLOW would refuse the
-        // magic link itself.
-        let strip = libc::O_CREAT
-            | libc::O_EXCL
-            | libc::O_NOCTTY
-            | libc::O_NOFOLLOW
-            | libc::O_PATH
-            | (libc::O_TMPFILE & !libc::O_DIRECTORY);
-        openat(
-            self.proc_self_fd.as_raw_fd(),
-            &fd_name(data.as_raw_fd()),
-            flags & !strip,
-            0,
-        )
     }
 
     /// Guest open flags adjusted as virtiofsd does.
@@ -414,12 +400,64 @@ impl PassthroughFs {
         }
     }
 
-    /// Whether an OPEN or OPENDIR may let the guest keep what it cached, or ESTALE.
+    /// Whether an OPEN or OPENDIR may let the guest keep what it cached.
     fn check_open(&self, data: &InodeData) -> io::Result<bool> {
         match self.leases.get() {
-            Some(keeper) => keeper.check_open(data, &statx_fd(data.as_raw_fd())?.st),
+            Some(keeper) => Ok(keeper.check_open(data, &statx_fd(data.as_raw_fd())?.st)),
             None => Ok(true),
         }
+    }
+
+    /// Before OPEN or a SETATTR without a handle changes anything on the host: every name the
+    /// guest was given `data` under must still lead to this very inode. FUSE names only the
+    /// inode, so a guest whose dentry went stale (the host renamed the file away, replaced or
+    /// unlinked it) would otherwise truncate, write or chmod the wrong file. The names that
+    /// lead elsewhere now (or nowhere) are forgotten and the guest gets ESTALE, which makes its
+    /// VFS walk the path again with revalidation and retry: then it reaches whatever the name
+    /// leads to now.
+    ///
+    /// Exact, not a guess from timestamps: the name is resolved now and compared by identity
+    /// (device, inode number, mount). We hold an O_PATH descriptor of `data`, so its inode
+    /// number cannot have been reused by another file meanwhile.
+    fn check_names(&self, data: &InodeData) -> io::Result<()> {
+        let names = data
+            .names
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .snapshot();
+        if names.is_empty() {
+            return Ok(());
+        }
+        let mut stale: Vec<(u64, Box<[u8]>)> = Vec::new();
+        for (parent, name) in names {
+            let leads_here = self.inodes.get(parent).is_some_and(|p| {
+                std::ffi::CString::new(&name[..]).is_ok_and(|cname| {
+                    util::statx_at(p.as_raw_fd(), &cname, 0).is_ok_and(|info| {
+                        info.st.st_dev == data.id.dev
+                            && info.st.st_ino == data.id.ino
+                            && info.mnt_id == data.id.mnt_id
+                    })
+                })
+            });
+            if !leads_here {
+                stale.push((parent, name));
+            }
+        }
+        if stale.is_empty() {
+            return Ok(());
+        }
+        let mut names = data.names.lock().unwrap_or_else(|e| e.into_inner());
+        for (parent, name) in &stale {
+            names.forget(*parent, name);
+        }
+        drop(names);
+        self.stale_names.fetch_add(1, Ordering::Relaxed);
+        Err(io::Error::from_raw_os_error(libc::ESTALE))
+    }
+
+    /// Requests answered ESTALE because a name the guest held no longer led to the inode.
+    pub fn stale_name_answers(&self) -> u64 {
+        self.stale_names.load(Ordering::Relaxed)
     }
 
     /// Run `f`, which opens `data` for writing or truncates it on the guest's behalf.
@@ -455,7 +493,21 @@ impl PassthroughFs {
         let file = openat(parent.as_raw_fd(), name, libc::O_PATH | libc::O_NOFOLLOW, 0)?;
         // A submount's ".." is its parent mount, not a submount of it.
         let parent_id = (b != b"..").then_some(&parent.id);
-        self.add_inode(file, parent_id, acquire)
+        let entry = self.add_inode(file, parent_id, acquire)?;
+        if b != b".." {
+            self.remember_name(entry.inode, parent.inode, b);
+        }
+        Ok(entry)
+    }
+
+    /// The guest now holds a dentry `name` in `parent` for node `inode`.
+    fn remember_name(&self, inode: u64, parent: u64, name: &[u8]) {
+        if let Some(data) = self.inodes.get(inode) {
+            data.names
+                .lock()
+                .unwrap_or_else(|e| e.into_inner())
+                .remember(parent, name);
+        }
     }
 
     /// Enter the inode `file` (an O_PATH descriptor) into the table and build its entry.

@@ -87,10 +87,11 @@ impl PassthroughFs {
         let file = {
             let _creds = ScopedCreds::new(ctx.uid, ctx.gid)?;
             let _umask = ScopedUmask::new(self.create_umask(umask))?;
-            openat(p.as_raw_fd(), c".", flags | libc::O_TMPFILE, mode)?
+            self.create_for_write(&p, c".", flags | libc::O_TMPFILE, mode)?
         };
         let entry = self.add_inode_of_open_file(&file, &p.id)?;
-        let handle = self.handles.insert(entry.inode, file);
+        let data = self.inode(entry.inode)?;
+        let handle = self.handles.insert(&data, file, true);
         Ok((entry, Some(handle), self.file_open_options()))
     }
 
@@ -274,6 +275,18 @@ impl FileSystem for PassthroughFs {
             Some(fh) => Some(self.handle(fh, inode)?),
             None => None,
         };
+        if h.is_none() {
+            // Without a handle this may come from a path (truncate, chmod, chown, utimes) whose
+            // dentry the host made stale: check the names before changing anything. A size
+            // change without a handle always comes from a path (ftruncate and O_TRUNC carry
+            // the handle); the others may come from a descriptor too (fchmod, fchown,
+            // futimens), which cannot retry an ESTALE, so while the guest has the inode open
+            // those go ahead (docs/coherency.md, limits).
+            let by_path_for_sure = valid.contains(SetattrValid::SIZE);
+            if by_path_for_sure || data.open_handles.load(Ordering::Relaxed) == 0 {
+                self.check_names(&data)?;
+            }
+        }
         let proc_name = fd_name(data.as_raw_fd());
 
         if valid.contains(SetattrValid::MODE) {
@@ -325,10 +338,10 @@ impl FileSystem for PassthroughFs {
             // SAFETY (both): ftruncate on descriptors we own.
             match &h {
                 Some(h) => check(unsafe { libc::ftruncate64(h.as_raw_fd(), size) })?,
-                None => self.writing(&data, || {
-                    let f = self.reopen(&data, libc::O_WRONLY | libc::O_NONBLOCK)?;
-                    check(unsafe { libc::ftruncate64(f.as_raw_fd(), size) })
-                })?,
+                None => {
+                    let f = self.open_for_write(&data, libc::O_WRONLY)?;
+                    check(unsafe { libc::ftruncate64(f.as_raw_fd(), size) })?
+                }
             };
         }
 
@@ -462,6 +475,24 @@ impl FileSystem for PassthroughFs {
         }
         let old = self.inode(olddir)?;
         let new = self.inode(newdir)?;
+        // The guest moves its dentries with the rename: so do the names we check at OPEN.
+        let node_at = |dir: &super::InodeData, name: &CStr| {
+            util::statx_at(dir.as_raw_fd(), name, 0)
+                .ok()
+                .and_then(|info| {
+                    self.inodes.find(&super::InodeId {
+                        dev: info.st.st_dev,
+                        ino: info.st.st_ino,
+                        mnt_id: info.mnt_id,
+                    })
+                })
+        };
+        let moved = node_at(&old, oldname);
+        let exchanged = if flags & libc::RENAME_EXCHANGE != 0 {
+            node_at(&new, newname)
+        } else {
+            None
+        };
         // SAFETY: both names are NUL-terminated. The raw system call avoids depending on the
         // C library's renameat2 wrapper.
         let r = unsafe {
@@ -477,6 +508,15 @@ impl FileSystem for PassthroughFs {
         if r < 0 {
             return Err(io::Error::last_os_error());
         }
+        let rename_name = |node: Option<u64>, from: (u64, &CStr), to: (u64, &CStr)| {
+            if let Some(data) = node.and_then(|n| self.inodes.get(n)) {
+                let mut names = data.names.lock().unwrap_or_else(|e| e.into_inner());
+                names.forget(from.0, from.1.to_bytes());
+                names.remember(to.0, to.1.to_bytes());
+            }
+        };
+        rename_name(moved, (olddir, oldname), (newdir, newname));
+        rename_name(exchanged, (newdir, newname), (olddir, oldname));
         Ok(())
     }
 
@@ -514,21 +554,24 @@ impl FileSystem for PassthroughFs {
     ) -> io::Result<(Option<u64>, OpenOptions, Option<u32>)> {
         let data = self.inode(inode)?;
         let flags = self.open_flags(flags);
+        // First the name, then anything else: an O_TRUNC through a name the host renamed away
+        // must not truncate the renamed file.
+        self.check_names(&data)?;
+        let writes = super::open::writes(flags);
         let file = {
             let _kill = if fuse_flags & FOPEN_IN_KILL_SUIDGID != 0 && flags & libc::O_TRUNC != 0 {
                 Some(ScopedNoFsetid::new()?)
             } else {
                 None
             };
-            let writes = flags & libc::O_ACCMODE != libc::O_RDONLY || flags & libc::O_TRUNC != 0;
             if writes {
-                self.writing(&data, || self.reopen(&data, flags))?
+                self.open_for_write(&data, flags)?
             } else {
-                self.reopen(&data, flags)?
+                self.open_read(&data, super::ReadOnly::new(flags)?)?
             }
         };
         let keep = self.check_open(&data)?;
-        let handle = self.handles.insert(inode, file);
+        let handle = self.handles.insert(&data, file, writes);
         let mut opts = if is_dir(data.mode) {
             self.dir_open_options()
         } else {
@@ -555,15 +598,19 @@ impl FileSystem for PassthroughFs {
             let _umask = ScopedUmask::new(self.create_umask(args.umask))?;
             // O_NOFOLLOW: should a symlink appear under the name meanwhile, fail instead of
             // creating or opening whatever it points to.
-            openat(
-                p.as_raw_fd(),
+            self.create_for_write(
+                &p,
                 name,
                 flags | libc::O_CREAT | libc::O_NOFOLLOW,
                 args.mode,
             )?
         };
         let entry = self.add_inode_of_open_file(&file, &p.id)?;
-        let handle = self.handles.insert(entry.inode, file);
+        let data = self.inode(entry.inode)?;
+        self.remember_name(entry.inode, parent, name.to_bytes());
+        // The guest's cache of the new file starts as what the host has.
+        self.check_open(&data)?;
+        let handle = self.handles.insert(&data, file, true);
         Ok((entry, Some(handle), self.file_open_options(), None))
     }
 
@@ -656,6 +703,13 @@ impl FileSystem for PassthroughFs {
         lock_owner: Option<u64>,
     ) -> io::Result<()> {
         let h = self.handles.remove(handle, inode).ok_or_else(ebadf)?;
+        if h.writable {
+            if let (Some(keeper), Ok(data)) = (self.leases.get(), self.inode(inode)) {
+                if let Ok(info) = statx_fd(data.as_raw_fd()) {
+                    keeper.write_handle_closed(&data, &info.st);
+                }
+            }
+        }
         if flock_release {
             // An in-flight request may still hold the descriptor open; unlock explicitly.
             // SAFETY: flock on a descriptor we own.
@@ -722,7 +776,7 @@ impl FileSystem for PassthroughFs {
             0,
         )?;
         let keep = self.check_open(&data)?;
-        let handle = self.handles.insert(inode, file);
+        let handle = self.handles.insert(&data, file, false);
         let mut opts = self.dir_open_options();
         if !keep {
             // The listing changed since the guest's attributes say: read it afresh.

@@ -1020,7 +1020,9 @@ fn accessors_for_the_coherence_engine() {
     );
     let data = fs.inode_fd(e.inode).unwrap();
     assert_eq!(data.inode, e.inode);
-    let f = fs.reopen_inode(e.inode, libc::O_RDONLY).unwrap();
+    let f = fs
+        .reopen_inode(e.inode, crate::passthrough::ReadOnly::new(0).unwrap())
+        .unwrap();
     assert_eq!(f.metadata().unwrap().ino(), meta.ino());
     let h = open(&fs, e.inode, libc::O_RDONLY).unwrap();
     assert_eq!(fs.handle_fd(h).unwrap().inode, e.inode);

@@ -64,8 +64,13 @@ pub(crate) fn validate_name(name: &CStr) -> io::Result<()> {
     Ok(())
 }
 
-/// `openat` that always adds O_CLOEXEC; `flags` carry O_NOFOLLOW where it matters.
+/// `openat` that always adds O_CLOEXEC; `flags` carry O_NOFOLLOW where it matters. It never
+/// opens for writing, truncates or creates (EINVAL): that goes through `open.rs`, the one
+/// place that tells the coherence engine first.
 pub(crate) fn openat(dir: RawFd, name: &CStr, flags: i32, mode: u32) -> io::Result<File> {
+    if super::open::writes(flags) {
+        return Err(einval());
+    }
     // SAFETY: `name` is NUL-terminated; the returned descriptor is ours alone.
     let fd = check(unsafe { libc::openat(dir, name.as_ptr(), flags | libc::O_CLOEXEC, mode) })?;
     // SAFETY: `fd` was just opened and is owned by nobody else.

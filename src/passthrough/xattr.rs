@@ -44,7 +44,7 @@ impl PassthroughFs {
         let data: std::sync::Arc<InodeData> = self.inode(inode)?;
         if is_safe_inode(data.mode) {
             return Ok(Target::Fd(
-                self.reopen(&data, libc::O_RDONLY | libc::O_NONBLOCK)?,
+                self.open_read(&data, super::ReadOnly::new(libc::O_NONBLOCK)?)?,
             ));
         }
         let cwd = ScopedCwd::new(&self.proc_self_fd, &self.root)?;

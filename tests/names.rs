@@ -1,0 +1,349 @@
+//! A guest's names and pages against host changes, through a real vhost-user socket (stock
+//! guest: no notification queue). FUSE's OPEN and SETATTR name only the inode, so a guest
+//! holding a dentry the host made stale (renamed away, replaced, unlinked) must get ESTALE
+//! before anything changes on the host, decided from the name's identity now, not from
+//! timestamps; and a guest's cached pages may be kept across opens only while the host file is
+//! unchanged, whatever the host did to its mtime.
+
+use std::fs::{self, OpenOptions};
+use std::io::Write;
+use std::os::unix::fs::{MetadataExt, PermissionsExt};
+use std::path::Path;
+use std::sync::Arc;
+use std::thread;
+use std::time::{Duration, Instant};
+
+use leasefs::frontend::process::Backend;
+use leasefs::frontend::{Device, FrontendConfig, FuseClient, ROOT_ID};
+
+const FOPEN_KEEP_CACHE: u32 = 1 << 1;
+const FUSE_GETLK: u32 = 31;
+const FUSE_SETLK: u32 = 32;
+
+fn start(args: &[&str]) -> (Backend, FuseClient) {
+    let mut all = vec!["--log-level", "debug"];
+    all.extend_from_slice(args);
+    let backend = Backend::spawn(env!("CARGO_BIN_EXE_leasefsd"), &all).expect("starting leasefsd");
+    let config = FrontendConfig {
+        want_notification: false,
+        ..FrontendConfig::default()
+    };
+    let device = Arc::new(
+        Device::connect(backend.socket(), &config)
+            .unwrap_or_else(|e| panic!("connecting: {e}\ndaemon log:\n{}", backend.log())),
+    );
+    let fuse = FuseClient::new(device);
+    fuse.init().expect("INIT");
+    (backend, fuse)
+}
+
+/// The default mode with a short lease, and virtiofsd's `auto` and `always`: the name check
+/// holds in every mode (virtiofsd --cache auto truncates the renamed file here).
+const MODES: [&[&str]; 3] = [
+    &["--cache", "coherent", "--lease-timeout", "0.3"],
+    &["--cache", "auto"],
+    &["--cache", "always"],
+];
+
+fn assert_estale<T: std::fmt::Debug>(r: Result<T, leasefs::frontend::FuseError>, what: &str) {
+    match r {
+        Err(e) => assert_eq!(e.errno(), Some(libc::ESTALE), "{what}: {e:?}"),
+        Ok(v) => panic!("{what}: succeeded ({v:?}), expected ESTALE"),
+    }
+}
+
+#[test]
+fn o_trunc_through_a_name_the_host_renamed_away_touches_nothing() {
+    for mode in MODES {
+        let (backend, fuse) = start(mode);
+        let share = backend.share().to_path_buf();
+        fs::write(share.join("a"), b"precious bytes").unwrap();
+        let a = fuse.lookup(ROOT_ID, "a").expect("LOOKUP a");
+        // The host moves the file away within the lease; the guest still holds the name.
+        fs::rename(share.join("a"), share.join("a.bak")).unwrap();
+        assert_estale(
+            fuse.open(a.nodeid, libc::O_WRONLY | libc::O_TRUNC),
+            &format!("{mode:?}: OPEN O_TRUNC through a stale name"),
+        );
+        assert_eq!(
+            fs::read(share.join("a.bak")).unwrap(),
+            b"precious bytes",
+            "{mode:?}: the renamed file lost its bytes"
+        );
+        // The guest's retry looks the name up again: a is gone, so the shell creates it.
+        assert_eq!(
+            fuse.lookup(ROOT_ID, "a").unwrap_err().errno(),
+            Some(libc::ENOENT)
+        );
+    }
+}
+
+#[test]
+fn path_setattr_through_a_stale_name_changes_nothing() {
+    for mode in MODES {
+        let (backend, fuse) = start(mode);
+        let share = backend.share().to_path_buf();
+        fs::write(share.join("t"), b"0123456789").unwrap();
+        fs::set_permissions(share.join("t"), fs::Permissions::from_mode(0o644)).unwrap();
+        let t = fuse.lookup(ROOT_ID, "t").expect("LOOKUP t");
+        fs::rename(share.join("t"), share.join("t.moved")).unwrap();
+        assert_estale(fuse.truncate(t.nodeid, 0), &format!("{mode:?}: truncate"));
+        let meta = fs::metadata(share.join("t.moved")).unwrap();
+        assert_eq!(meta.len(), 10, "{mode:?}: truncated the renamed file");
+        // The ESTALE made the guest forget the stale name; its retry looks the name up again.
+        // Look the renamed file up under its new name and move it away once more.
+        let moved = fuse.lookup(ROOT_ID, "t.moved").expect("LOOKUP t.moved");
+        assert_eq!(moved.nodeid, t.nodeid);
+        fs::rename(share.join("t.moved"), share.join("t.gone")).unwrap();
+        assert_estale(fuse.chmod(t.nodeid, 0o600), &format!("{mode:?}: chmod"));
+        let meta = fs::metadata(share.join("t.gone")).unwrap();
+        assert_eq!(
+            meta.mode() & 0o777,
+            0o644,
+            "{mode:?}: chmod hit the renamed file"
+        );
+    }
+}
+
+#[test]
+fn the_name_check_is_by_identity_not_by_timestamps() {
+    let (backend, fuse) = start(MODES[0]);
+    let share = backend.share().to_path_buf();
+
+    // Renamed away, then written: ctime equals mtime again, which fooled a timestamp guess.
+    fs::write(share.join("r"), b"original").unwrap();
+    let r = fuse.lookup(ROOT_ID, "r").expect("LOOKUP r");
+    fs::rename(share.join("r"), share.join("r.away")).unwrap();
+    thread::sleep(Duration::from_millis(400)); // the held writer waits out the 0.3 s lease
+    let mut f = OpenOptions::new()
+        .append(true)
+        .open(share.join("r.away"))
+        .unwrap();
+    f.write_all(b" plus").unwrap();
+    drop(f);
+    let meta = fs::metadata(share.join("r.away")).unwrap();
+    assert_eq!(
+        (meta.ctime(), meta.ctime_nsec()),
+        (meta.mtime(), meta.mtime_nsec()),
+        "the write should have made ctime equal mtime"
+    );
+    assert_estale(
+        fuse.open(r.nodeid, libc::O_RDWR | libc::O_TRUNC),
+        "OPEN after rename-away-then-write",
+    );
+    assert_eq!(fs::read(share.join("r.away")).unwrap(), b"original plus");
+
+    // Replaced by a rename within the same timestamp tick as the guest's lookup.
+    fs::write(share.join("s"), b"old").unwrap();
+    fs::write(share.join("s.new"), b"new").unwrap();
+    let s = fuse.lookup(ROOT_ID, "s").expect("LOOKUP s");
+    fs::rename(share.join("s.new"), share.join("s")).unwrap();
+    assert_estale(
+        fuse.open(s.nodeid, libc::O_RDONLY),
+        "OPEN of a replaced file",
+    );
+
+    // A host chmod or write leaves the name where it was: no ESTALE.
+    fs::write(share.join("c"), b"c").unwrap();
+    let c = fuse.lookup(ROOT_ID, "c").expect("LOOKUP c");
+    fs::set_permissions(share.join("c"), fs::Permissions::from_mode(0o600)).unwrap();
+    fuse.open(c.nodeid, libc::O_RDONLY)
+        .expect("OPEN after a host chmod: the name still leads here");
+
+    // The guest's own rename moves the name it holds: no ESTALE either.
+    fuse.rename(ROOT_ID, "c", ROOT_ID, "c2")
+        .expect("guest RENAME");
+    fuse.open(c.nodeid, libc::O_RDONLY)
+        .expect("OPEN after the guest's own rename");
+
+    // Two names for one inode: the host removes one; the guest's next OPEN gets ESTALE once
+    // (it may have used that name), then goes through with the name that still leads here.
+    fs::write(share.join("h1"), b"linked").unwrap();
+    fs::hard_link(share.join("h1"), share.join("h2")).unwrap();
+    let h1 = fuse.lookup(ROOT_ID, "h1").expect("LOOKUP h1");
+    let h2 = fuse.lookup(ROOT_ID, "h2").expect("LOOKUP h2");
+    assert_eq!(h1.nodeid, h2.nodeid);
+    fs::remove_file(share.join("h1")).unwrap();
+    assert_estale(
+        fuse.open(h2.nodeid, libc::O_RDONLY),
+        "OPEN after one link went",
+    );
+    fuse.lookup(ROOT_ID, "h2")
+        .expect("the guest's retry: LOOKUP h2");
+    fuse.open(h2.nodeid, libc::O_RDONLY)
+        .expect("OPEN through the remaining name");
+}
+
+/// Host: rewrite `path` with `data` (same size), then set its mtime back to `mtime` as
+/// rsync -t, cp -p and touch -r do.
+fn rewrite_restoring_mtime(path: &Path, data: &[u8]) {
+    let before = fs::metadata(path).unwrap();
+    let mut f = OpenOptions::new().write(true).open(path).unwrap();
+    f.write_all(data).unwrap();
+    let times = [
+        libc::timespec {
+            tv_sec: before.atime(),
+            tv_nsec: before.atime_nsec(),
+        },
+        libc::timespec {
+            tv_sec: before.mtime(),
+            tv_nsec: before.mtime_nsec(),
+        },
+    ];
+    use std::os::fd::AsRawFd;
+    // SAFETY: two valid timespecs, our own descriptor.
+    assert_eq!(unsafe { libc::futimens(f.as_raw_fd(), times.as_ptr()) }, 0);
+    let after = fs::metadata(path).unwrap();
+    assert_eq!(
+        (after.mtime(), after.mtime_nsec(), after.len()),
+        (before.mtime(), before.mtime_nsec(), before.len())
+    );
+}
+
+#[test]
+fn a_rewrite_that_restores_mtime_drops_the_cached_pages_at_the_next_open() {
+    let (backend, fuse) = start(MODES[0]);
+    let path = backend.share().join("k");
+    fs::write(&path, b"stable").unwrap();
+    thread::sleep(Duration::from_millis(50)); // past one timestamp tick
+    let k = fuse.lookup(ROOT_ID, "k").expect("LOOKUP");
+    let first = fuse.open(k.nodeid, libc::O_RDONLY).expect("OPEN");
+    fuse.read(k.nodeid, first.fh, 0, 64).unwrap();
+    let second = fuse.open(k.nodeid, libc::O_RDONLY).expect("OPEN");
+    assert_ne!(
+        second.open_flags & FOPEN_KEEP_CACHE,
+        0,
+        "unchanged since the last open: keep the page cache"
+    );
+    rewrite_restoring_mtime(&path, b"STABLE");
+    let third = fuse.open(k.nodeid, libc::O_RDONLY).expect("OPEN");
+    assert_eq!(
+        third.open_flags & FOPEN_KEEP_CACHE,
+        0,
+        "a same-size rewrite with mtime set back: the pages must go"
+    );
+    assert_eq!(fuse.read(k.nodeid, third.fh, 0, 64).unwrap(), b"STABLE");
+    // Validated by that open: kept again while nothing changes.
+    thread::sleep(Duration::from_millis(50));
+    let fourth = fuse.open(k.nodeid, libc::O_RDONLY).expect("OPEN");
+    assert_ne!(fourth.open_flags & FOPEN_KEEP_CACHE, 0);
+
+    // A host chmod then a mtime-restoring rewrite while the guest is not looking: still
+    // dropped (ctime moved; a later getattr does not make the old pages right).
+    rewrite_restoring_mtime(&path, b"stable");
+    fuse.getattr(k.nodeid).expect("GETATTR");
+    let fifth = fuse.open(k.nodeid, libc::O_RDONLY).expect("OPEN");
+    assert_eq!(
+        fifth.open_flags & FOPEN_KEEP_CACHE,
+        0,
+        "attributes fetched in between must not vouch for pages read before the change"
+    );
+}
+
+#[test]
+fn the_guests_own_writes_keep_its_pages_across_opens() {
+    let (backend, fuse) = start(MODES[0]);
+    let path = backend.share().join("own");
+    fs::write(&path, b"0000").unwrap();
+    thread::sleep(Duration::from_millis(50));
+    let e = fuse.lookup(ROOT_ID, "own").expect("LOOKUP");
+    let rd = fuse.open(e.nodeid, libc::O_RDONLY).expect("OPEN");
+    fuse.read(e.nodeid, rd.fh, 0, 4).unwrap();
+    let w = fuse
+        .open(e.nodeid, libc::O_WRONLY)
+        .expect("OPEN for writing");
+    fuse.write(e.nodeid, w.fh, 0, b"1111").unwrap();
+    fuse.release(e.nodeid, w.fh, libc::O_WRONLY).unwrap();
+    thread::sleep(Duration::from_millis(50));
+    let again = fuse.open(e.nodeid, libc::O_RDONLY).expect("OPEN");
+    assert_ne!(
+        again.open_flags & FOPEN_KEEP_CACHE,
+        0,
+        "only the guest wrote: its pages are right"
+    );
+}
+
+/// A `fuse_lk_in` for GETLK/SETLK on handle `fh`.
+fn lk_in(fh: u64, owner: u64, lock_type: i32) -> Vec<u8> {
+    let mut b = Vec::with_capacity(48);
+    b.extend_from_slice(&fh.to_le_bytes());
+    b.extend_from_slice(&owner.to_le_bytes());
+    b.extend_from_slice(&0u64.to_le_bytes()); // start
+    b.extend_from_slice(&u64::MAX.to_le_bytes()); // end: to the end of the file
+    b.extend_from_slice(&(lock_type as u32).to_le_bytes());
+    b.extend_from_slice(&0u32.to_le_bytes()); // pid
+    b.extend_from_slice(&0u32.to_le_bytes()); // lk_flags
+    b.extend_from_slice(&0u32.to_le_bytes()); // padding
+    b
+}
+
+#[test]
+fn posix_locks_on_a_leased_read_only_file_work() {
+    // SQLite's read-only readers: stat, open O_RDONLY, F_GETLK / F_SETLK F_RDLCK.
+    let (backend, fuse) = start(MODES[0]);
+    let path = backend.share().join("db");
+    fs::write(&path, b"SQLite format 3\0").unwrap();
+    let e = fuse.lookup(ROOT_ID, "db").expect("LOOKUP");
+    fuse.getattr(e.nodeid)
+        .expect("GETATTR: the daemon takes its host lease");
+    let h = fuse.open(e.nodeid, libc::O_RDONLY).expect("OPEN");
+    let started = Instant::now();
+    fuse.call(FUSE_GETLK, e.nodeid, &[&lk_in(h.fh, 7, libc::F_RDLCK)], 24)
+        .expect("GETLK on a leased file");
+    fuse.call(FUSE_SETLK, e.nodeid, &[&lk_in(h.fh, 7, libc::F_RDLCK)], 0)
+        .expect("SETLK F_RDLCK on a leased file");
+    assert!(
+        started.elapsed() < Duration::from_millis(250),
+        "the lock waited {:?}: it broke the daemon's own lease",
+        started.elapsed()
+    );
+    fuse.call(FUSE_SETLK, e.nodeid, &[&lk_in(h.fh, 7, libc::F_UNLCK)], 0)
+        .expect("unlock");
+}
+
+#[test]
+fn create_of_an_existing_leased_name_does_not_wait_for_the_daemons_own_lease() {
+    let (backend, fuse) = start(&["--cache", "coherent", "--lease-timeout", "2"]);
+    let path = backend.share().join("exists");
+    fs::write(&path, b"old contents").unwrap();
+    let e = fuse.lookup(ROOT_ID, "exists").expect("LOOKUP");
+    fuse.getattr(e.nodeid).expect("GETATTR");
+    let started = Instant::now();
+    let created = fuse
+        .create(ROOT_ID, "exists", libc::O_WRONLY | libc::O_TRUNC, 0o644)
+        .expect("CREATE of an existing name");
+    assert!(
+        started.elapsed() < Duration::from_millis(500),
+        "CREATE waited {:?} for the daemon's own lease",
+        started.elapsed()
+    );
+    assert_eq!(created.0.nodeid, e.nodeid);
+    assert_eq!(fs::read(&path).unwrap(), b"");
+}
+
+#[test]
+fn a_guest_open_for_writing_does_not_let_a_held_host_writer_through_early() {
+    let lease = Duration::from_millis(800);
+    let (backend, fuse) = start(&["--cache", "coherent", "--lease-timeout", "0.8"]);
+    let path = backend.share().join("held");
+    fs::write(&path, b"v1").unwrap();
+    let e = fuse.lookup(ROOT_ID, "held").expect("LOOKUP");
+    let granted = Instant::now();
+    let host_path = path.clone();
+    let writer = thread::spawn(move || {
+        let start = Instant::now();
+        let f = OpenOptions::new().write(true).open(&host_path).unwrap();
+        (start.elapsed(), f)
+    });
+    thread::sleep(Duration::from_millis(150)); // the host writer is held now
+    let w = fuse
+        .open(e.nodeid, libc::O_WRONLY)
+        .expect("guest OPEN for writing");
+    let (_waited, _f) = writer.join().unwrap();
+    let released_after = granted.elapsed();
+    assert!(
+        released_after >= lease,
+        "the host writer went on {released_after:?} after the grant, before the guest's {lease:?} lease ended"
+    );
+    fuse.release(e.nodeid, w.fh, libc::O_WRONLY).unwrap();
+}
