@@ -216,6 +216,8 @@ fn a_rewrite_that_restores_mtime_drops_the_cached_pages_at_the_next_open() {
         "unchanged since the last open: keep the page cache"
     );
     rewrite_restoring_mtime(&path, b"STABLE");
+    // Past the change's timestamp tick, so that the open below can vouch for what it sees.
+    thread::sleep(Duration::from_millis(50));
     let third = fuse.open(k.nodeid, libc::O_RDONLY).expect("OPEN");
     assert_eq!(
         third.open_flags & FOPEN_KEEP_CACHE,
@@ -224,7 +226,6 @@ fn a_rewrite_that_restores_mtime_drops_the_cached_pages_at_the_next_open() {
     );
     assert_eq!(fuse.read(k.nodeid, third.fh, 0, 64).unwrap(), b"STABLE");
     // Validated by that open: kept again while nothing changes.
-    thread::sleep(Duration::from_millis(50));
     let fourth = fuse.open(k.nodeid, libc::O_RDONLY).expect("OPEN");
     assert_ne!(fourth.open_flags & FOPEN_KEEP_CACHE, 0);
 
@@ -253,14 +254,24 @@ fn the_guests_own_writes_keep_its_pages_across_opens() {
         .open(e.nodeid, libc::O_WRONLY)
         .expect("OPEN for writing");
     fuse.write(e.nodeid, w.fh, 0, b"1111").unwrap();
-    fuse.release(e.nodeid, w.fh, libc::O_WRONLY).unwrap();
+    // Past the write's timestamp tick: a host change after the close would show in ctime.
     thread::sleep(Duration::from_millis(50));
+    fuse.release(e.nodeid, w.fh, libc::O_WRONLY).unwrap();
     let again = fuse.open(e.nodeid, libc::O_RDONLY).expect("OPEN");
     assert_ne!(
         again.open_flags & FOPEN_KEEP_CACHE,
         0,
         "only the guest wrote: its pages are right"
     );
+    // Closed within the tick of its last write: a host change right after could carry the
+    // same ctime, so the next open drops the pages.
+    let w = fuse
+        .open(e.nodeid, libc::O_WRONLY)
+        .expect("OPEN for writing");
+    fuse.write(e.nodeid, w.fh, 0, b"2222").unwrap();
+    fuse.release(e.nodeid, w.fh, libc::O_WRONLY).unwrap();
+    let after_quick_close = fuse.open(e.nodeid, libc::O_RDONLY).expect("OPEN");
+    assert_eq!(after_quick_close.open_flags & FOPEN_KEEP_CACHE, 0);
 }
 
 /// A `fuse_lk_in` for GETLK/SETLK on handle `fh`.
