@@ -178,11 +178,16 @@ pub struct Options {
     pub print_capabilities: bool,
 
     /// How many request queues to offer the VMM (QEMU's `num-request-queues` may ask for up to
-    /// this many).
+    /// this many), at most 62: with the hiprio and notification queues that is 64 virtqueues,
+    /// one bit each in the daemon's 64-bit queue masks.
     #[arg(long = "max-request-queues", value_name = "N", default_value_t = 8,
-          value_parser = clap::value_parser!(u16).range(1..=64))]
+          value_parser = clap::value_parser!(u16).range(1..=MAX_REQUEST_QUEUES as i64))]
     pub max_request_queues: u16,
 }
+
+/// Most request queues: hiprio and notification queue plus these make 64 virtqueues, which is
+/// what the vhost-user backend's per-thread queue masks (`u64`) can name.
+pub const MAX_REQUEST_QUEUES: u16 = 62;
 
 fn parse_lease_timeout(value: &str) -> Result<f64, String> {
     match value.parse::<f64>() {
@@ -282,6 +287,29 @@ mod tests {
             "--cache=never",
         ]);
         assert_eq!(o.unwrap().cache, CacheMode::Never);
+    }
+
+    #[test]
+    fn request_queues_fit_the_64_bit_queue_masks() {
+        let base = [
+            "--socket-path",
+            "/s",
+            "--shared-dir",
+            "/d",
+            "--max-request-queues",
+        ];
+        let with = |n: &str| {
+            let mut v = base.to_vec();
+            v.push(n);
+            parse(&v)
+        };
+        assert_eq!(with("62").unwrap().max_request_queues, 62);
+        for bad in ["63", "64", "0"] {
+            let e = with(bad).expect_err(bad).to_string();
+            assert!(e.contains("62"), "{bad}: {e}");
+        }
+        // hiprio + notification + request queues, one bit each.
+        assert_eq!(2 + MAX_REQUEST_QUEUES as u32, u64::BITS);
     }
 
     #[test]
