@@ -254,10 +254,20 @@ impl LeaseTable {
         }
     }
 
-    /// The lease a reply grants now.
-    fn granted_lease(&self) -> Duration {
+    /// The lease a reply about `data` grants now: the long one only for a notify-capable
+    /// guest and only while the host watcher reports changes of `data` and of the directories
+    /// the guest holds its names in (a fanotify mark can fail: max_user_marks, EMFILE).
+    fn granted_lease(&self, data: &InodeData) -> Duration {
         match &self.notifier {
-            Some(n) if n.active() => self.notify_lease,
+            Some(n)
+                if n.active()
+                    && self
+                        .fs
+                        .upgrade()
+                        .is_some_and(|fs| fs.watched_with_parents(data)) =>
+            {
+                self.notify_lease
+            }
             _ => self.lease,
         }
     }
@@ -505,7 +515,7 @@ impl LeaseKeeper for LeaseTable {
         acquire: bool,
     ) -> (Duration, Duration) {
         let now = self.now_ns();
-        let granted = self.granted_lease();
+        let granted = self.granted_lease(data);
         let mut t = self.lock();
         let t = &mut *t;
         let lease = t.leases.entry(data.inode).or_default();

@@ -91,6 +91,8 @@ pub struct WatchStats {
     pub revocations: AtomicU64,
     pub dir_marks: AtomicU64,
     pub namespace_changes: AtomicU64,
+    /// Marks that could not be placed (those inodes get the short lease).
+    pub mark_failures: AtomicU64,
 }
 
 /// The fanotify listener.
@@ -378,14 +380,15 @@ impl HostWatcher {
         let key = match handle_key(data.as_raw_fd()) {
             Ok(key) => key,
             Err(e) => {
-                debug!("cannot watch directory node {}: {e}", data.inode);
+                self.mark_failed(data, &e);
                 return;
             }
         };
         if let Err(e) = self.mark_in(group.as_raw_fd(), FAN_MARK_ADD, NAMESPACE_EVENTS, data) {
-            debug!("cannot watch directory node {}: {e}", data.inode);
+            self.mark_failed(data, &e);
             return;
         }
+        data.watched.store(true, Ordering::Relaxed);
         let mut dirs = self.dirs.lock().unwrap();
         let nodes = dirs.entry(key).or_default();
         if !nodes.contains(&data.inode) {
@@ -553,6 +556,20 @@ impl HostWatcher {
         }
     }
 
+    /// A mark could not be placed: the inode keeps the stock guest's short lease (the lease
+    /// table asks `watched`). Counted; the first failure is a warning, the rest debug lines.
+    fn mark_failed(&self, data: &InodeData, e: &io::Error) {
+        data.watched.store(false, Ordering::Relaxed);
+        if self.stats.mark_failures.fetch_add(1, Ordering::Relaxed) == 0 {
+            warn!(
+                "host watcher: cannot watch node {} ({e}); it and any later such inode get the short lease (check /proc/sys/fs/fanotify/max_user_marks and the descriptor limit)",
+                data.inode
+            );
+        } else {
+            debug!("host watcher: cannot watch node {}: {e}", data.inode);
+        }
+    }
+
     fn revoke(&self, message: Notification) {
         debug!("host changed the share: {message:?}");
         self.stats.revocations.fetch_add(1, Ordering::Relaxed);
@@ -600,8 +617,9 @@ impl InodeObserver for HostWatcher {
         match self.mark(FAN_MARK_ADD, data) {
             Ok(()) => {
                 self.stats.marks.fetch_add(1, Ordering::Relaxed);
+                data.watched.store(true, Ordering::Relaxed);
             }
-            Err(e) => debug!("cannot watch node {}: {e}", data.inode),
+            Err(e) => self.mark_failed(data, &e),
         }
         self.track_file(data, true);
     }
@@ -610,6 +628,7 @@ impl InodeObserver for HostWatcher {
         if !self.notifier.active() {
             return;
         }
+        data.watched.store(false, Ordering::Relaxed);
         if data.mode & libc::S_IFMT == libc::S_IFDIR {
             self.unmark_dir(data);
             return;

@@ -12,7 +12,7 @@
 use std::collections::{BTreeMap, HashMap};
 use std::fs::File;
 use std::os::fd::{AsFd, AsRawFd, BorrowedFd, RawFd};
-use std::sync::atomic::{AtomicU32, AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU32, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, RwLock};
 
 /// The FUSE node id of the share's root.
@@ -45,6 +45,10 @@ pub struct InodeData {
     /// Guest handles open on this inode (OPEN, CREATE, TMPFILE, OPENDIR), counted by
     /// [`OpenHandleCount`] guards that live as long as the handle's descriptor.
     pub(crate) open_handles: AtomicU32,
+    /// Set by the coherence engine's host watcher while a fanotify mark reports changes of
+    /// this inode (its data for a file; its entries, its own and its children's attributes
+    /// for a directory). Only then may a notify-capable guest cache it for the long lease.
+    pub watched: AtomicBool,
 }
 
 /// The (parent node id, name) pairs under which the guest got this inode in an entry reply
@@ -85,6 +89,11 @@ impl GuestNames {
     pub(crate) fn forget(&mut self, parent: u64, name: &[u8]) {
         self.names
             .retain(|(p, n)| !(*p == parent && &n[..] == name));
+    }
+
+    /// Whether `f` holds for every parent directory these names are in (true with none).
+    pub(crate) fn all_parents(&self, mut f: impl FnMut(u64) -> bool) -> bool {
+        self.names.iter().all(|(p, _)| f(*p))
     }
 
     pub(crate) fn snapshot(&self) -> Vec<(u64, Box<[u8]>)> {
@@ -216,6 +225,7 @@ impl InodeTable {
             plocks: Mutex::new(HashMap::new()),
             names: Mutex::new(GuestNames::default()),
             open_handles: AtomicU32::new(0),
+            watched: AtomicBool::new(false),
         });
         let mut m = self.write();
         m.by_id.insert(id, ROOT_INODE);
@@ -240,6 +250,7 @@ impl InodeTable {
             plocks: Mutex::new(HashMap::new()),
             names: Mutex::new(GuestNames::default()),
             open_handles: AtomicU32::new(0),
+            watched: AtomicBool::new(false),
         });
         m.by_id.insert(id, inode);
         m.by_inode.insert(inode, data.clone());

@@ -493,25 +493,21 @@ impl PassthroughFs {
         let file = openat(parent.as_raw_fd(), name, libc::O_PATH | libc::O_NOFOLLOW, 0)?;
         // A submount's ".." is its parent mount, not a submount of it.
         let parent_id = (b != b"..").then_some(&parent.id);
-        let entry = self.add_inode(file, parent_id, acquire)?;
-        if b != b".." {
-            self.remember_name(entry.inode, parent.inode, b);
-        }
-        Ok(entry)
+        // The guest will hold a dentry under this name (not for "..": it never does).
+        let named = (b != b"..").then_some((parent.inode, b));
+        self.add_inode(file, parent_id, named, acquire)
     }
 
-    /// The guest now holds a dentry `name` in `parent` for node `inode`.
-    fn remember_name(&self, inode: u64, parent: u64, name: &[u8]) {
-        if let Some(data) = self.inodes.get(inode) {
-            data.names
-                .lock()
-                .unwrap_or_else(|e| e.into_inner())
-                .remember(parent, name);
-        }
-    }
-
-    /// Enter the inode `file` (an O_PATH descriptor) into the table and build its entry.
-    fn add_inode(&self, file: File, parent: Option<&InodeId>, acquire: bool) -> io::Result<Entry> {
+    /// Enter the inode `file` (an O_PATH descriptor) into the table and build its entry;
+    /// `named`: the (parent node, name) the guest will hold a dentry under, remembered before
+    /// the entry is granted.
+    fn add_inode(
+        &self,
+        file: File,
+        parent: Option<&InodeId>,
+        named: Option<(u64, &[u8])>,
+        acquire: bool,
+    ) -> io::Result<Entry> {
         let info = statx_fd(file.as_raw_fd())?;
         let id = InodeId {
             dev: info.st.st_dev,
@@ -519,15 +515,42 @@ impl PassthroughFs {
             mnt_id: info.mnt_id,
         };
         let data = self.inodes.lookup_or_insert(id, info.st.st_mode, file);
+        if let Some((dir, name)) = named {
+            data.names
+                .lock()
+                .unwrap_or_else(|e| e.into_inner())
+                .remember(dir, name);
+        }
         Ok(self.entry(&data, info.st, parent, acquire))
+    }
+
+    /// Whether the host watcher reports changes of `data` and of every directory the guest
+    /// holds a name of it in: what a notify-capable guest's long lease needs.
+    pub fn watched_with_parents(&self, data: &InodeData) -> bool {
+        data.watched.load(Ordering::Relaxed)
+            && data
+                .names
+                .lock()
+                .unwrap_or_else(|e| e.into_inner())
+                .all_parents(|p| {
+                    self.inodes
+                        .get(p)
+                        .is_some_and(|d| d.watched.load(Ordering::Relaxed))
+                })
     }
 
     /// Enter the inode behind an open descriptor (from CREATE or TMPFILE: the name may already
     /// have changed, or there is none) into the table. We hold it open for writing, so no
     /// lease can be had for it now.
-    fn add_inode_of_open_file(&self, file: &File, parent: &InodeId) -> io::Result<Entry> {
+    fn add_inode_of_open_file(
+        &self,
+        file: &File,
+        parent: &InodeData,
+        name: Option<&CStr>,
+    ) -> io::Result<Entry> {
         let path = reopen_path(&self.proc_self_fd, file)?;
-        self.add_inode(path, Some(parent), false)
+        let named = name.map(|n| (parent.inode, n.to_bytes()));
+        self.add_inode(path, Some(&parent.id), named, false)
     }
 }
 

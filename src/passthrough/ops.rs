@@ -89,7 +89,7 @@ impl PassthroughFs {
             let _umask = ScopedUmask::new(self.create_umask(umask))?;
             self.create_for_write(&p, c".", flags | libc::O_TMPFILE, mode)?
         };
-        let entry = self.add_inode_of_open_file(&file, &p.id)?;
+        let entry = self.add_inode_of_open_file(&file, &p, None)?;
         let data = self.inode(entry.inode)?;
         let handle = self.handles.insert(&data, file, true);
         Ok((entry, Some(handle), self.file_open_options()))
@@ -605,9 +605,8 @@ impl FileSystem for PassthroughFs {
                 args.mode,
             )?
         };
-        let entry = self.add_inode_of_open_file(&file, &p.id)?;
+        let entry = self.add_inode_of_open_file(&file, &p, Some(name))?;
         let data = self.inode(entry.inode)?;
-        self.remember_name(entry.inode, parent, name.to_bytes());
         // The guest's cache of the new file starts as what the host has.
         self.check_open(&data)?;
         let handle = self.handles.insert(&data, file, true);
