@@ -8,7 +8,9 @@
 #   --daemon-arg ARG    extra daemon argument, repeatable; when given they replace
 #                       the default extra args "--cache always --sandbox none"
 #   --agent             start the host agent (guest-tests host-agent) and give
-#                       the guest a virtio-serial port named leasefs.agent
+#                       the guest a virtio-serial port named leasefs.agent; QEMU
+#                       then also gets a QMP socket the agent uses to pause the
+#                       VM (the agent's PAUSE request: `stop`, host change, `cont`)
 #   --qemu PATH         QEMU binary (default qemu-system-x86_64); it also gets
 #                       -L for Debian's firmware directories (/usr/share/seabios,
 #                       /usr/lib/ipxe/qemu, /usr/share/qemu: bios-256k.bin,
@@ -184,6 +186,7 @@ fi
 
 SOCK="$RUN_TMP/vhost-fs.sock"
 AGENT_SOCK="$RUN_TMP/agent.sock"
+QMP_SOCK="$RUN_TMP/qmp.sock"
 DAEMON_PID=""
 AGENT_PID=""
 QEMU_PID=""
@@ -265,7 +268,7 @@ wait_for_socket "$SOCK" "$DAEMON_PID" "${LEASEFS_SOCKET_WAIT:-30}" daemon "$DAEM
 if [ "$agent" -eq 1 ]; then
     log "agent: $agent_bin host-agent --share $share --listen $AGENT_SOCK"
     RUST_BACKTRACE=${RUST_BACKTRACE:-1} setsid "$agent_bin" host-agent --share "$share" \
-        --listen "$AGENT_SOCK" </dev/null >"$AGENT_LOG" 2>&1 &
+        --listen "$AGENT_SOCK" --qmp "$QMP_SOCK" </dev/null >"$AGENT_LOG" 2>&1 &
     AGENT_PID=$!
     wait_for_socket "$AGENT_SOCK" "$AGENT_PID" "${LEASEFS_SOCKET_WAIT:-30}" agent "$AGENT_LOG" \
         || die "the host agent did not start (see its log above)"
@@ -300,7 +303,8 @@ if [ "$agent" -eq 1 ]; then
     # QEMU connects as a client to the agent's listening socket.
     # shellcheck disable=SC2054
     qargs+=(-device virtio-serial-pci -chardev "socket,id=agent,path=$AGENT_SOCK"
-            -device virtserialport,chardev=agent,name=leasefs.agent)
+            -device virtserialport,chardev=agent,name=leasefs.agent
+            -qmp "unix:$QMP_SOCK,server=on,wait=off")
 fi
 # A QEMU of our own (e.g. built from source) needs Debian's firmware paths.
 if [ -n "$qemu" ]; then

@@ -102,6 +102,8 @@ impl Fixtures {
 pub struct Server {
     share: Fd,
     secret: String,
+    /// QEMU's QMP socket, for PAUSE (`host-agent --qmp`).
+    qmp: Option<PathBuf>,
 }
 
 fn en(e: Errno) -> String {
@@ -115,7 +117,23 @@ impl Server {
         Ok(Server {
             share,
             secret: secret.to_string(),
+            qmp: None,
         })
+    }
+
+    /// Lets PAUSE stop and resume the VM through QEMU's QMP socket.
+    pub fn with_qmp(mut self, qmp: Option<PathBuf>) -> Server {
+        self.qmp = qmp;
+        self
+    }
+
+    /// The reply line (without newline) for one parsed request.
+    fn reply_for(&self, req: &Request) -> String {
+        match self.handle(req) {
+            Ok(s) if s.is_empty() => "OK".into(),
+            Ok(s) => format!("OK {s}"),
+            Err(e) => format!("ERR {e}"),
+        }
     }
 
     /// Walks to the parent directory of `p` without following symlinks and
@@ -326,6 +344,71 @@ impl Server {
                 Ok(String::new())
             }
             Request::Echo(b) => Ok(hex_encode(b)),
+            Request::Link(a, b) => {
+                let (da, na) = self.resolve(a)?;
+                let (db, nb) = self.resolve(b)?;
+                let (ca, cb) = (cstr(&na)?, cstr(&nb)?);
+                let r = unsafe {
+                    libc::linkat(da.as_raw_fd(), ca.as_ptr(), db.as_raw_fd(), cb.as_ptr(), 0)
+                };
+                if r < 0 {
+                    return Err(en(Errno::last()));
+                }
+                Ok(String::new())
+            }
+            Request::RdTrunc(p) => {
+                self.open_in(p, libc::O_RDONLY | libc::O_TRUNC, 0)?;
+                Ok(String::new())
+            }
+            Request::Restore(p, data) => {
+                let (dir, name) = self.resolve(p)?;
+                let st = sys::fstatat(&dir, sys::path_from_bytes(&name), libc::AT_SYMLINK_NOFOLLOW)
+                    .map_err(en)?;
+                let fd = self.open_in(p, libc::O_WRONLY | libc::O_TRUNC, 0)?;
+                sys::write_all(&fd, data).map_err(en)?;
+                let times = [
+                    libc::timespec {
+                        tv_sec: 0,
+                        tv_nsec: libc::UTIME_OMIT,
+                    },
+                    sys::ts(st.st_mtime, st.st_mtime_nsec),
+                ];
+                sys::futimens(&fd, times).map_err(en)?;
+                Ok(String::new())
+            }
+            Request::Par(reqs) => {
+                let replies: Vec<String> = std::thread::scope(|sc| {
+                    let hs: Vec<_> = reqs
+                        .iter()
+                        .map(|r| sc.spawn(move || self.reply_for(r)))
+                        .collect();
+                    hs.into_iter()
+                        .map(|h| h.join().unwrap_or_else(|_| "ERR EIO panic".into()))
+                        .collect()
+                });
+                let hexes: Vec<String> = replies.iter().map(|r| hex_encode(r.as_bytes())).collect();
+                Ok(hexes.join(" "))
+            }
+            Request::Pause(ms, inner) => {
+                let qmp = self
+                    .qmp
+                    .as_deref()
+                    .ok_or("EOPNOTSUPP no QMP socket (host-agent --qmp)")?;
+                let mut mon = Qmp::connect(qmp)?;
+                mon.execute("stop")?;
+                let start = Instant::now();
+                let reply = std::thread::scope(|sc| {
+                    let h = sc.spawn(|| self.reply_for(inner));
+                    let left = Duration::from_millis(*ms).saturating_sub(start.elapsed());
+                    std::thread::sleep(left);
+                    // Resume even if the inner request is still held (on the notify
+                    // stack it waits for the guest's confirmation).
+                    let cont = mon.execute("cont");
+                    let r = h.join().unwrap_or_else(|_| "ERR EIO panic".into());
+                    cont.map(|_| r)
+                })?;
+                Ok(hex_encode(reply.as_bytes()))
+            }
             Request::Timed(inner) => {
                 let start = Instant::now();
                 let r = self.handle(inner)?;
@@ -350,6 +433,67 @@ impl Server {
                     Ok(s) => (format!("OK {s}"), bye),
                     Err(e) => (format!("ERR {e}"), bye),
                 }
+            }
+        }
+    }
+}
+
+/// A QMP client: enough for `stop` and `cont`.
+struct Qmp {
+    stream: std::os::unix::net::UnixStream,
+    buf: Vec<u8>,
+}
+
+impl Qmp {
+    fn connect(path: &Path) -> Result<Qmp, String> {
+        let stream = std::os::unix::net::UnixStream::connect(path)
+            .map_err(|e| format!("EIO QMP connect {}: {e}", path.display()))?;
+        stream
+            .set_read_timeout(Some(Duration::from_secs(10)))
+            .map_err(|e| format!("EIO QMP: {e}"))?;
+        let mut q = Qmp {
+            stream,
+            buf: Vec::new(),
+        };
+        let greeting = q.line()?;
+        if !greeting.contains("\"QMP\"") {
+            return Err(format!("EIO QMP greeting {greeting:?}"));
+        }
+        q.execute("qmp_capabilities")?;
+        Ok(q)
+    }
+
+    fn line(&mut self) -> Result<String, String> {
+        use std::io::Read;
+        loop {
+            if let Some(i) = self.buf.iter().position(|&b| b == b'\n') {
+                let l: Vec<u8> = self.buf.drain(..=i).collect();
+                return Ok(String::from_utf8_lossy(&l).trim().to_string());
+            }
+            let mut chunk = [0u8; 4096];
+            let n = self
+                .stream
+                .read(&mut chunk)
+                .map_err(|e| format!("EIO QMP read: {e}"))?;
+            if n == 0 {
+                return Err("EIO QMP closed".into());
+            }
+            self.buf.extend_from_slice(&chunk[..n]);
+        }
+    }
+
+    /// Runs a command without arguments; events before its answer are skipped.
+    fn execute(&mut self, cmd: &str) -> Result<(), String> {
+        self.stream
+            .write_all(format!("{{\"execute\": \"{cmd}\"}}\n").as_bytes())
+            .map_err(|e| format!("EIO QMP write: {e}"))?;
+        loop {
+            let l = self.line()?;
+            if l.starts_with("{\"return\"") {
+                return Ok(());
+            }
+            if l.starts_with("{\"error\"") {
+                return Err(format!("EIO QMP {cmd}: {l}"));
             }
         }
     }
@@ -442,7 +586,7 @@ pub fn serve_device(share: &Path, dev: &Path) -> Result<bool, String> {
 }
 
 /// The `host-agent` subcommand. Returns the exit code.
-pub fn main(share: &Path, listen: &Path, verbose: bool) -> i32 {
+pub fn main(share: &Path, listen: &Path, qmp: Option<PathBuf>, verbose: bool) -> i32 {
     for sig in [libc::SIGTERM, libc::SIGINT, libc::SIGHUP] {
         unsafe {
             let mut sa: libc::sigaction = std::mem::zeroed();
@@ -469,15 +613,21 @@ pub fn main(share: &Path, listen: &Path, verbose: bool) -> i32 {
             return 1;
         }
     };
-    let code = run_listener(&share, listen, &fx, verbose);
+    let code = run_listener(&share, listen, &fx, qmp, verbose);
     fx.cleanup();
     eprintln!("host-agent: fixtures removed, exiting with status {code}");
     code
 }
 
-fn run_listener(share: &Path, listen: &Path, fx: &Fixtures, verbose: bool) -> i32 {
+fn run_listener(
+    share: &Path,
+    listen: &Path,
+    fx: &Fixtures,
+    qmp: Option<PathBuf>,
+    verbose: bool,
+) -> i32 {
     let server = match Server::new(share, &fx.secret) {
-        Ok(s) => s,
+        Ok(s) => s.with_qmp(qmp),
         Err(e) => {
             eprintln!("host-agent: {e}");
             return 1;

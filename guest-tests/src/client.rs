@@ -70,7 +70,7 @@ pub fn find_port_named(port: &str) -> Result<PathBuf, String> {
 }
 
 /// `OK ...` -> Ok(Ok(payload)), `ERR ...` -> Ok(Err(text)).
-fn parse_reply(line: &str) -> Result<Reply, String> {
+pub fn parse_reply(line: &str) -> Result<Reply, String> {
     if line == "OK" {
         Ok(Ok(String::new()))
     } else if let Some(rest) = line.strip_prefix("OK ") {

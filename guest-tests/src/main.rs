@@ -3,15 +3,17 @@
 //!
 //!   guest-tests run [--dir /mnt] [--only NAME]... [--skip NAME]... [--no-agent]
 //!                   [--agent-path SOCK] [--timeout SECS] [--no-fork] [--list]
-//!   guest-tests host-agent --share DIR --listen SOCKPATH [-v]
+//!   guest-tests host-agent --share DIR --listen SOCKPATH [--qmp SOCK] [-v]
 //!   guest-tests bench-tree [--dir /mnt/tree] [--files 200] [--size 16384] [--rounds 20] [--create]
 //!   guest-tests stress [--dir /mnt] [--rounds N | --seconds N] [--seed S] ... (see USAGE)
+//!   guest-tests model [--dir /mnt] [--seed S] [--ops N] [--stack stock|notify] ... (see USAGE)
 //!   guest-tests relay --pair SOCK SOCK [--pair SOCK SOCK]...
 
 mod agent;
 mod bench;
 mod client;
 mod harness;
+mod model;
 mod proto;
 mod relay;
 mod stress;
@@ -29,9 +31,10 @@ usage:
       virtio-serial port 'leasefs.agent' (or the unix socket SOCK); without
       one they fail, unless --no-agent is given (then they are skipped).
       Each test runs in its own process, killed after SECS (default 300).
-  guest-tests host-agent --share DIR --listen SOCKPATH [-v]
+  guest-tests host-agent --share DIR --listen SOCKPATH [--qmp SOCK] [-v]
       Host side: create fixtures, accept one connection on SOCKPATH and
-      answer the guest's requests about DIR.
+      answer the guest's requests about DIR. --qmp: QEMU's QMP socket, which
+      the PAUSE request uses to stop and resume the VM.
   guest-tests bench-tree [--dir DIR] [--files N] [--size BYTES] [--rounds R] [--create]
       Time cached re-reads of the tree in DIR (default /mnt/tree, 200 files of
       16384 bytes): a checked cold pass, then R (default 20) warm passes of
@@ -49,6 +52,21 @@ usage:
       Prints a table and `STRESS key=value...` lines. --peer: the agent port
       leads to another guest, and this one serves that guest's requests on
       the leasefs.peer port (qemu/stress.sh --two-guests). Exit 3: not completed.
+  guest-tests model [--dir DIR] [--name NAME] [--seed S] [--ops N] [--stack auto|stock|notify]
+                    [--lease-ms MS] [--window-ms MS] [--known-limit KIND,...] [--no-pause]
+                    [--pause-ms MS] [--burst N] [--agent-path SOCK] [--history N] [--keep] [-v]
+      Model-based randomized coherence test (in the guest): from the seed, the
+      host agent and the guest interleave operations on DIR/NAME (default
+      /mnt/model); every answer is checked against a model of what
+      docs/coherency.md guarantees on the stack (auto: the notification queue
+      in sysfs means notify), and the host's state against the model. Names
+      may lag the window (stock: lease-ms + 250, default 1250 ms; notify: 50
+      ms); data never. Default 2000 ops, seed 1, one VM pause of 5000 ms and
+      one burst of 1000 host changes. A violation prints the seed, the check
+      and the op history; --seed S --ops N replays it. --known-limit: stale
+      answers after ops of these kinds (rdtrunc, restore, pause, burst) are
+      reported, not failed. Prints `MODEL key=value...`; exit 1 on a
+      violation, 3 when the run could not complete.
   guest-tests relay --pair SOCK_A SOCK_B [--pair SOCK_A SOCK_B]...
       Host side: listen on every SOCK, accept one connection on each, copy
       bytes both ways within each pair until all have closed.
@@ -127,10 +145,11 @@ fn main() {
             harness::run(opts, tests::all())
         }
         "host-agent" => {
-            let (mut share, mut listen, mut verbose) = (None, None, false);
+            let (mut share, mut listen, mut qmp, mut verbose) = (None, None, None, false);
             while let Some(a) = it.next() {
                 match a.as_str() {
                     "--share" => share = Some(PathBuf::from(value(a, &mut it))),
+                    "--qmp" => qmp = Some(PathBuf::from(value(a, &mut it))),
                     "--listen" => listen = Some(PathBuf::from(value(a, &mut it))),
                     "-v" | "--verbose" => verbose = true,
                     "-h" | "--help" => {
@@ -142,7 +161,7 @@ fn main() {
             }
             let share = share.unwrap_or_else(|| die("host-agent needs --share DIR"));
             let listen = listen.unwrap_or_else(|| die("host-agent needs --listen SOCKPATH"));
-            agent::main(&share, &listen, verbose)
+            agent::main(&share, &listen, qmp, verbose)
         }
         "bench-tree" => {
             let mut o = bench::Opts {
@@ -231,6 +250,66 @@ fn main() {
                 die("the late namespace look must come before --max-wait-ms");
             }
             stress::main(o)
+        }
+        "model" => {
+            let mut o = model::Opts::new();
+            while let Some(a) = it.next() {
+                match a.as_str() {
+                    "--dir" => o.dir = PathBuf::from(value(a, &mut it)),
+                    "--name" => {
+                        o.name = value(a, &mut it);
+                        if o.name.is_empty() || o.name.contains('/') || o.name.starts_with('.') {
+                            die(&format!("bad --name {:?}", o.name));
+                        }
+                    }
+                    "--seed" => {
+                        let v = value(a, &mut it);
+                        o.seed = v
+                            .parse()
+                            .unwrap_or_else(|_| die(&format!("bad --seed {v:?}")));
+                    }
+                    "--ops" => o.ops = positive(a, value(a, &mut it)),
+                    "--stack" => {
+                        o.notify = match value(a, &mut it).as_str() {
+                            "auto" => None,
+                            "stock" => Some(false),
+                            "notify" => Some(true),
+                            v => die(&format!("bad --stack {v:?} (auto, stock, notify)")),
+                        }
+                    }
+                    "--lease-ms" => o.lease_ms = positive(a, value(a, &mut it)),
+                    "--window-ms" => o.window_ms = Some(positive(a, value(a, &mut it))),
+                    "--known-limit" => {
+                        for k in value(a, &mut it).split(',').filter(|k| !k.is_empty()) {
+                            if !model::LIMIT_KINDS.contains(&k) {
+                                die(&format!(
+                                    "bad --known-limit {k:?} ({:?})",
+                                    model::LIMIT_KINDS
+                                ));
+                            }
+                            o.known.push(k.to_string());
+                        }
+                    }
+                    "--no-pause" => o.pause = false,
+                    "--pause-ms" => o.pause_ms = positive(a, value(a, &mut it)),
+                    "--burst" => {
+                        let v = value(a, &mut it);
+                        o.burst = v
+                            .parse()
+                            .unwrap_or_else(|_| die(&format!("bad --burst {v:?}")));
+                    }
+                    "--agent-path" => o.agent_path = Some(PathBuf::from(value(a, &mut it))),
+                    "--history" => o.history = positive(a, value(a, &mut it)) as usize,
+                    "--keep" => o.keep = true,
+                    "-v" | "--verbose" => o.verbose = true,
+                    "-h" | "--help" => {
+                        print!("{USAGE}");
+                        std::process::exit(0);
+                    }
+                    other => die(&format!("unknown option {other:?}")),
+                }
+            }
+            model::main(o)
         }
         "relay" => {
             let mut pairs = Vec::new();

@@ -110,6 +110,21 @@ pub enum Request {
     /// Runs the inner request and puts the microseconds its handling took
     /// (the host system calls) first in the reply: `OK <us>[ <payload>]`.
     Timed(Box<Request>),
+    /// A hard link: `link(a, b)` (b must not exist).
+    Link(Vec<u8>, Vec<u8>),
+    /// `open(O_RDONLY | O_TRUNC)`: truncates to 0 without opening for
+    /// writing (the kernel breaks no read lease for it).
+    RdTrunc(Vec<u8>),
+    /// `cp -p` over an existing file: open O_WRONLY|O_TRUNC, write the data,
+    /// then set the mtime back to what it was before.
+    Restore(Vec<u8>, Vec<u8>),
+    /// Runs the inner requests at once, one thread each (they must not touch
+    /// the same files); replies `OK <hex of each inner reply line>...`.
+    Par(Vec<Request>),
+    /// Stops the VM (QMP `stop`), runs the inner request, resumes the VM
+    /// (`cont`) after the milliseconds given (or when the request is done,
+    /// if later); replies `OK <hex of the inner reply line>`.
+    Pause(u64, Box<Request>),
 }
 
 impl Request {
@@ -135,6 +150,18 @@ impl Request {
             Request::Save(p, data) => format!("SAVE {} {}", h(p), h(data)),
             Request::Echo(b) => format!("ECHO {}", h(b)),
             Request::Timed(r) => format!("TIMED {}", r.encode()),
+            Request::Link(a, b) => format!("LINK {} {}", h(a), h(b)),
+            Request::RdTrunc(p) => format!("RDTRUNC {}", h(p)),
+            Request::Restore(p, data) => format!("RESTORE {} {}", h(p), h(data)),
+            Request::Par(rs) => {
+                let mut s = "PAR".to_string();
+                for r in rs {
+                    s.push(' ');
+                    s.push_str(&h(r.encode().as_bytes()));
+                }
+                s
+            }
+            Request::Pause(ms, r) => format!("PAUSE {ms} {}", h(r.encode().as_bytes())),
         }
     }
 
@@ -164,6 +191,15 @@ impl Request {
             s.parse::<u64>().map_err(|_| format!("bad {what} {s:?}"))
         };
         let path = |s: &str| hex_decode(s).map_err(|e| format!("bad hex path: {e}"));
+        let inner = |s: &str| -> Result<Request, String> {
+            let line = hex_decode(s).map_err(|e| format!("bad hex request: {e}"))?;
+            let line =
+                String::from_utf8(line).map_err(|_| "inner request not UTF-8".to_string())?;
+            match Request::parse(&line)? {
+                Request::Bye => Err("BYE cannot be nested".into()),
+                r => Ok(r),
+            }
+        };
         Ok(match cmd {
             "HELLO" => {
                 want(0)?;
@@ -241,6 +277,24 @@ impl Request {
             "ECHO" => {
                 want(1)?;
                 Request::Echo(hex_decode(args[0]).map_err(|e| format!("bad hex: {e}"))?)
+            }
+            "LINK" => {
+                want(2)?;
+                Request::Link(path(args[0])?, path(args[1])?)
+            }
+            "RDTRUNC" => {
+                want(1)?;
+                Request::RdTrunc(path(args[0])?)
+            }
+            "RESTORE" => {
+                want(2)?;
+                let data = hex_decode(args[1]).map_err(|e| format!("bad hex data: {e}"))?;
+                Request::Restore(path(args[0])?, data)
+            }
+            "PAR" => Request::Par(args.iter().map(|a| inner(a)).collect::<Result<_, _>>()?),
+            "PAUSE" => {
+                want(2)?;
+                Request::Pause(num(args[0], "milliseconds")?, Box::new(inner(args[1])?))
             }
             "TIMED" => return Err("TIMED needs a request".into()),
             "" => return Err("empty request".into()),
@@ -428,6 +482,18 @@ mod tests {
             Request::Echo(b"nonce".to_vec()),
             Request::Timed(Box::new(Request::Write(b"f".to_vec(), 3, vec![1]))),
             Request::Timed(Box::new(Request::Truncate(b"f".to_vec(), 0))),
+            Request::Link(b"a".to_vec(), b"b".to_vec()),
+            Request::RdTrunc(b"a".to_vec()),
+            Request::Restore(b"a".to_vec(), b"xyz".to_vec()),
+            Request::Par(vec![]),
+            Request::Par(vec![
+                Request::Write(b"f".to_vec(), 1, vec![2]),
+                Request::Unlink(b"g".to_vec()),
+            ]),
+            Request::Pause(
+                5000,
+                Box::new(Request::Par(vec![Request::Truncate(b"f".to_vec(), 0)])),
+            ),
         ];
         for r in reqs {
             let line = r.encode();
@@ -486,6 +552,12 @@ mod tests {
             "TIMED ",
             "TIMED NOPE",
             "TIMED TIMED HELLO",
+            "LINK 61",
+            "RDTRUNC",
+            "PAR zz",
+            "PAR 425945",
+            "PAUSE 10",
+            "PAUSE x 48454c4c4f",
         ] {
             assert!(Request::parse(bad).is_err(), "{bad:?} should not parse");
         }
