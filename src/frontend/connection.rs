@@ -1,10 +1,11 @@
 //! The vhost-user connection: play the VMM towards a virtio-fs backend.
 //!
 //! [`Device::connect`] does what QEMU does when a vhost-user-fs device starts, in the same
-//! order: SET_OWNER, feature negotiation (VERSION_1 and PROTOCOL_FEATURES; optionally
-//! VIRTIO_FS_F_NOTIFICATION; never EVENT_IDX), protocol features (MQ, REPLY_ACK), the
-//! queue count, SET_MEM_TABLE with our memfd, then for each queue SET_VRING_NUM / ADDR /
-//! BASE / CALL / KICK / ENABLE. Once REPLY_ACK is negotiated every later message asks for an
+//! order: SET_OWNER, feature negotiation (what QEMU and a Linux guest ack: VERSION_1,
+//! EVENT_IDX, INDIRECT_DESC and PROTOCOL_FEATURES when offered, EVENT_IDX unless
+//! [`FrontendConfig::event_idx`] is off; optionally VIRTIO_FS_F_NOTIFICATION), protocol
+//! features (MQ, REPLY_ACK), the queue count, SET_MEM_TABLE with our memfd, then for each
+//! queue SET_VRING_NUM / ADDR / BASE / CALL / KICK / ENABLE. Once REPLY_ACK is negotiated every later message asks for an
 //! acknowledgement, so a backend that rejects a step fails `connect` instead of a request.
 //!
 //! Guest memory is split once, up front:
@@ -16,6 +17,10 @@
 //!
 //! Queue order on the device follows the virtio-fs spec: 0 = hiprio, then the notification
 //! queue if negotiated, then the request queues.
+//!
+//! [`Device::pause`] and [`Device::resume`] stop and restart every ring the way QEMU does for
+//! `stop` and `cont`; [`Device::reboot`] stops them and negotiates afresh, as a guest that
+//! reboots (possibly into a kernel without the notification queue) makes QEMU do.
 //!
 //! Dropping the [`Device`] closes the socket, which a well-behaved backend treats as the VMM
 //! going away (it exits).
@@ -30,6 +35,7 @@ use vhost::vhost_user::{
 };
 use vhost::{VhostBackend, VringConfigData};
 use virtio_bindings::virtio_config::VIRTIO_F_VERSION_1;
+use virtio_bindings::virtio_ring::{VIRTIO_RING_F_EVENT_IDX, VIRTIO_RING_F_INDIRECT_DESC};
 
 use super::memory::{Arena, Buffer, GuestRam, GUEST_BASE};
 use super::virtqueue::{ring_bytes, Segment, Virtqueue};
@@ -55,6 +61,11 @@ pub struct FrontendConfig {
     pub request_queues: Option<usize>,
     /// Ask for VIRTIO_FS_F_NOTIFICATION when the backend offers it.
     pub want_notification: bool,
+    /// Ack VIRTIO_RING_F_EVENT_IDX when the backend offers it (QEMU and Linux do): kicks
+    /// and signals are then suppressed as `avail_event` and `used_event` say.
+    pub event_idx: bool,
+    /// Buffers kept posted on the notification queue (the Linux driver keeps 64).
+    pub notification_buffers: usize,
 }
 
 impl Default for FrontendConfig {
@@ -64,6 +75,8 @@ impl Default for FrontendConfig {
             queue_size: 256,
             request_queues: None,
             want_notification: false,
+            event_idx: true,
+            notification_buffers: 64,
         }
     }
 }
@@ -87,7 +100,8 @@ pub struct Negotiated {
 
 /// A virtio-fs device as seen from its driver, connected over vhost-user.
 pub struct Device {
-    frontend: Mutex<Frontend>,
+    /// `None` once [`Device::reboot`] handed the connection to the next device.
+    frontend: Mutex<Option<Frontend>>,
     ram: Arc<GuestRam>,
     hiprio: Arc<Virtqueue>,
     notification: Option<Arc<Virtqueue>>,
@@ -95,6 +109,9 @@ pub struct Device {
     notification_buffers: Mutex<HashMap<u16, Buffer>>,
     request: Vec<Arc<Virtqueue>>,
     negotiated: Negotiated,
+    queue_size: u16,
+    /// The next avail index of each queue, from GET_VRING_BASE, while paused.
+    paused: Mutex<Option<Vec<u32>>>,
 }
 
 impl Device {
@@ -116,17 +133,9 @@ impl Device {
             ));
         }
         let protocol_bit = VhostUserVirtioFeatures::PROTOCOL_FEATURES.bits();
-        let mut features = (1 << VIRTIO_F_VERSION_1) | (offered_features & protocol_bit);
-        if config.want_notification {
-            features |= offered_features & VIRTIO_FS_F_NOTIFICATION;
-        }
-        frontend
-            .set_features(features)
-            .map_err(vu("SET_FEATURES"))?;
-
         let mut offered_protocol_features = 0;
         let mut protocol_features = VhostUserProtocolFeatures::empty();
-        if features & protocol_bit != 0 {
+        if offered_features & protocol_bit != 0 {
             let offered = frontend
                 .get_protocol_features()
                 .map_err(vu("GET_PROTOCOL_FEATURES"))?;
@@ -137,12 +146,52 @@ impl Device {
                 .set_protocol_features(protocol_features)
                 .map_err(vu("SET_PROTOCOL_FEATURES"))?;
         }
-        let notification = features & VIRTIO_FS_F_NOTIFICATION != 0;
         let backend_queues = if protocol_features.contains(VhostUserProtocolFeatures::MQ) {
-            frontend.get_queue_num().map_err(vu("GET_QUEUE_NUM"))? as usize
+            Some(frontend.get_queue_num().map_err(vu("GET_QUEUE_NUM"))? as usize)
         } else {
-            2 + notification as usize
+            None
         };
+        if protocol_features.contains(VhostUserProtocolFeatures::REPLY_ACK) {
+            frontend.set_hdr_flags(VhostUserHeaderFlag::NEED_REPLY);
+        }
+        let ram = Arc::new(GuestRam::new(config.memory_size).map_err(FrontendError::Io)?);
+        let link = Link {
+            offered_features,
+            offered_protocol_features,
+            protocol_features,
+            backend_queues,
+        };
+        Self::start(frontend, ram, &link, config)
+    }
+
+    /// Negotiate features and set up every queue over an established connection (QEMU
+    /// negotiates the protocol features once per connection; the virtio features and the
+    /// rings on every start of the device).
+    fn start(
+        mut frontend: Frontend,
+        ram: Arc<GuestRam>,
+        link: &Link,
+        config: &FrontendConfig,
+    ) -> Result<Self, FrontendError> {
+        let vu = |step: &'static str| {
+            move |e: vhost::Error| FrontendError::VhostUser { step, source: e }
+        };
+        let offered_features = link.offered_features;
+        let protocol_bit = VhostUserVirtioFeatures::PROTOCOL_FEATURES.bits();
+        let mut features = (1 << VIRTIO_F_VERSION_1)
+            | (offered_features & (protocol_bit | (1 << VIRTIO_RING_F_INDIRECT_DESC)));
+        if config.event_idx {
+            features |= offered_features & (1 << VIRTIO_RING_F_EVENT_IDX);
+        }
+        if config.want_notification {
+            features |= offered_features & VIRTIO_FS_F_NOTIFICATION;
+        }
+        frontend
+            .set_features(features)
+            .map_err(vu("SET_FEATURES"))?;
+        let protocol_features = link.protocol_features;
+        let notification = features & VIRTIO_FS_F_NOTIFICATION != 0;
+        let backend_queues = link.backend_queues.unwrap_or(2 + notification as usize);
         let fixed_queues = 1 + notification as usize;
         let backend_request_queues = backend_queues.saturating_sub(fixed_queues);
         if backend_request_queues == 0 {
@@ -154,12 +203,8 @@ impl Device {
             .request_queues
             .unwrap_or(backend_request_queues)
             .clamp(1, backend_request_queues);
-        if protocol_features.contains(VhostUserProtocolFeatures::REPLY_ACK) {
-            frontend.set_hdr_flags(VhostUserHeaderFlag::NEED_REPLY);
-        }
 
         // Lay out guest memory.
-        let ram = Arc::new(GuestRam::new(config.memory_size).map_err(FrontendError::Io)?);
         let queue_count = fixed_queues + request_queues;
         let rings = ring_bytes(config.queue_size);
         let rings_end = GUEST_BASE + rings * queue_count as u64;
@@ -190,13 +235,14 @@ impl Device {
             arenas.push(Arena::new(next, len));
             next += len;
         }
+        let event_idx = features & (1 << VIRTIO_RING_F_EVENT_IDX) != 0;
         let mut queues = Vec::with_capacity(queue_count);
         for (i, arena) in arenas.into_iter().enumerate() {
             let area = GUEST_BASE + rings * i as u64;
-            queues.push(Arc::new(
-                Virtqueue::new(i, config.queue_size, ram.clone(), area, arena)
-                    .map_err(FrontendError::Io)?,
-            ));
+            let queue = Virtqueue::new(i, config.queue_size, ram.clone(), area, arena)
+                .map_err(FrontendError::Io)?;
+            queue.set_event_idx(event_idx);
+            queues.push(Arc::new(queue));
         }
 
         let region = ram.region_info().map_err(FrontendError::Io)?;
@@ -204,14 +250,14 @@ impl Device {
             .set_mem_table(&[region])
             .map_err(vu("SET_MEM_TABLE"))?;
         for q in &queues {
-            start_queue(&mut frontend, &ram, q, config.queue_size, features)?;
+            start_queue(&mut frontend, &ram, q, config.queue_size, features, 0)?;
         }
 
         let mut queues = queues.into_iter();
         let hiprio = queues.next().expect("hiprio queue");
         let notification = if notification { queues.next() } else { None };
         let device = Device {
-            frontend: Mutex::new(frontend),
+            frontend: Mutex::new(Some(frontend)),
             ram,
             hiprio,
             notification,
@@ -220,13 +266,15 @@ impl Device {
             negotiated: Negotiated {
                 offered_features,
                 features,
-                offered_protocol_features,
+                offered_protocol_features: link.offered_protocol_features,
                 protocol_features: protocol_features.bits(),
                 backend_queues,
                 backend_request_queues,
             },
+            queue_size: config.queue_size,
+            paused: Mutex::new(None),
         };
-        device.stock_notification_queue()?;
+        device.stock_notification_queue(config.notification_buffers)?;
         Ok(device)
     }
 
@@ -264,18 +312,36 @@ impl Device {
     }
 
     /// Run `f` on the vhost-user connection (for tests that send their own messages).
+    ///
+    /// # Panics
+    ///
+    /// After [`Device::reboot`], which hands the connection to the new device.
     pub fn with_frontend<T>(&self, f: impl FnOnce(&mut Frontend) -> T) -> T {
-        f(&mut self.frontend.lock().unwrap_or_else(|e| e.into_inner()))
+        let mut frontend = self.frontend.lock().unwrap_or_else(|e| e.into_inner());
+        f(frontend
+            .as_mut()
+            .expect("the connection moved to the rebooted device"))
     }
 
     /// Messages the device has put on the notification queue since the last call, each as
-    /// the bytes it wrote (a `fuse_out_header` with `unique` 0, then the notification). The
-    /// buffers are posted again right away. Empty without a notification queue.
+    /// the bytes it wrote (a `fuse_out_header`, then the notification). The buffers are
+    /// posted again right away. Empty without a notification queue.
     pub fn notifications(&self) -> Result<Vec<Vec<u8>>, FrontendError> {
-        let Some(queue) = &self.notification else {
-            return Ok(Vec::new());
-        };
         let mut out = Vec::new();
+        self.handle_notifications(|bytes| out.push(bytes.to_vec()))?;
+        Ok(out)
+    }
+
+    /// What the Linux driver's notification work item does: take every buffer the device
+    /// filled, hand each message to `handle` (which may confirm it), then post all of them
+    /// again at once and kick if the device asked for it. Returns how many were handled.
+    pub fn handle_notifications(
+        &self,
+        mut handle: impl FnMut(&[u8]),
+    ) -> Result<usize, FrontendError> {
+        let Some(queue) = &self.notification else {
+            return Ok(0);
+        };
         let mut buffers = self
             .notification_buffers
             .lock()
@@ -291,19 +357,29 @@ impl Device {
             self.ram
                 .read(buf.addr, &mut bytes)
                 .map_err(FrontendError::Io)?;
-            out.push(bytes);
+            handle(&bytes);
             done.push(buf);
         }
-        for buf in done {
-            let head = queue
-                .submit(&[Segment::writable(buf)])
-                .map_err(FrontendError::Io)?;
-            buffers.insert(head, buf);
+        let chains: Vec<[Segment; 1]> = done.iter().map(|b| [Segment::writable(*b)]).collect();
+        let chains: Vec<&[Segment]> = chains.iter().map(|c| &c[..]).collect();
+        if !chains.is_empty() {
+            let heads = queue.submit_many(&chains).map_err(FrontendError::Io)?;
+            buffers.extend(heads.into_iter().zip(done.iter().copied()));
         }
-        Ok(out)
+        Ok(done.len())
     }
 
-    fn stock_notification_queue(&self) -> Result<(), FrontendError> {
+    /// Notification buffers currently posted (not yet filled, or filled and not yet taken).
+    pub fn notification_buffers_posted(&self) -> usize {
+        self.notification_buffers
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .len()
+    }
+
+    /// Post up to `count` notification buffers and kick once, as the Linux driver does when
+    /// the device starts.
+    fn stock_notification_queue(&self, count: usize) -> Result<(), FrontendError> {
         let Some(queue) = &self.notification else {
             return Ok(());
         };
@@ -311,15 +387,19 @@ impl Device {
             .notification_buffers
             .lock()
             .unwrap_or_else(|e| e.into_inner());
-        while let Some(buf) = queue.alloc(NOTIFICATION_BUFFER_SIZE) {
-            if queue.free_descriptors() == 0 {
-                queue.free(buf);
-                break;
+        let count = count.min(queue.free_descriptors());
+        let mut bufs = Vec::with_capacity(count);
+        while bufs.len() < count {
+            match queue.alloc(NOTIFICATION_BUFFER_SIZE) {
+                Some(buf) => bufs.push(buf),
+                None => break,
             }
-            let head = queue
-                .submit(&[Segment::writable(buf)])
-                .map_err(FrontendError::Io)?;
-            buffers.insert(head, buf);
+        }
+        let chains: Vec<[Segment; 1]> = bufs.iter().map(|b| [Segment::writable(*b)]).collect();
+        let chains: Vec<&[Segment]> = chains.iter().map(|c| &c[..]).collect();
+        if !chains.is_empty() {
+            let heads = queue.submit_many(&chains).map_err(FrontendError::Io)?;
+            buffers.extend(heads.into_iter().zip(bufs));
         }
         Ok(())
     }
@@ -332,6 +412,114 @@ impl Device {
                 source,
             })
     }
+
+    /// Stop every ring as QEMU does when the VM is paused (`stop` in the monitor):
+    /// SET_VRING_ENABLE 0 and GET_VRING_BASE on each. Guest memory and the rings' contents
+    /// stay as they are; [`Device::resume`] starts them again.
+    pub fn pause(&self) -> Result<(), FrontendError> {
+        let mut paused = self.paused.lock().unwrap_or_else(|e| e.into_inner());
+        if paused.is_some() {
+            return Ok(());
+        }
+        *paused = Some(self.stop_all()?);
+        Ok(())
+    }
+
+    /// Start every ring again where it stopped, as QEMU does on `cont`: SET_FEATURES,
+    /// SET_MEM_TABLE, then per ring SET_VRING_NUM / ADDR / BASE (the saved index) / CALL /
+    /// KICK / ENABLE.
+    pub fn resume(&self) -> Result<(), FrontendError> {
+        let mut paused = self.paused.lock().unwrap_or_else(|e| e.into_inner());
+        let Some(bases) = paused.take() else {
+            return Ok(());
+        };
+        let features = self.negotiated.features;
+        let region = self.ram.region_info().map_err(FrontendError::Io)?;
+        self.with_frontend(|f| -> Result<(), FrontendError> {
+            f.set_features(features)
+                .map_err(|source| FrontendError::VhostUser {
+                    step: "SET_FEATURES",
+                    source,
+                })?;
+            f.set_mem_table(&[region])
+                .map_err(|source| FrontendError::VhostUser {
+                    step: "SET_MEM_TABLE",
+                    source,
+                })?;
+            for (q, base) in self.all_queues().iter().zip(bases) {
+                start_queue(f, &self.ram, q, self.queue_size, features, base)?;
+            }
+            Ok(())
+        })
+    }
+
+    /// What a guest reboot makes QEMU do: stop every ring, then negotiate again with
+    /// `config` (say, a kernel without VIRTIO_FS_F_NOTIFICATION) and set up fresh rings in the
+    /// same guest memory. Returns the new device; this one must not be used any more.
+    pub fn reboot(&self, config: &FrontendConfig) -> Result<Device, FrontendError> {
+        if self
+            .paused
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .is_none()
+        {
+            self.stop_all()?;
+        }
+        let frontend = self
+            .frontend
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .take()
+            .expect("the connection moved to the rebooted device");
+        let link = Link {
+            offered_features: self.negotiated.offered_features,
+            offered_protocol_features: self.negotiated.offered_protocol_features,
+            protocol_features: VhostUserProtocolFeatures::from_bits_truncate(
+                self.negotiated.protocol_features,
+            ),
+            backend_queues: VhostUserProtocolFeatures::from_bits_truncate(
+                self.negotiated.protocol_features,
+            )
+            .contains(VhostUserProtocolFeatures::MQ)
+            .then_some(self.negotiated.backend_queues),
+        };
+        Self::start(frontend, self.ram.clone(), &link, config)
+    }
+
+    /// SET_VRING_ENABLE 0 and GET_VRING_BASE on every ring; their next avail indices.
+    fn stop_all(&self) -> Result<Vec<u32>, FrontendError> {
+        let protocol =
+            self.negotiated.features & VhostUserVirtioFeatures::PROTOCOL_FEATURES.bits() != 0;
+        self.with_frontend(|f| {
+            self.all_queues()
+                .iter()
+                .map(|q| {
+                    if protocol {
+                        f.set_vring_enable(q.index(), false).map_err(|source| {
+                            FrontendError::VhostUser {
+                                step: "SET_VRING_ENABLE",
+                                source,
+                            }
+                        })?;
+                    }
+                    f.get_vring_base(q.index())
+                        .map_err(|source| FrontendError::VhostUser {
+                            step: "GET_VRING_BASE",
+                            source,
+                        })
+                })
+                .collect()
+        })
+    }
+}
+
+/// What stays of a connection across device restarts.
+struct Link {
+    offered_features: u64,
+    offered_protocol_features: u64,
+    protocol_features: VhostUserProtocolFeatures,
+    /// GET_QUEUE_NUM's answer (with MQ).
+    backend_queues: Option<usize>,
 }
 
 fn start_queue(
@@ -340,6 +528,7 @@ fn start_queue(
     queue: &Virtqueue,
     size: u16,
     features: u64,
+    base: u32,
 ) -> Result<(), FrontendError> {
     let i = queue.index();
     let vu =
@@ -364,7 +553,7 @@ fn start_queue(
         )
         .map_err(vu("SET_VRING_ADDR"))?;
     frontend
-        .set_vring_base(i, 0)
+        .set_vring_base(i, base as u16)
         .map_err(vu("SET_VRING_BASE"))?;
     frontend
         .set_vring_call(i, queue.call_fd())

@@ -16,13 +16,16 @@
 //! poller signals after each harvest. A returned chain's descriptors stay reserved until its
 //! waiter claims the completion, so a head is never reused while its completion is pending.
 //!
-//! EVENT_IDX is not negotiated by this frontend, so the device signals after every used
-//! entry (unless it chooses not to), and we kick after every submission.
+//! With VIRTIO_RING_F_EVENT_IDX negotiated ([`Virtqueue::set_event_idx`], what QEMU and Linux
+//! do), the queue behaves like the Linux driver: it kicks only when the device's `avail_event`
+//! asks for it (`vring_need_event`), and after every harvest it publishes `used_event` = the
+//! next used entry it has not seen, re-checking the used index afterwards so a completion that
+//! raced with the update is never slept through. Without it we kick after every submission.
 
 use std::collections::HashMap;
 use std::io;
 use std::os::fd::AsRawFd;
-use std::sync::atomic::{fence, AtomicU64, Ordering};
+use std::sync::atomic::{fence, AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Condvar, Mutex, MutexGuard};
 use std::time::{Duration, Instant};
 
@@ -143,6 +146,17 @@ pub struct Virtqueue {
     harvested: Condvar,
     /// How long a waiter busy-polls the used ring before sleeping on the call eventfd, in ns.
     spin_ns: AtomicU64,
+    /// VIRTIO_RING_F_EVENT_IDX negotiated: honour `avail_event`, publish `used_event`.
+    event_idx: AtomicBool,
+    /// Kicks written, and kicks `avail_event` told us to leave out.
+    kicks: AtomicU64,
+    kicks_suppressed: AtomicU64,
+}
+
+/// `vring_need_event()` of the virtio spec: whether moving an index from `old` to `new`
+/// crosses `event` (the other side asked to be told when entry `event` is made).
+pub fn need_event(event: u16, new: u16, old: u16) -> bool {
+    new.wrapping_sub(event).wrapping_sub(1) < new.wrapping_sub(old)
 }
 
 impl Virtqueue {
@@ -184,7 +198,43 @@ impl Virtqueue {
             }),
             harvested: Condvar::new(),
             spin_ns: AtomicU64::new(0),
+            event_idx: AtomicBool::new(false),
+            kicks: AtomicU64::new(0),
+            kicks_suppressed: AtomicU64::new(0),
         })
+    }
+
+    /// Drive the queue with VIRTIO_RING_F_EVENT_IDX semantics (set once negotiated, before
+    /// the first submission).
+    pub fn set_event_idx(&self, enabled: bool) {
+        self.event_idx.store(enabled, Ordering::SeqCst);
+    }
+
+    pub fn event_idx(&self) -> bool {
+        self.event_idx.load(Ordering::SeqCst)
+    }
+
+    /// Kicks written to the device so far, and kicks left out because `avail_event` did not
+    /// ask for them.
+    pub fn kick_counts(&self) -> (u64, u64) {
+        (
+            self.kicks.load(Ordering::Relaxed),
+            self.kicks_suppressed.load(Ordering::Relaxed),
+        )
+    }
+
+    /// Forget everything in flight and start from zeroed rings, as a freshly loaded driver
+    /// does after a device reset (buffers of the arena stay as they are).
+    pub fn reset_rings(&self) -> io::Result<()> {
+        let mut state = self.lock();
+        self.ram
+            .write(self.desc_table, &vec![0u8; ring_bytes(self.size) as usize])?;
+        state.free_descriptors = (0..self.size).rev().collect();
+        state.avail_idx = 0;
+        state.last_used = 0;
+        state.in_flight.iter_mut().for_each(|f| *f = None);
+        state.completed.clear();
+        Ok(())
     }
 
     pub fn index(&self) -> usize {
@@ -300,11 +350,63 @@ impl Virtqueue {
             self.ram.write(self.desc_table + 16 * slot as u64, &bytes)?;
         }
         let head = slots[0];
-        let ring_slot = (state.avail_idx % self.size) as u64;
-        self.ram
-            .write(self.avail_ring + 4 + 2 * ring_slot, &head.to_le_bytes())?;
-        state.avail_idx = state.avail_idx.wrapping_add(1);
-        // The descriptors and ring entry must be visible before the index that publishes them.
+        state.in_flight[head as usize] = Some(InFlight { descriptors: slots });
+        let old = state.avail_idx;
+        self.publish(&mut state, &[head])?;
+        drop(state);
+        self.kick_if_needed(old)?;
+        Ok(head)
+    }
+
+    /// Make several well-formed chains available at once and decide once whether to kick,
+    /// as the Linux driver does when it refills a queue (`virtqueue_add_*` then
+    /// `virtqueue_kick_prepare`). Returns the heads, in order.
+    pub fn submit_many(&self, chains: &[&[Segment]]) -> io::Result<Vec<u16>> {
+        let mut state = self.lock();
+        let needed: usize = chains.iter().map(|c| c.len()).sum();
+        if chains.iter().any(|c| c.is_empty()) || state.free_descriptors.len() < needed {
+            return Err(io::Error::new(
+                io::ErrorKind::WouldBlock,
+                format!("queue {}: no free descriptors", self.index),
+            ));
+        }
+        let mut heads = Vec::with_capacity(chains.len());
+        for chain in chains {
+            let at = state.free_descriptors.len() - chain.len();
+            let slots: Vec<u16> = state.free_descriptors.drain(at..).rev().collect();
+            for (i, (seg, &slot)) in chain.iter().zip(&slots).enumerate() {
+                let last = i + 1 == chain.len();
+                let flags = if seg.writable { DESC_F_WRITE } else { 0 }
+                    | if last { 0 } else { DESC_F_NEXT };
+                let next = if last { 0 } else { slots[i + 1] };
+                let mut bytes = [0u8; 16];
+                bytes[0..8].copy_from_slice(&seg.addr.to_le_bytes());
+                bytes[8..12].copy_from_slice(&seg.len.to_le_bytes());
+                bytes[12..14].copy_from_slice(&flags.to_le_bytes());
+                bytes[14..16].copy_from_slice(&next.to_le_bytes());
+                self.ram.write(self.desc_table + 16 * slot as u64, &bytes)?;
+            }
+            let head = slots[0];
+            heads.push(head);
+            state.in_flight[head as usize] = Some(InFlight { descriptors: slots });
+        }
+        let old = state.avail_idx;
+        self.publish(&mut state, &heads)?;
+        drop(state);
+        self.kick_if_needed(old)?;
+        Ok(heads)
+    }
+
+    /// Put `heads` in the avail ring and publish the new index.
+    fn publish(&self, state: &mut State, heads: &[u16]) -> io::Result<()> {
+        for head in heads {
+            let ring_slot = (state.avail_idx % self.size) as u64;
+            self.ram
+                .write(self.avail_ring + 4 + 2 * ring_slot, &head.to_le_bytes())?;
+            state.avail_idx = state.avail_idx.wrapping_add(1);
+        }
+        // The descriptors and ring entries must be visible before the index that publishes
+        // them.
         fence(Ordering::SeqCst);
         self.ram
             .mem()
@@ -313,12 +415,32 @@ impl Virtqueue {
                 GuestAddress(self.avail_ring + 2),
                 Ordering::Release,
             )
-            .map_err(|e| io::Error::other(format!("publishing avail idx: {e}")))?;
-        state.in_flight[head as usize] = Some(InFlight { descriptors: slots });
-        drop(state);
+            .map_err(|e| io::Error::other(format!("publishing avail idx: {e}")))
+    }
+
+    /// Kick after the avail index moved on from `old`, unless EVENT_IDX is on and the
+    /// device's `avail_event` does not ask for it.
+    fn kick_if_needed(&self, old: u16) -> io::Result<()> {
+        // The new index must be visible before we read what the device asked for.
         fence(Ordering::SeqCst);
-        self.kick.write(1)?;
-        Ok(head)
+        if self.event_idx() {
+            let new = self.lock().avail_idx;
+            let event = self.load_u16(self.used_ring + 4 + 8 * self.size as u64)?;
+            if !need_event(event, new, old) {
+                self.kicks_suppressed.fetch_add(1, Ordering::Relaxed);
+                return Ok(());
+            }
+        }
+        self.kicks.fetch_add(1, Ordering::Relaxed);
+        self.kick.write(1)
+    }
+
+    fn load_u16(&self, gpa: u64) -> io::Result<u16> {
+        self.ram
+            .mem()
+            .load::<u16>(GuestAddress(gpa), Ordering::Acquire)
+            .map(u16::from_le)
+            .map_err(|e| io::Error::other(format!("reading guest memory at {gpa:#x}: {e}")))
     }
 
     /// Wait until the device returns chain `head`; returns the length it reported written.
@@ -354,7 +476,8 @@ impl Virtqueue {
                 state.polling = true;
                 let seen = state.last_used;
                 drop(state);
-                if !self.spin_for_used(seen) {
+                let moved = self.load_u16(self.used_ring + 2).is_ok_and(|u| u != seen);
+                if !moved && !self.spin_for_used(seen) {
                     self.sleep_on_call(slice);
                 }
                 state = self.lock();
@@ -417,21 +540,55 @@ impl Virtqueue {
         }
     }
 
+    /// The device's used index as it is in guest memory now.
+    pub fn used_idx(&self) -> io::Result<u16> {
+        self.load_u16(self.used_ring + 2)
+    }
+
     /// Chains in flight (submitted, not yet returned).
     pub fn in_flight(&self) -> usize {
         self.lock().in_flight.iter().filter(|f| f.is_some()).count()
     }
 
     fn harvest(&self, state: &mut State) {
-        let Ok(used_idx) = self
-            .ram
-            .mem()
-            .load::<u16>(GuestAddress(self.used_ring + 2), Ordering::Acquire)
-            .map(u16::from_le)
-        else {
-            return;
-        };
         let mut any = false;
+        while let Ok(used_idx) = self.load_u16(self.used_ring + 2) {
+            if state.last_used == used_idx {
+                if !self.event_idx() {
+                    break;
+                }
+                // Ask to be signalled for the next entry, then look again: an entry the
+                // device added before it could see the new `used_event` raised no signal.
+                let used_event = self.avail_ring + 4 + 2 * self.size as u64;
+                if self
+                    .ram
+                    .mem()
+                    .store(
+                        state.last_used.to_le(),
+                        GuestAddress(used_event),
+                        Ordering::Release,
+                    )
+                    .is_err()
+                {
+                    break;
+                }
+                fence(Ordering::SeqCst);
+                if self.load_u16(self.used_ring + 2).ok() == Some(used_idx) {
+                    break;
+                }
+                continue;
+            }
+            if !self.harvest_to(state, used_idx, &mut any) {
+                break;
+            }
+        }
+        if any {
+            self.harvested.notify_all();
+        }
+    }
+
+    /// Consume used entries up to `used_idx`; false if the used ring could not be read.
+    fn harvest_to(&self, state: &mut State, used_idx: u16, any: &mut bool) -> bool {
         while state.last_used != used_idx {
             let slot = (state.last_used % self.size) as u64;
             let mut elem = [0u8; 8];
@@ -440,7 +597,7 @@ impl Virtqueue {
                 .read(self.used_ring + 4 + 8 * slot, &mut elem)
                 .is_err()
             {
-                return;
+                return false;
             }
             state.last_used = state.last_used.wrapping_add(1);
             let id = u32::from_le_bytes(elem[0..4].try_into().unwrap());
@@ -456,14 +613,12 @@ impl Virtqueue {
                     state.completions_seen += 1;
                     let seq = state.completions_seen;
                     state.completed.insert(id as u16, (len, flight, seq));
-                    any = true;
+                    *any = true;
                 }
                 None => state.bogus_used += 1,
             }
         }
-        if any {
-            self.harvested.notify_all();
-        }
+        true
     }
 
     fn lock(&self) -> MutexGuard<'_, State> {
