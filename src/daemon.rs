@@ -13,13 +13,13 @@ use std::time::Duration;
 
 use log::{info, warn};
 use vhost::vhost_user::{Error as VhostUserError, Listener};
-use vhost_user_backend::{Error as BackendError, VhostUserDaemon};
-use vm_memory::{GuestMemoryAtomic, GuestMemoryMmap};
+use vhost_user_backend::Error as BackendError;
 
 use crate::cli::{capabilities_json, CacheMode, InodeFileHandles, Options, SandboxMode};
 use crate::coherence::notifier::Notifier;
+use crate::coherence::guest_clock::GuestClock;
 use crate::coherence::{lease, watcher};
-use crate::device::FsDevice;
+use crate::device::{self, FsDevice};
 use crate::filesystem;
 use crate::fuse::FuseDispatcher;
 use crate::sandbox::{self, Sandbox, SandboxError};
@@ -79,6 +79,9 @@ pub fn run(options: Options) -> Result<(), DaemonError> {
     } else {
         options.lease_timeout
     };
+    // The guest's running time: the device stops it while the VMM has stopped every ring (a
+    // paused VM) and leases are counted in it.
+    let guest_clock = Arc::new(GuestClock::new());
     let leases = (options.cache == CacheMode::Coherent && options.lease_timeout > 0.0)
         .then(|| {
             lease::start(
@@ -86,6 +89,7 @@ pub fn run(options: Options) -> Result<(), DaemonError> {
                 Duration::from_secs_f64(options.lease_timeout),
                 Duration::from_secs_f64(notify_lease),
                 notifier.clone(),
+                guest_clock.clone(),
             )
         })
         .flatten();
@@ -105,17 +109,14 @@ pub fn run(options: Options) -> Result<(), DaemonError> {
     let device = FsDevice::new(
         dispatcher,
         notifier,
+        guest_clock,
         options.max_request_queues as usize,
         options.tag.clone(),
         options.thread_pool_size,
     )
     .map_err(DaemonError::Device)?;
-    let mut daemon = VhostUserDaemon::new(
-        "leasefsd".to_string(),
-        Arc::new(device),
-        GuestMemoryAtomic::new(GuestMemoryMmap::new()),
-    )
-    .map_err(|e| DaemonError::VhostUser(e.to_string()))?;
+    let mut daemon = device::new_daemon("leasefsd", Arc::new(device))
+        .map_err(|e| DaemonError::VhostUser(e.to_string()))?;
 
     info!("waiting for a vhost-user connection on {socket_name}");
     daemon

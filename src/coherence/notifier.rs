@@ -1,28 +1,47 @@
 //! The notification queue (virtqueue 1 with VIRTIO_FS_F_NOTIFICATION): FUSE notify messages
 //! from the daemon to the guest, used to revoke what the guest caches.
 //!
-//! The guest driver keeps device-writable buffers posted on the queue; each message takes one.
-//! The daemon must never wait for the guest here (a guest that stops refilling the queue must
-//! not stall request processing or a host event), so messages go through a bounded pending
-//! list: [`Notifier::send`] appends and tries to deliver, and every refill kick delivers the
-//! backlog. Past [`MAX_PENDING`] messages the oldest are dropped and counted; the guest then
-//! relies on the lease expiring, as a stock guest always does.
+//! The guest driver keeps device-writable buffers posted on the queue (Linux: 64); each
+//! message takes one. The daemon must never wait for the guest here (a guest that stops
+//! refilling the queue must not stall request processing or a host event), so messages go
+//! through a bounded pending list: [`Notifier::send`] appends and tries to deliver, and every
+//! refill kick delivers the backlog.
+//!
+//! The queue is served like a request queue. With EVENT_IDX the guest kicks only when the
+//! device asked (`avail_event`), so whenever messages are left over for want of buffers the
+//! notifier publishes `avail_event` (enables notification) and looks at the avail ring once
+//! more: a guest that refills after that point kicks, one that refilled before is seen now.
+//!
+//! Nothing is dropped silently. A message leaves the pending list only once a buffer has
+//! taken it; one the guest's buffer cannot hold stays for the next buffer. Identical untracked
+//! messages already waiting are merged (the one waiting is delivered after both changes).
+//! Past [`MAX_PENDING`] messages the oldest is dropped, counted and logged; a dropped
+//! revocation falls back to the lease, as for a stock guest (a host writer waiting for a
+//! dropped message's confirmation is released when its lease ends: its waiter stays).
+//!
+//! The VMM stops and starts the ring (vhost-user GET_VRING_BASE stops it, SET_VRING_KICK /
+//! SET_VRING_ENABLE start it: a paused VM); while stopped nothing touches it and messages
+//! wait, and the backlog goes out when it starts again ([`Notifier::ring_started`]). A device
+//! reset or a renegotiation without the feature detaches the queue ([`Notifier::detach`]):
+//! virtqueue 1 may be a request queue from then on.
 
-use std::collections::{HashMap, VecDeque};
+use std::collections::{HashMap, HashSet, VecDeque};
 use std::io::{self, Write};
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
-use std::sync::Mutex;
+use std::sync::{Mutex, MutexGuard};
 use std::time::Instant;
 
 use fuse_backend_rs::abi::fuse_abi::OutHeader;
 use fuse_backend_rs::transport::VirtioFsWriter;
-use log::{debug, warn};
+use log::{debug, info, warn};
 use vhost_user_backend::{VringRwLock, VringT};
-use virtio_queue::QueueOwnedT;
-use vm_memory::{ByteValued, GuestAddressSpace};
+use virtio_queue::{QueueOwnedT, QueueT};
+use vm_memory::{ByteValued, GuestAddressSpace, GuestMemoryAtomic, GuestMemoryMmap};
 
-use crate::device::GuestMemory;
 use crate::metrics::Histogram;
+
+/// Guest memory as the vhost-user crates hand it to us (the device uses the same type).
+pub type GuestMemory = GuestMemoryAtomic<GuestMemoryMmap>;
 
 /// virtio-fs feature bit 0: the device has a notification queue.
 pub const VIRTIO_FS_F_NOTIFICATION: u64 = 1 << 0;
@@ -35,14 +54,16 @@ pub const NOTIFICATION_QUEUE: usize = 1;
 pub const NOTIFY_BUF_SIZE: u32 = 512;
 
 /// Messages kept for a guest that has no buffer posted; beyond this the oldest are dropped.
-pub const MAX_PENDING: usize = 4096;
+/// Enough for a burst of host changes far larger than the guest's 64 buffers (a message
+/// waiting takes about 100 bytes, twice for the merge index: a few MiB at most).
+pub const MAX_PENDING: usize = 32768;
 
 const FUSE_NOTIFY_INVAL_INODE: i32 = 2;
 const FUSE_NOTIFY_INVAL_ENTRY: i32 = 3;
 const FUSE_NOTIFY_DELETE: i32 = 6;
 
 /// A message for the guest.
-#[derive(Clone, Debug, PartialEq, Eq)]
+#[derive(Clone, Debug, PartialEq, Eq, Hash)]
 pub enum Notification {
     /// Drop the attributes of node `ino` and, if `offset` >= 0, its cached data from `offset`
     /// for `len` bytes (`len` 0: to the end of the file).
@@ -118,7 +139,15 @@ impl Notification {
 #[derive(Debug, Default)]
 pub struct NotifyStats {
     pub sent: AtomicU64,
+    /// Messages lost to the guest: the oldest beyond [`MAX_PENDING`].
     pub dropped: AtomicU64,
+    /// Messages merged into an identical one still waiting (not lost).
+    pub merged: AtomicU64,
+    /// Messages let go because the guest no longer has the queue (reset, or renegotiated
+    /// without the feature): the backlog at that moment, and what was sent after.
+    pub discarded: AtomicU64,
+    /// Guest buffers returned unused (too small for the message, or unreadable).
+    pub bad_buffers: AtomicU64,
     /// Messages that asked for a confirmation, and confirmations received for them.
     pub tracked: AtomicU64,
     pub confirmed: AtomicU64,
@@ -126,20 +155,28 @@ pub struct NotifyStats {
     pub unexpected_confirmations: AtomicU64,
     /// From handing a tracked message to the notifier to the guest's confirmation, in us.
     pub confirm_latency_us: Histogram,
+    /// Times the VMM stopped the ring (a paused VM) and the queue was let go.
+    pub ring_stops: AtomicU64,
+    pub detaches: AtomicU64,
 }
 
 impl NotifyStats {
     /// One log line of the counters.
     pub fn line(&self, backlog: usize) -> String {
         format!(
-            "notifications: {} sent, {} dropped, {} queued; {} awaited confirmation, {} confirmed ({}), {} unexpected confirmations",
+            "notifications: {} sent, {} dropped, {} queued, {} merged, {} discarded, {} bad buffers; {} awaited confirmation, {} confirmed ({}), {} unexpected confirmations; ring stopped {} times, detached {} times",
             self.sent.load(Ordering::Relaxed),
             self.dropped.load(Ordering::Relaxed),
             backlog,
+            self.merged.load(Ordering::Relaxed),
+            self.discarded.load(Ordering::Relaxed),
+            self.bad_buffers.load(Ordering::Relaxed),
             self.tracked.load(Ordering::Relaxed),
             self.confirmed.load(Ordering::Relaxed),
             self.confirm_latency_us.summary("us"),
             self.unexpected_confirmations.load(Ordering::Relaxed),
+            self.ring_stops.load(Ordering::Relaxed),
+            self.detaches.load(Ordering::Relaxed),
         )
     }
 }
@@ -154,43 +191,141 @@ struct Waiter {
 
 type AttachHook = Box<dyn Fn() + Send + Sync>;
 
+/// The notification queue as the device handed it to us.
+struct Ring {
+    vring: VringRwLock,
+    memory: GuestMemory,
+}
+
+/// Where the queue is in its life.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum Phase {
+    /// No guest has negotiated the queue yet: messages wait for one (bounded).
+    Unattached,
+    /// A guest uses the queue.
+    Attached,
+    /// The guest reset the device or renegotiated without the feature: nobody listens.
+    Detached,
+}
+
+struct QueueState {
+    ring: Option<Ring>,
+    phase: Phase,
+    /// The VMM has the ring started (between its start and GET_VRING_BASE).
+    running: bool,
+}
+
+/// Messages not yet in a guest buffer, with their ids (0: no confirmation wanted), and an
+/// index of the untracked ones for merging.
+#[derive(Default)]
+struct Pending {
+    queue: VecDeque<(u64, Notification)>,
+    untracked: HashSet<Notification>,
+}
+
+impl Pending {
+    fn take_front(&mut self) -> Option<(u64, Notification)> {
+        let (id, message) = self.queue.pop_front()?;
+        if id == 0 {
+            self.untracked.remove(&message);
+        }
+        Some((id, message))
+    }
+}
+
+/// A warning at most once a second, with the count of those left out.
+struct RateLimited {
+    last_ns: AtomicU64,
+    suppressed: AtomicU64,
+    epoch: Instant,
+}
+
+impl RateLimited {
+    fn new() -> Self {
+        RateLimited {
+            last_ns: AtomicU64::new(0),
+            suppressed: AtomicU64::new(0),
+            epoch: Instant::now(),
+        }
+    }
+
+    fn warn(&self, message: impl FnOnce() -> String) {
+        let now = self.epoch.elapsed().as_nanos() as u64 + 1_000_000_000;
+        let last = self.last_ns.load(Ordering::Relaxed);
+        if now.saturating_sub(last) < 1_000_000_000
+            || self
+                .last_ns
+                .compare_exchange(last, now, Ordering::Relaxed, Ordering::Relaxed)
+                .is_err()
+        {
+            self.suppressed.fetch_add(1, Ordering::Relaxed);
+            return;
+        }
+        let suppressed = self.suppressed.swap(0, Ordering::Relaxed);
+        if suppressed > 0 {
+            warn!(
+                "{} ({suppressed} more like it in the last second)",
+                message()
+            );
+        } else {
+            warn!("{}", message());
+        }
+    }
+}
+
 /// Delivers notifications on the notification queue once the guest has negotiated it, and
 /// matches the guest's confirmations (FUSE_NOTIFY_REPLY) to the messages that asked for them.
 pub struct Notifier {
-    queue: Mutex<Option<(VringRwLock, GuestMemory)>>,
-    /// Set once `queue` is: read on every lease grant, which must not wait behind a delivery
-    /// holding the queue's lock.
+    queue: Mutex<QueueState>,
+    /// Whether a guest uses the queue: read on every lease grant, which must not wait behind
+    /// a delivery holding the queue's lock. Stays set while the VMM has the ring stopped (the
+    /// guest is paused, not gone).
     attached: AtomicBool,
-    /// Messages not yet in a guest buffer, with their ids (0: no confirmation wanted).
-    pending: Mutex<VecDeque<(u64, Notification)>>,
+    pending: Mutex<Pending>,
+    max_pending: usize,
     waiting: Mutex<HashMap<u64, Waiter>>,
     next_id: AtomicU64,
     on_attach: Mutex<Vec<AttachHook>>,
+    drop_warning: RateLimited,
+    queue_warning: RateLimited,
     pub stats: NotifyStats,
 }
 
 impl Default for Notifier {
     fn default() -> Self {
-        Notifier {
-            queue: Mutex::new(None),
-            attached: AtomicBool::new(false),
-            pending: Mutex::new(VecDeque::new()),
-            waiting: Mutex::new(HashMap::new()),
-            next_id: AtomicU64::new(1),
-            on_attach: Mutex::new(Vec::new()),
-            stats: NotifyStats::default(),
-        }
+        Self::with_max_pending(MAX_PENDING)
     }
 }
 
 impl Notifier {
-    /// Whether a guest driver negotiated the queue and it is ready to use.
+    /// A notifier keeping at most `max_pending` messages for a guest without buffers.
+    pub fn with_max_pending(max_pending: usize) -> Self {
+        Notifier {
+            queue: Mutex::new(QueueState {
+                ring: None,
+                phase: Phase::Unattached,
+                running: false,
+            }),
+            attached: AtomicBool::new(false),
+            pending: Mutex::new(Pending::default()),
+            max_pending: max_pending.max(1),
+            waiting: Mutex::new(HashMap::new()),
+            next_id: AtomicU64::new(1),
+            on_attach: Mutex::new(Vec::new()),
+            drop_warning: RateLimited::new(),
+            queue_warning: RateLimited::new(),
+            stats: NotifyStats::default(),
+        }
+    }
+
+    /// Whether a guest driver negotiated the queue and uses it.
     pub fn active(&self) -> bool {
         self.attached.load(Ordering::Acquire)
     }
 
-    /// Run `hook` once the guest starts using the queue (at once if it already does): the
-    /// coherence engine starts watching what the guest learned before that.
+    /// Run `hook` once the guest starts using the queue (at once if it already does; again
+    /// after a detach and a new attach): the coherence engine starts watching what the guest
+    /// learned before that.
     pub fn on_attach(&self, hook: impl Fn() + Send + Sync + 'static) {
         if self.active() {
             hook();
@@ -198,14 +333,98 @@ impl Notifier {
         self.on_attach.lock().unwrap().push(Box::new(hook));
     }
 
-    /// Start delivering on `vring` (the guest negotiated the feature and posted buffers).
+    fn lock_queue(&self) -> MutexGuard<'_, QueueState> {
+        self.queue.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    fn lock_pending(&self) -> MutexGuard<'_, Pending> {
+        self.pending.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// Start delivering on `vring`: the guest negotiated the feature and the VMM started the
+    /// ring (or the guest kicked it). Delivers the backlog.
     pub fn attach(&self, vring: VringRwLock, memory: GuestMemory) {
-        *self.queue.lock().unwrap() = Some((vring, memory));
-        self.attached.store(true, Ordering::Release);
-        for hook in self.on_attach.lock().unwrap().iter() {
-            hook();
+        let newly = {
+            let mut q = self.lock_queue();
+            q.ring = Some(Ring { vring, memory });
+            q.running = true;
+            let newly = q.phase != Phase::Attached;
+            q.phase = Phase::Attached;
+            newly
+        };
+        if newly {
+            self.attached.store(true, Ordering::Release);
+            info!("notification queue: the guest uses it");
+            for hook in self.on_attach.lock().unwrap().iter() {
+                hook();
+            }
         }
         self.deliver();
+    }
+
+    /// The VMM stopped the ring (GET_VRING_BASE, or SET_VRING_ENABLE 0): leave it alone and
+    /// keep every message until it starts again. Waits for a delivery in progress.
+    pub fn ring_stopped(&self) {
+        let mut q = self.lock_queue();
+        if q.running && q.phase == Phase::Attached {
+            self.stats.ring_stops.fetch_add(1, Ordering::Relaxed);
+            debug!("notification queue: the VMM stopped the ring; messages wait");
+        }
+        q.running = false;
+    }
+
+    /// The VMM started the ring again (a paused VM resumed) or gave it a new call eventfd:
+    /// deliver the backlog and signal the guest whatever the event index says, so a message
+    /// put in the used ring while it could not be signalled is seen.
+    pub fn ring_started(&self, vring: VringRwLock, memory: GuestMemory) {
+        {
+            let mut q = self.lock_queue();
+            if q.phase == Phase::Detached {
+                return;
+            }
+            let was_running = q.running;
+            q.ring = Some(Ring { vring, memory });
+            q.running = true;
+            if q.phase == Phase::Attached && !was_running {
+                debug!(
+                    "notification queue: the VMM started the ring; {} messages waiting",
+                    self.backlog()
+                );
+            }
+        }
+        if self.active() {
+            self.deliver_and_signal(true);
+        }
+    }
+
+    /// The guest no longer has a notification queue (device reset, or features renegotiated
+    /// without VIRTIO_FS_F_NOTIFICATION): never touch the ring again, and let the backlog go
+    /// (counted as discarded). Confirmations still awaited will not come; their writers are
+    /// released when their leases end.
+    pub fn detach(&self) {
+        let mut q = self.lock_queue();
+        let was = q.phase;
+        q.ring = None;
+        q.running = false;
+        q.phase = Phase::Detached;
+        self.attached.store(false, Ordering::Release);
+        let discarded = {
+            let mut pending = self.lock_pending();
+            let n = pending.queue.len();
+            *pending = Pending::default();
+            n
+        };
+        drop(q);
+        self.stats
+            .discarded
+            .fetch_add(discarded as u64, Ordering::Relaxed);
+        if was != Phase::Detached {
+            self.stats.detaches.fetch_add(1, Ordering::Relaxed);
+            info!(
+                "notification queue: the guest let it go (reset or renegotiated without it); {discarded} waiting messages discarded, {} confirmations still awaited end with their leases",
+                self.awaiting()
+            );
+        }
     }
 
     /// Queue a message that needs no answer and deliver what the guest has room for. Never
@@ -262,55 +481,136 @@ impl Notifier {
     }
 
     fn enqueue(&self, id: u64, message: Notification) {
-        {
-            let mut pending = self.pending.lock().unwrap();
-            if pending.len() >= MAX_PENDING {
-                pending.pop_front();
-                self.stats.dropped.fetch_add(1, Ordering::Relaxed);
+        if self.lock_queue().phase == Phase::Detached {
+            // Nobody can receive it; the lease bounds what the guest caches.
+            self.stats.discarded.fetch_add(1, Ordering::Relaxed);
+            return;
+        }
+        let dropped = {
+            let mut pending = self.lock_pending();
+            if id == 0 && pending.untracked.contains(&message) {
+                // An identical message is still waiting: it reaches the guest after this
+                // change too.
+                self.stats.merged.fetch_add(1, Ordering::Relaxed);
+                None
+            } else {
+                let dropped = if pending.queue.len() >= self.max_pending {
+                    pending.take_front()
+                } else {
+                    None
+                };
+                if id == 0 {
+                    pending.untracked.insert(message.clone());
+                }
+                pending.queue.push_back((id, message));
+                dropped
             }
-            pending.push_back((id, message));
+        };
+        if let Some((dropped_id, dropped)) = dropped {
+            self.stats.dropped.fetch_add(1, Ordering::Relaxed);
+            self.drop_warning.warn(|| {
+                format!(
+                    "notification queue: {} messages wait for guest buffers; dropped the oldest, {dropped:?}{}: the guest relies on its lease for it",
+                    self.max_pending,
+                    if dropped_id != 0 {
+                        format!(" (id {dropped_id}, a host writer waits for it until the lease ends)")
+                    } else {
+                        String::new()
+                    }
+                )
+            });
         }
         self.deliver();
     }
 
     /// Messages not yet delivered.
     pub fn backlog(&self) -> usize {
-        self.pending.lock().unwrap().len()
+        self.lock_pending().queue.len()
     }
 
     /// Put pending messages into the buffers the guest has posted (called on every refill
     /// kick, and after each send).
     pub fn deliver(&self) {
-        let queue = self.queue.lock().unwrap();
-        let Some((vring, memory)) = queue.as_ref() else {
+        self.deliver_and_signal(false);
+    }
+
+    fn deliver_and_signal(&self, force_signal: bool) {
+        let q = self.lock_queue();
+        let Some(ring) = q.ring.as_ref().filter(|_| q.running) else {
             return;
         };
-        if let Err(e) = self.deliver_to(vring, memory) {
-            warn!("notification queue: {e}");
+        if let Err(e) = self.deliver_to(ring, force_signal) {
+            self.queue_warning
+                .warn(|| format!("notification queue: {e}; messages stay queued"));
         }
     }
 
-    fn deliver_to(&self, vring: &VringRwLock, memory: &GuestMemory) -> io::Result<()> {
-        let mem = memory.memory();
-        let mut delivered = false;
+    /// The EVENT_IDX loop of a queue handler, for a device-to-driver queue: fill buffers
+    /// while there are messages and buffers; when buffers run out first, ask the guest to
+    /// kick on its next refill and look once more (a refill that raced with that request is
+    /// taken now). Holds the vring's lock throughout, so the VMM's GET_VRING_BASE sees either
+    /// none or all of a message's delivery.
+    fn deliver_to(&self, ring: &Ring, force_signal: bool) -> io::Result<()> {
+        let mem = ring.memory.memory();
+        let mut state = ring.vring.get_mut();
+        if !state.get_queue().ready() {
+            return Ok(()); // Stopped under us; ring_started() delivers.
+        }
+        let mut delivered = 0u32;
+        let result = loop {
+            match self.fill_buffers(&mut state, &mem, &mut delivered) {
+                Ok(true) => {}
+                Ok(false) => break Ok(()), // Nothing left to send.
+                Err(e) => break Err(e),
+            }
+            // Out of buffers with messages left: have the guest kick when it refills.
+            match state.get_queue_mut().enable_notification(&*mem) {
+                Ok(true) => continue, // It refilled meanwhile.
+                Ok(false) => break Ok(()),
+                Err(e) => break Err(io::Error::other(format!("virtqueue: {e}"))),
+            }
+        };
+        let signal = if delivered > 0 {
+            state
+                .get_queue_mut()
+                .needs_notification(&*mem)
+                .unwrap_or(true)
+        } else {
+            false
+        };
+        if signal || force_signal {
+            state.signal_used_queue()?;
+        }
+        result
+    }
+
+    /// Put messages into available buffers until one runs out. `Ok(true)`: messages are left
+    /// and no buffer is.
+    fn fill_buffers(
+        &self,
+        state: &mut vhost_user_backend::VringState<GuestMemory>,
+        mem: &vm_memory::atomic::GuestMemoryLoadGuard<GuestMemoryMmap>,
+        delivered: &mut u32,
+    ) -> io::Result<bool> {
         loop {
-            let Some((id, message)) = self.pending.lock().unwrap().pop_front() else {
-                break;
+            let Some(bytes) = self
+                .lock_pending()
+                .queue
+                .front()
+                .map(|(id, m)| m.encode(*id))
+            else {
+                return Ok(false);
             };
-            let chain = vring
-                .get_mut()
+            let chain = state
                 .get_queue_mut()
                 .iter(mem.clone())
                 .map_err(|e| io::Error::other(format!("virtqueue: {e}")))?
                 .next();
             let Some(chain) = chain else {
-                // No buffer posted: keep the message for the next refill.
-                self.pending.lock().unwrap().push_front((id, message));
-                break;
+                return Ok(true);
             };
             let head = chain.head_index();
-            let bytes = message.encode(id);
-            let written = VirtioFsWriter::new(&*mem, chain)
+            let written = VirtioFsWriter::new(&**mem, chain)
                 .map_err(|e| io::Error::other(e.to_string()))
                 .and_then(|mut w| {
                     if w.available_bytes() < bytes.len() {
@@ -324,25 +624,25 @@ impl Notifier {
                     Ok(bytes.len() as u32)
                 });
             let len = match written {
-                Ok(len) => {
-                    self.stats.sent.fetch_add(1, Ordering::Relaxed);
-                    len
-                }
+                Ok(len) => len,
                 Err(e) => {
-                    debug!("notification dropped: {e}");
-                    self.stats.dropped.fetch_add(1, Ordering::Relaxed);
+                    // The buffer goes back unused; the message waits for the next one.
+                    self.stats.bad_buffers.fetch_add(1, Ordering::Relaxed);
+                    self.queue_warning
+                        .warn(|| format!("notification queue: unusable guest buffer: {e}"));
                     0
                 }
             };
-            vring
+            state
                 .add_used(head, len)
                 .map_err(|e| io::Error::other(format!("virtqueue: {e}")))?;
-            delivered = true;
+            *delivered += 1;
+            if len > 0 {
+                // Taken off the list only now that a buffer holds it.
+                self.lock_pending().take_front();
+                self.stats.sent.fetch_add(1, Ordering::Relaxed);
+            }
         }
-        if delivered && vring.needs_notification().unwrap_or(true) {
-            vring.signal_used_queue()?;
-        }
-        Ok(())
     }
 }
 
@@ -448,5 +748,278 @@ mod tests {
         notifier.confirm(id, -libc::ENOENT);
         assert_eq!(hits.load(Ordering::Relaxed), 1);
         assert_eq!(notifier.awaiting(), 0);
+    }
+
+    #[test]
+    fn identical_waiting_messages_merge_and_tracked_ones_never_do() {
+        let notifier = Notifier::default();
+        let dir = Notification::InvalInode {
+            ino: 1,
+            offset: 0,
+            len: 0,
+        };
+        for _ in 0..100 {
+            notifier.send(dir.clone());
+        }
+        assert_eq!(notifier.backlog(), 1);
+        assert_eq!(notifier.stats.merged.load(Ordering::Relaxed), 99);
+        notifier.send_tracked(dir.clone(), Box::new(|| {}));
+        notifier.send_tracked(dir.clone(), Box::new(|| {}));
+        assert_eq!(notifier.backlog(), 3, "each tracked message has its own id");
+    }
+
+    #[test]
+    fn a_dropped_tracked_message_keeps_its_waiter_for_the_lease_to_end() {
+        let notifier = Notifier::with_max_pending(4);
+        let id = notifier.send_tracked(
+            Notification::InvalInode {
+                ino: 9,
+                offset: 0,
+                len: 0,
+            },
+            Box::new(|| {}),
+        );
+        for ino in 10..14 {
+            notifier.send(Notification::InvalInode {
+                ino,
+                offset: -1,
+                len: 0,
+            });
+        }
+        assert_eq!(notifier.backlog(), 4);
+        assert_eq!(notifier.stats.dropped.load(Ordering::Relaxed), 1);
+        // Its writer is still accounted for: the lease table ends the hold at lease expiry
+        // and cancels the id then.
+        assert_eq!(notifier.awaiting(), 1);
+        notifier.cancel(id);
+        assert_eq!(notifier.awaiting(), 0);
+    }
+
+    /// A split virtqueue in test memory, driven from both sides: the notifier as the device,
+    /// this code as the guest driver.
+    mod ring {
+        use super::*;
+        use std::sync::Arc;
+        use vm_memory::{Bytes, GuestAddress};
+
+        pub const SIZE: u16 = 16;
+        const DESC: u64 = 0x1000;
+        const AVAIL: u64 = 0x2000;
+        const USED: u64 = 0x3000;
+        const BUFS: u64 = 0x10000;
+
+        pub struct Guest {
+            pub mem: GuestMemory,
+            pub vring: VringRwLock,
+            avail_idx: u16,
+            pub last_used: u16,
+            pub kicks: u32,
+        }
+
+        impl Guest {
+            pub fn new(event_idx: bool) -> Guest {
+                let mmap =
+                    GuestMemoryMmap::<()>::from_ranges(&[(GuestAddress(0), 0x100000)]).unwrap();
+                let mem = GuestMemoryAtomic::new(mmap);
+                let vring = VringRwLock::new(mem.clone(), SIZE).unwrap();
+                vring.set_queue_size(SIZE);
+                vring.set_queue_info(DESC, AVAIL, USED).unwrap();
+                vring.set_queue_event_idx(event_idx);
+                vring.set_queue_ready(true);
+                vring.set_enabled(true);
+                Guest {
+                    mem,
+                    vring,
+                    avail_idx: 0,
+                    last_used: 0,
+                    kicks: 0,
+                }
+            }
+
+            fn m(&self) -> vm_memory::atomic::GuestMemoryLoadGuard<GuestMemoryMmap> {
+                self.mem.memory()
+            }
+
+            /// Post `n` buffers (descriptor = ring slot) and kick if the device asked, as
+            /// Linux's virtqueue_kick_prepare() decides.
+            pub fn post(&mut self, n: u16, len: u32) {
+                let old = self.avail_idx;
+                let m = self.m();
+                for _ in 0..n {
+                    let slot = self.avail_idx % SIZE;
+                    let desc = DESC + 16 * slot as u64;
+                    m.write_obj(BUFS + 4096 * slot as u64, GuestAddress(desc))
+                        .unwrap();
+                    m.write_obj(len, GuestAddress(desc + 8)).unwrap();
+                    m.write_obj(2u16, GuestAddress(desc + 12)).unwrap(); // WRITE
+                    m.write_obj(slot, GuestAddress(AVAIL + 4 + 2 * slot as u64))
+                        .unwrap();
+                    self.avail_idx = self.avail_idx.wrapping_add(1);
+                }
+                m.write_obj(self.avail_idx, GuestAddress(AVAIL + 2))
+                    .unwrap();
+                std::sync::atomic::fence(Ordering::SeqCst);
+                let event: u16 = m
+                    .read_obj(GuestAddress(USED + 4 + 8 * SIZE as u64))
+                    .unwrap();
+                let new = self.avail_idx;
+                if new.wrapping_sub(event).wrapping_sub(1) < new.wrapping_sub(old) {
+                    self.kicks += 1;
+                }
+            }
+
+            /// The used entries not seen yet: (head, length).
+            pub fn take_used(&mut self) -> Vec<(u16, u32)> {
+                let m = self.m();
+                let idx: u16 = m.read_obj(GuestAddress(USED + 2)).unwrap();
+                let mut out = Vec::new();
+                while self.last_used != idx {
+                    let slot = (self.last_used % SIZE) as u64;
+                    let id: u32 = m.read_obj(GuestAddress(USED + 4 + 8 * slot)).unwrap();
+                    let len: u32 = m.read_obj(GuestAddress(USED + 8 + 8 * slot)).unwrap();
+                    out.push((id as u16, len));
+                    self.last_used = self.last_used.wrapping_add(1);
+                }
+                out
+            }
+
+            pub fn used_idx(&self) -> u16 {
+                self.m().read_obj(GuestAddress(USED + 2)).unwrap()
+            }
+        }
+
+        pub fn inval(ino: u64) -> Notification {
+            Notification::InvalInode {
+                ino,
+                offset: -1,
+                len: 0,
+            }
+        }
+
+        pub fn attached(guest: &Guest) -> Arc<Notifier> {
+            let notifier = Arc::new(Notifier::default());
+            notifier.attach(guest.vring.clone(), guest.mem.clone());
+            notifier
+        }
+    }
+
+    #[test]
+    fn with_event_idx_a_backlog_asks_the_guest_to_kick_and_drains_on_refill() {
+        let mut guest = ring::Guest::new(true);
+        guest.post(ring::SIZE, 512);
+        assert_eq!(guest.kicks, 1, "the first fill kicks");
+        let notifier = ring::attached(&guest);
+        for ino in 0..40 {
+            notifier.send(ring::inval(100 + ino));
+        }
+        assert_eq!(notifier.stats.sent.load(Ordering::Relaxed), 16);
+        assert_eq!(notifier.backlog(), 24);
+        // The guest takes them all and gives the buffers back: it must be asked to kick
+        // (the bug: avail_event stayed at 0 and refills went unannounced).
+        assert_eq!(guest.take_used().len(), 16);
+        guest.post(16, 512);
+        assert_eq!(
+            guest.kicks, 2,
+            "the refill kicked: avail_event asked for it"
+        );
+        notifier.deliver(); // What the kick runs.
+        assert_eq!(notifier.backlog(), 8);
+        assert_eq!(guest.take_used().len(), 16);
+        guest.post(16, 512);
+        assert_eq!(guest.kicks, 3);
+        notifier.deliver();
+        assert_eq!(notifier.backlog(), 0);
+        assert_eq!(guest.take_used().len(), 8);
+        assert_eq!(notifier.stats.sent.load(Ordering::Relaxed), 40);
+        assert_eq!(notifier.stats.dropped.load(Ordering::Relaxed), 0);
+    }
+
+    #[test]
+    fn a_refill_that_raced_the_request_to_kick_is_taken_at_once() {
+        let mut guest = ring::Guest::new(true);
+        guest.post(4, 512);
+        let notifier = ring::attached(&guest);
+        for ino in 10..14 {
+            notifier.send(ring::inval(ino));
+        }
+        assert_eq!(guest.take_used().len(), 4);
+        // Buffers posted while nothing waited (avail_event not asked for): no kick...
+        let kicks = guest.kicks;
+        guest.post(4, 512);
+        assert_eq!(guest.kicks, kicks);
+        // ...but the next send finds them, and what it cannot place asks for a kick.
+        for ino in 0..6 {
+            notifier.send(ring::inval(ino));
+        }
+        assert_eq!(guest.kicks, kicks);
+        assert_eq!(notifier.stats.sent.load(Ordering::Relaxed), 8);
+        assert_eq!(notifier.backlog(), 2);
+        guest.take_used();
+        guest.post(4, 512);
+        assert_eq!(guest.kicks, kicks + 1);
+    }
+
+    #[test]
+    fn a_buffer_too_small_is_returned_and_the_message_waits_for_the_next() {
+        let mut guest = ring::Guest::new(false);
+        guest.post(1, 8);
+        let notifier = ring::attached(&guest);
+        notifier.send(ring::inval(5));
+        assert_eq!(guest.take_used(), vec![(0, 0)]);
+        assert_eq!(notifier.backlog(), 1, "not lost with the bad buffer");
+        assert_eq!(notifier.stats.bad_buffers.load(Ordering::Relaxed), 1);
+        guest.post(1, 512);
+        notifier.deliver();
+        assert_eq!(guest.take_used(), vec![(1, 40)]);
+        assert_eq!(notifier.backlog(), 0);
+        assert_eq!(notifier.stats.dropped.load(Ordering::Relaxed), 0);
+    }
+
+    #[test]
+    fn a_stopped_ring_is_left_alone_and_its_backlog_goes_out_on_restart() {
+        let mut guest = ring::Guest::new(true);
+        guest.post(8, 512);
+        let notifier = ring::attached(&guest);
+        // GET_VRING_BASE: the backend makes the queue not ready.
+        guest.vring.set_queue_ready(false);
+        notifier.ring_stopped();
+        for ino in 0..5 {
+            notifier.send(ring::inval(ino));
+        }
+        assert_eq!(guest.used_idx(), 0, "nothing written into a stopped ring");
+        assert_eq!(notifier.backlog(), 5);
+        assert!(notifier.active(), "a paused guest still has the queue");
+        guest.vring.set_queue_ready(true);
+        notifier.ring_started(guest.vring.clone(), guest.mem.clone());
+        assert_eq!(guest.take_used().len(), 5);
+        assert_eq!(notifier.backlog(), 0);
+        assert_eq!(notifier.stats.dropped.load(Ordering::Relaxed), 0);
+    }
+
+    #[test]
+    fn a_detached_queue_is_never_written_again() {
+        let mut guest = ring::Guest::new(true);
+        guest.post(2, 512);
+        let notifier = ring::attached(&guest);
+        for ino in 0..4 {
+            notifier.send(ring::inval(ino));
+        }
+        assert_eq!(notifier.backlog(), 2);
+        notifier.detach();
+        assert!(!notifier.active());
+        assert_eq!(notifier.backlog(), 0);
+        assert_eq!(notifier.stats.discarded.load(Ordering::Relaxed), 2);
+        // Virtqueue 1 is a request queue now: its chains are not ours.
+        guest.take_used();
+        guest.post(2, 512);
+        notifier.send(ring::inval(9));
+        notifier.ring_started(guest.vring.clone(), guest.mem.clone());
+        notifier.deliver();
+        assert!(guest.take_used().is_empty());
+        assert_eq!(notifier.stats.discarded.load(Ordering::Relaxed), 3);
+        // A guest that negotiates the queue again gets it back.
+        notifier.attach(guest.vring.clone(), guest.mem.clone());
+        notifier.send(ring::inval(10));
+        assert_eq!(guest.take_used().len(), 1);
     }
 }
