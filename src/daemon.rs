@@ -16,8 +16,8 @@ use vhost::vhost_user::{Error as VhostUserError, Listener};
 use vhost_user_backend::Error as BackendError;
 
 use crate::cli::{capabilities_json, CacheMode, InodeFileHandles, Options, SandboxMode};
-use crate::coherence::notifier::Notifier;
 use crate::coherence::guest_clock::GuestClock;
+use crate::coherence::notifier::Notifier;
 use crate::coherence::{lease, watcher};
 use crate::device::{self, FsDevice};
 use crate::filesystem;
@@ -89,7 +89,6 @@ pub fn run(options: Options) -> Result<(), DaemonError> {
                 Duration::from_secs_f64(options.lease_timeout),
                 Duration::from_secs_f64(notify_lease),
                 notifier.clone(),
-                guest_clock.clone(),
             )
         })
         .flatten();
