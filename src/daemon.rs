@@ -89,6 +89,7 @@ pub fn run(options: Options) -> Result<(), DaemonError> {
                 Duration::from_secs_f64(options.lease_timeout),
                 Duration::from_secs_f64(notify_lease),
                 notifier.clone(),
+                guest_clock.clone(),
             )
         })
         .flatten();

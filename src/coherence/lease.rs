@@ -36,11 +36,12 @@ use std::os::fd::{AsRawFd, FromRawFd, OwnedFd, RawFd};
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard, Weak};
 use std::thread;
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use fuse_backend_rs::abi::fuse_abi::stat64;
 use log::{debug, info, warn};
 
+use crate::coherence::guest_clock::GuestClock;
 use crate::coherence::notifier::{Notification, Notifier};
 use crate::metrics::Histogram;
 use crate::passthrough::{InodeData, InodeObserver, LeaseKeeper, PassthroughFs, ReadOnly};
@@ -48,6 +49,16 @@ use crate::passthrough::{InodeData, InodeObserver, LeaseKeeper, PassthroughFs, R
 /// Added to every hold: the guest starts its timeout when it processes our reply, which can
 /// be later than when we sent it (a busy or emulated vCPU).
 pub const GRANT_MARGIN: Duration = Duration::from_millis(100);
+
+/// How long a host writer may wait beyond the guest's lease while the guest is paused (QEMU
+/// `stop`, libvirt suspend, savevm): the paused guest's lease timer stands still, so without a
+/// bound a writer would wait for as long as the pause. Below the kernel's default
+/// lease-break-time (45 s) minus the longest default lease (10 s), so the kernel never takes
+/// the lease back first; [`start`] lowers it when the host's is shorter.
+pub const PAUSE_BOUND: Duration = Duration::from_secs(30);
+
+/// How often the lease thread looks at the clock while the guest is paused.
+const PAUSED_POLL: Duration = Duration::from_millis(50);
 
 const F_SETLEASE: libc::c_int = 1024;
 const F_SETSIG: libc::c_int = 10;
@@ -103,8 +114,11 @@ pub struct LeaseStats {
     /// it ended early by confirming.
     pub revocations_sent: AtomicU64,
     pub released_on_confirmation: AtomicU64,
-    /// OPENs told to drop cached pages or listings (mtime or size changed).
+    /// OPENs told to drop cached pages or listings (changed since the guest's last open).
     pub cache_drops: AtomicU64,
+    /// Holds ended by the pause bound while the guest was paused, before it could have
+    /// dropped its cache (each is also a warning in the log).
+    pub pause_bound_ended: AtomicU64,
 }
 
 impl LeaseStats {
@@ -112,7 +126,7 @@ impl LeaseStats {
         let g = |c: &AtomicU64| c.load(Ordering::Relaxed);
         let held = g(&self.held);
         format!(
-            "leases: {entries} inodes tracked, {} file leases taken, {} refused, {} broken by host writers, {} given up for guest writes; {held} host writers held, mean {} us, max {} us ({}); {} revocations sent, {} holds ended by confirmation; {} requests answered ESTALE for a stale guest name, {} cache drops at open",
+            "leases: {entries} inodes tracked, {} file leases taken, {} refused, {} broken by host writers, {} given up for guest writes; {held} host writers held, mean {} us, max {} us ({}); {} revocations sent, {} holds ended by confirmation; {} requests answered ESTALE for a stale guest name, {} cache drops at open; {} holds ended by the pause bound while the guest was paused",
             g(&self.acquired),
             g(&self.refused),
             g(&self.broken),
@@ -124,6 +138,7 @@ impl LeaseStats {
             g(&self.released_on_confirmation),
             stale_names,
             g(&self.cache_drops),
+            g(&self.pause_bound_ended),
         )
     }
 }
@@ -160,10 +175,14 @@ struct Table {
     /// Host writers waiting, by node: when the hold started, and the id of the notification
     /// whose confirmation ends it early (0: none sent).
     holds: HashMap<u64, Hold>,
+    /// The pause bound of each hold, earliest first: (host-time deadline, node, hold start).
+    pause_bounds: BinaryHeap<std::cmp::Reverse<(u64, u64, u64)>>,
 }
 
 #[derive(Clone, Copy)]
 struct Hold {
+    /// When the writer started waiting, in host time ([`GuestClock::now_ns`]): the hold's
+    /// identity and the start of its pause bound.
     since_ns: u64,
     notification: u64,
 }
@@ -176,7 +195,10 @@ pub struct LeaseTable {
     /// changes, so it may cache longer).
     lease: Duration,
     notify_lease: Duration,
-    epoch: Instant,
+    /// Guest-running time: leases are counted in it, since a paused guest's timers stand still.
+    clock: Arc<GuestClock>,
+    /// The longest a host writer waits beyond the guest's lease while the guest is paused.
+    pause_bound: Duration,
     /// Opens our inodes read-only to take host leases (weak: the filesystem owns us).
     fs: Weak<PassthroughFs>,
     /// Tells notify-capable guests about breaks.
@@ -231,11 +253,16 @@ fn is_reg(mode: u32) -> bool {
 impl LeaseTable {
     /// A table granting leases of `lease` on inodes of `fs`, or of `notify_lease` once the
     /// guest negotiated the notification queue, telling breaks to it through `notifier`.
+    /// Lease expiries and holds are counted in `clock`'s guest-running time; a hold that a
+    /// paused guest stretches ends at most `pause_bound` of host time after its lease would
+    /// have ended had the guest kept running.
     pub fn new(
         lease: Duration,
         notify_lease: Duration,
         fs: Weak<PassthroughFs>,
         notifier: Option<Arc<Notifier>>,
+        clock: Arc<GuestClock>,
+        pause_bound: Duration,
     ) -> Self {
         LeaseTable {
             table: Mutex::new(Table {
@@ -243,10 +270,12 @@ impl LeaseTable {
                 by_fd: HashMap::new(),
                 releases: BinaryHeap::new(),
                 holds: HashMap::new(),
+                pause_bounds: BinaryHeap::new(),
             }),
             lease,
             notify_lease,
-            epoch: Instant::now(),
+            clock,
+            pause_bound,
             fs,
             notifier,
             max_host_leases: host_lease_budget(),
@@ -272,8 +301,9 @@ impl LeaseTable {
         }
     }
 
+    /// Guest-running nanoseconds: what lease expiries are measured in.
     fn now_ns(&self) -> u64 {
-        self.epoch.elapsed().as_nanos() as u64
+        self.clock.running_ns()
     }
 
     fn lock(&self) -> MutexGuard<'_, Table> {
@@ -324,6 +354,7 @@ impl LeaseTable {
     /// dropped what it cached.
     fn on_break(self: &Arc<Self>, fd: RawFd) {
         let now = self.now_ns();
+        let host_now = self.clock.now_ns();
         let mut t = self.lock();
         let t = &mut *t;
         let Some(&node) = t.by_fd.get(&fd) else {
@@ -347,7 +378,7 @@ impl LeaseTable {
             now
         };
         let mut hold = Hold {
-            since_ns: now,
+            since_ns: host_now,
             notification: 0,
         };
         if let Some(notifier) = self
@@ -364,7 +395,7 @@ impl LeaseTable {
                 },
                 Box::new(move || {
                     if let Some(table) = table.upgrade() {
-                        table.confirmed(node, now);
+                        table.confirmed(node, host_now);
                     }
                 }),
             );
@@ -381,7 +412,12 @@ impl LeaseTable {
         );
         t.holds.insert(node, hold);
         t.releases
-            .push(std::cmp::Reverse((release_at, node, fd, now)));
+            .push(std::cmp::Reverse((release_at, node, fd, host_now)));
+        // Should the guest be paused, its lease stands still with it: bound the writer's wait
+        // in host time too.
+        let bound = host_now + (release_at - now) + self.pause_bound.as_nanos() as u64;
+        t.pause_bounds
+            .push(std::cmp::Reverse((bound, node, host_now)));
     }
 
     /// The guest confirmed the revocation of the hold on `node` that started at `since_ns`.
@@ -409,7 +445,7 @@ impl LeaseTable {
                 n.cancel(hold.notification);
             }
         }
-        let held_us = self.now_ns().saturating_sub(hold.since_ns) / 1000;
+        let held_us = self.clock.now_ns().saturating_sub(hold.since_ns) / 1000;
         self.stats.held.fetch_add(1, Ordering::Relaxed);
         self.stats
             .hold_us_total
@@ -417,20 +453,51 @@ impl LeaseTable {
         self.stats.hold_us.record(held_us);
     }
 
-    /// Release every lease whose hold is over; returns when the next one is due.
+    /// Release every lease whose hold is over; returns how long until the next check. A hold
+    /// is over when the guest's lease has run out in guest-running time, or, while the guest is
+    /// paused, when its pause bound (host time) has passed.
     fn release_due(&self) -> Option<Duration> {
         let now = self.now_ns();
+        let host_now = self.clock.now_ns();
+        let paused = self.clock.is_paused();
         let mut t = self.lock();
+        let mut next: Option<Duration> = None;
         while let Some(&std::cmp::Reverse((at, node, _fd, since))) = t.releases.peek() {
             if at > now {
-                return Some(Duration::from_nanos(at - now));
+                // Guest time stands still while paused: look again soon after it resumes.
+                let wait = if paused {
+                    PAUSED_POLL
+                } else {
+                    Duration::from_nanos(at - now)
+                };
+                next = Some(wait);
+                break;
             }
             t.releases.pop();
             if t.holds.get(&node).map(|h| h.since_ns) == Some(since) {
                 self.end_hold(&mut t, node);
             } // Else released meanwhile (confirmed, forgotten, or the guest wrote itself).
         }
-        None
+        while let Some(&std::cmp::Reverse((bound, node, since))) = t.pause_bounds.peek() {
+            if t.holds.get(&node).map(|h| h.since_ns) != Some(since) {
+                t.pause_bounds.pop(); // That hold already ended.
+                continue;
+            }
+            if bound > host_now {
+                let wait = Duration::from_nanos(bound - host_now);
+                next = Some(next.map_or(wait, |n| n.min(wait)));
+                break;
+            }
+            t.pause_bounds.pop();
+            self.stats.pause_bound_ended.fetch_add(1, Ordering::Relaxed);
+            warn!(
+                "host writer on node {node} let through after {} ms: the guest has been paused past the bound ({} s); it may use what it cached of that file until it resumes and its lease runs out",
+                (host_now - since) / 1_000_000,
+                self.pause_bound.as_secs_f64()
+            );
+            self.end_hold(&mut t, node);
+        }
+        next
     }
 
     /// Give up a host lease now, letting a held writer through.
@@ -633,7 +700,9 @@ pub fn start(
     lease: Duration,
     notify_lease: Duration,
     notifier: Arc<Notifier>,
+    clock: Arc<GuestClock>,
 ) -> Option<Arc<LeaseTable>> {
+    let mut pause_bound = PAUSE_BOUND;
     if let Some(max) = lease_break_time() {
         for (flag, secs) in [
             ("--lease-timeout", lease),
@@ -647,12 +716,18 @@ pub fn start(
                 );
             }
         }
+        // The kernel takes a lease back after lease-break-time whatever we do: end holds of a
+        // paused guest ourselves before that, so each such case is counted and logged.
+        let longest = lease.max(notify_lease) + GRANT_MARGIN;
+        pause_bound = pause_bound.min(max.saturating_sub(longest + Duration::from_secs(1)));
     }
     let table = Arc::new(LeaseTable::new(
         lease,
         notify_lease,
         Arc::downgrade(fs),
         Some(notifier),
+        clock,
+        pause_bound,
     ));
     if let Err(e) = table.spawn() {
         warn!("leases unavailable ({e}); guests revalidate every access");
@@ -661,9 +736,10 @@ pub fn start(
     fs.add_observer(table.clone());
     fs.set_lease_keeper(table.clone());
     info!(
-        "leases: {:.3} s per grant ({:.3} s for a notify-capable guest); host writers are held until the guest's lease ends or a notify-capable guest confirms",
+        "leases: {:.3} s per grant ({:.3} s for a notify-capable guest), counted in guest-running time; host writers are held until the guest's lease ends or a notify-capable guest confirms, and at most {:.0} s longer while the guest is paused",
         lease.as_secs_f64(),
-        notify_lease.as_secs_f64()
+        notify_lease.as_secs_f64(),
+        pause_bound.as_secs_f64()
     );
     Some(table)
 }
@@ -682,7 +758,7 @@ mod tests {
         // One per inode the guest caches; with the table's key and hash slot overhead this
         // keeps a lease near the 64-byte budget of docs/coherency.md.
         assert!(
-            std::mem::size_of::<Lease>() <= 48,
+            std::mem::size_of::<Lease>() <= 24,
             "Lease is {} bytes",
             std::mem::size_of::<Lease>()
         );
@@ -709,8 +785,121 @@ mod tests {
             std::mem::size_of::<Lease>()
         );
         assert_eq!(leases.len() as u64, N);
-        // Entry plus key plus the hash table's control byte and spare slots.
-        assert!(per_lease <= 160, "{per_lease} bytes per lease");
+        // Entry plus key plus the hash table's control byte and spare slots (69 measured).
+        assert!(per_lease <= 80, "{per_lease} bytes per lease");
+    }
+
+    /// A table on a fake clock, with one regular file leased to the guest until `expires`
+    /// (guest-running time) and a descriptor standing in for its host lease.
+    fn table_with_one_lease(
+        expires: Duration,
+        bound: Duration,
+    ) -> (Arc<LeaseTable>, Arc<AtomicU64>, Arc<GuestClock>, RawFd) {
+        let host_ns = Arc::new(AtomicU64::new(1_000));
+        let source = host_ns.clone();
+        let clock = Arc::new(GuestClock::with_source(move || {
+            source.load(Ordering::SeqCst)
+        }));
+        let table = Arc::new(LeaseTable::new(
+            Duration::from_secs(1),
+            Duration::from_secs(10),
+            Weak::new(),
+            None,
+            clock.clone(),
+            bound,
+        ));
+        let file = std::fs::File::open("/dev/null").unwrap();
+        let fd = file.as_raw_fd();
+        {
+            let mut t = table.lock();
+            t.by_fd.insert(fd, 7);
+            t.leases.insert(
+                7,
+                Lease {
+                    file: Some(OwnedFd::from(file)),
+                    attr_expires_ns: expires.as_nanos() as u64,
+                    ..Lease::default()
+                },
+            );
+        }
+        (table, host_ns, clock, fd)
+    }
+
+    fn advance(host_ns: &AtomicU64, by: Duration) {
+        host_ns.fetch_add(by.as_nanos() as u64, Ordering::SeqCst);
+    }
+
+    fn held(table: &LeaseTable) -> bool {
+        table.release_due();
+        table.lock().holds.contains_key(&7)
+    }
+
+    #[test]
+    fn a_host_writer_waits_out_the_lease_plus_the_margin() {
+        let (table, host_ns, _clock, fd) =
+            table_with_one_lease(Duration::from_secs(1), Duration::from_secs(30));
+        table.on_break(fd);
+        assert!(held(&table));
+        advance(&host_ns, Duration::from_millis(1_050));
+        assert!(held(&table), "inside the grant margin");
+        advance(&host_ns, Duration::from_millis(60));
+        assert!(!held(&table), "lease and margin are over");
+        assert_eq!(table.stats.held.load(Ordering::Relaxed), 1);
+        assert_eq!(table.stats.pause_bound_ended.load(Ordering::Relaxed), 0);
+    }
+
+    #[test]
+    fn a_paused_guests_lease_stands_still_and_so_does_the_hold() {
+        let (table, host_ns, clock, fd) =
+            table_with_one_lease(Duration::from_secs(1), Duration::from_secs(30));
+        table.on_break(fd);
+        advance(&host_ns, Duration::from_millis(500));
+        clock.pause();
+        // Five seconds of pause: the guest's timer did not move, nor does the hold.
+        advance(&host_ns, Duration::from_secs(5));
+        assert!(held(&table), "released while the guest was paused");
+        assert_eq!(
+            table.release_due(),
+            Some(PAUSED_POLL),
+            "looks again soon while paused"
+        );
+        clock.resume();
+        advance(&host_ns, Duration::from_millis(550));
+        assert!(
+            held(&table),
+            "the guest has run 1.05 s of its 1 s lease plus margin"
+        );
+        advance(&host_ns, Duration::from_millis(100));
+        assert!(!held(&table));
+        assert_eq!(table.stats.pause_bound_ended.load(Ordering::Relaxed), 0);
+    }
+
+    #[test]
+    fn a_pause_longer_than_the_bound_lets_the_writer_through_counted() {
+        let bound = Duration::from_secs(3);
+        let (table, host_ns, clock, fd) = table_with_one_lease(Duration::from_secs(1), bound);
+        table.on_break(fd);
+        clock.pause();
+        // The writer waits its lease (1.1 s) plus the bound, in host time.
+        advance(&host_ns, Duration::from_millis(4_000));
+        assert!(held(&table));
+        advance(&host_ns, Duration::from_millis(200));
+        assert!(!held(&table), "the bound ends the hold");
+        assert_eq!(table.stats.pause_bound_ended.load(Ordering::Relaxed), 1);
+        assert_eq!(table.stats.held.load(Ordering::Relaxed), 1);
+    }
+
+    #[test]
+    fn a_second_break_during_the_same_pause_is_its_own_hold() {
+        let (table, host_ns, clock, fd) =
+            table_with_one_lease(Duration::from_secs(1), Duration::from_secs(30));
+        clock.pause();
+        table.on_break(fd);
+        let first = table.lock().holds[&7].since_ns;
+        advance(&host_ns, Duration::from_millis(10));
+        table.on_break(fd); // the kernel repeats the signal: still one hold
+        assert_eq!(table.lock().holds[&7].since_ns, first);
+        assert_eq!(table.stats.broken.load(Ordering::Relaxed), 1);
     }
 
     #[test]
