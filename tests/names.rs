@@ -358,3 +358,93 @@ fn a_guest_open_for_writing_does_not_let_a_held_host_writer_through_early() {
     );
     fuse.release(e.nodeid, w.fh, libc::O_WRONLY).unwrap();
 }
+
+type DirOp = fn(&FuseClient, u64, u64) -> Result<(), leasefs::frontend::FuseError>;
+
+#[test]
+fn nothing_is_created_linked_or_removed_through_a_directory_name_the_host_moved() {
+    // Each op through its own stale name: an ESTALE makes the daemon forget that name (the
+    // guest's retry walks the path again), so a second op on it would be a different test.
+    let ops: [(&str, DirOp); 6] = [
+        ("CREATE", |fuse, d, _| {
+            fuse.create(d, "new", libc::O_WRONLY, 0o644).map(drop)
+        }),
+        ("MKDIR", |fuse, d, _| fuse.mkdir(d, "sub", 0o755).map(drop)),
+        ("UNLINK", |fuse, d, _| fuse.unlink(d, "keep")),
+        ("RENAME within", |fuse, d, _| {
+            fuse.rename(d, "keep", d, "renamed")
+        }),
+        ("LINK into", |fuse, d, f| {
+            fuse.link(f, d, "f.link").map(drop)
+        }),
+        ("OPENDIR", |fuse, d, _| fuse.opendir(d).map(drop)),
+    ];
+    for mode in MODES {
+        let (backend, fuse) = start(mode);
+        let share = backend.share().to_path_buf();
+        fs::write(share.join("f"), b"f").unwrap();
+        let f = fuse.lookup(ROOT_ID, "f").expect("LOOKUP f");
+        for (i, (what, op)) in ops.iter().enumerate() {
+            let (name, moved) = (format!("d{i}"), format!("d{i}.moved"));
+            fs::create_dir(share.join(&name)).unwrap();
+            fs::write(share.join(&name).join("keep"), b"keep me").unwrap();
+            let d = fuse.lookup(ROOT_ID, &name).expect("LOOKUP d");
+            fs::rename(share.join(&name), share.join(&moved)).unwrap();
+            assert_estale(
+                op(&fuse, d.nodeid, f.nodeid),
+                &format!("{mode:?}: {what} through a moved directory's old name"),
+            );
+            let left: Vec<_> = fs::read_dir(share.join(&moved))
+                .unwrap()
+                .map(|e| e.unwrap().file_name().into_string().unwrap())
+                .collect();
+            assert_eq!(
+                left,
+                ["keep"],
+                "{mode:?}: {what} changed the moved directory"
+            );
+        }
+        // LINK through a stale source name.
+        fs::rename(share.join("f"), share.join("f.moved")).unwrap();
+        assert_estale(
+            fuse.link(f.nodeid, ROOT_ID, "f.link"),
+            &format!("{mode:?}: LINK of a moved file"),
+        );
+        assert!(!share.join("f.link").exists());
+    }
+}
+
+#[test]
+fn setxattr_through_a_stale_name_changes_nothing() {
+    const FUSE_SETXATTR: u32 = 21;
+    let (backend, fuse) = start(&["--cache", "coherent", "--xattr"]);
+    let share = backend.share().to_path_buf();
+    fs::write(share.join("x"), b"x").unwrap();
+    let x = fuse.lookup(ROOT_ID, "x").expect("LOOKUP x");
+    fs::rename(share.join("x"), share.join("x.moved")).unwrap();
+    let value = b"v";
+    let mut arg = Vec::new();
+    arg.extend_from_slice(&(value.len() as u32).to_le_bytes());
+    arg.extend_from_slice(&0u32.to_le_bytes());
+    assert_estale(
+        fuse.call(
+            FUSE_SETXATTR,
+            x.nodeid,
+            &[&arg, b"user.leasefs\0", value],
+            0,
+        ),
+        "SETXATTR through a stale name",
+    );
+    let path = std::ffi::CString::new(share.join("x.moved").to_str().unwrap()).unwrap();
+    let mut buf = [0u8; 16];
+    // SAFETY: valid C strings and buffer.
+    let n = unsafe {
+        libc::getxattr(
+            path.as_ptr(),
+            c"user.leasefs".as_ptr(),
+            buf.as_mut_ptr().cast(),
+            buf.len(),
+        )
+    };
+    assert!(n < 0, "the moved file got the attribute");
+}

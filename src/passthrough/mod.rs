@@ -455,6 +455,18 @@ impl PassthroughFs {
         Err(io::Error::from_raw_os_error(libc::ESTALE))
     }
 
+    /// [`check_names`](Self::check_names) for a request that may come through a path or a
+    /// descriptor (SETATTR of mode, owner or times, SETXATTR, REMOVEXATTR): a descriptor's
+    /// caller (fchmod, fsetxattr...) cannot retry an ESTALE, so while the guest has the inode
+    /// open the request goes ahead unchecked.
+    fn check_names_unless_open(&self, data: &InodeData) -> io::Result<()> {
+        if data.open_handles.load(Ordering::Relaxed) == 0 {
+            self.check_names(data)
+        } else {
+            Ok(())
+        }
+    }
+
     /// Requests answered ESTALE because a name the guest held no longer led to the inode.
     pub fn stale_name_answers(&self) -> u64 {
         self.stale_names.load(Ordering::Relaxed)

@@ -81,6 +81,7 @@ impl PassthroughFs {
         flags: u32,
     ) -> io::Result<(Entry, Option<u64>, OpenOptions)> {
         let p = self.inode(parent)?;
+        self.check_names(&p)?;
         // O_EXCL stays: with O_TMPFILE it means "never to be linked".
         let flags =
             self.open_flags(flags) & !(libc::O_CREAT | libc::O_NOFOLLOW | libc::O_DIRECTORY);
@@ -126,6 +127,7 @@ impl PassthroughFs {
     ) -> io::Result<Entry> {
         validate_name(name)?;
         let p = self.inode(parent)?;
+        self.check_names(&p)?;
         {
             let _creds = ScopedCreds::new(ctx.uid, ctx.gid)?;
             let _umask = match umask {
@@ -282,9 +284,10 @@ impl FileSystem for PassthroughFs {
             // the handle); the others may come from a descriptor too (fchmod, fchown,
             // futimens), which cannot retry an ESTALE, so while the guest has the inode open
             // those go ahead (docs/coherency.md, limits).
-            let by_path_for_sure = valid.contains(SetattrValid::SIZE);
-            if by_path_for_sure || data.open_handles.load(Ordering::Relaxed) == 0 {
+            if valid.contains(SetattrValid::SIZE) {
                 self.check_names(&data)?;
+            } else {
+                self.check_names_unless_open(&data)?;
             }
         }
         let proc_name = fd_name(data.as_raw_fd());
@@ -448,6 +451,7 @@ impl FileSystem for PassthroughFs {
     fn unlink(&self, _ctx: &Context, parent: u64, name: &CStr) -> io::Result<()> {
         validate_name(name)?;
         let p = self.inode(parent)?;
+        self.check_names(&p)?;
         // SAFETY: `name` is NUL-terminated.
         check(unsafe { libc::unlinkat(p.as_raw_fd(), name.as_ptr(), 0) }).map(drop)
     }
@@ -455,6 +459,7 @@ impl FileSystem for PassthroughFs {
     fn rmdir(&self, _ctx: &Context, parent: u64, name: &CStr) -> io::Result<()> {
         validate_name(name)?;
         let p = self.inode(parent)?;
+        self.check_names(&p)?;
         // SAFETY: `name` is NUL-terminated.
         check(unsafe { libc::unlinkat(p.as_raw_fd(), name.as_ptr(), libc::AT_REMOVEDIR) }).map(drop)
     }
@@ -475,6 +480,8 @@ impl FileSystem for PassthroughFs {
         }
         let old = self.inode(olddir)?;
         let new = self.inode(newdir)?;
+        self.check_names(&old)?;
+        self.check_names(&new)?;
         // The guest moves its dentries with the rename: so do the names we check at OPEN.
         let node_at = |dir: &super::InodeData, name: &CStr| {
             util::statx_at(dir.as_raw_fd(), name, 0)
@@ -530,6 +537,10 @@ impl FileSystem for PassthroughFs {
         validate_name(newname)?;
         let data = self.inode(inode)?;
         let p = self.inode(newparent)?;
+        // `ln old new` through a stale `old` would link the file the host moved away, and a
+        // stale directory name would put the link where the host moved that directory.
+        self.check_names(&data)?;
+        self.check_names(&p)?;
         // Linking through the /proc magic link needs no CAP_DAC_READ_SEARCH (unlike
         // AT_EMPTY_PATH) and links the inode itself, even a symlink or an O_TMPFILE file.
         // SAFETY: both names are NUL-terminated.
@@ -592,6 +603,7 @@ impl FileSystem for PassthroughFs {
     ) -> io::Result<(Entry, Option<u64>, OpenOptions, Option<u32>)> {
         validate_name(name)?;
         let p = self.inode(parent)?;
+        self.check_names(&p)?;
         let flags = self.open_flags(args.flags) & !libc::O_DIRECTORY;
         let file = {
             let _creds = ScopedCreds::new(ctx.uid, ctx.gid)?;
@@ -737,6 +749,7 @@ impl FileSystem for PassthroughFs {
         value: &[u8],
         flags: u32,
     ) -> io::Result<()> {
+        self.check_names_unless_open(&*self.inode(inode)?)?;
         self.do_setxattr(inode, name, value, flags)
     }
 
@@ -755,6 +768,7 @@ impl FileSystem for PassthroughFs {
     }
 
     fn removexattr(&self, _ctx: &Context, inode: u64, name: &CStr) -> io::Result<()> {
+        self.check_names_unless_open(&*self.inode(inode)?)?;
         self.do_removexattr(inode, name)
     }
 
@@ -768,6 +782,8 @@ impl FileSystem for PassthroughFs {
         if !is_dir(data.mode) {
             return Err(errno(libc::ENOTDIR));
         }
+        // Listing a directory through a name the host moved away would list the moved one.
+        self.check_names(&data)?;
         let file = openat(
             data.as_raw_fd(),
             c".",
