@@ -29,6 +29,11 @@
 #   stress-fallback    stock, qemu-only and kernel-only stacks (the bit is not
 #                      negotiated: leases alone), one and two guests; fails on
 #                      any stale data read
+# Model-based randomized coherence test (guest-tests model, one VM per stack, default mode):
+#   model-stock        stock stack: LEASEFS_MODEL_OPS (2000) host and guest operations from
+#   model-notify       seed LEASEFS_MODEL_SEED (default: today's date, YYYYMMDD), a VM pause
+#                      and a burst of 1000 host changes; fails on any answer the guarantee
+#                      does not allow (LEASEFS_MODEL_KNOWN: op kinds to report, not fail)
 # --no-notify leaves out the notify stack (its build and every run on it).
 # If virtiofsd is on PATH or in ~/.cargo/bin, guest-tests also runs against
 # it on the stock stack once, for information only (not counted). The
@@ -178,6 +183,24 @@ stress() {
     return "$status"
 }
 
+# model NAME STACK [RUN-VM ARGS...]: one guest-tests model run; returns its status.
+model_seed=${LEASEFS_MODEL_SEED:-$(date +%Y%m%d)}
+model_run() {
+    local name=$1 stack=$2 share status=0 known=()
+    shift 2
+    [ -z "${LEASEFS_MODEL_KNOWN:-}" ] || known=(--known-limit "$LEASEFS_MODEL_KNOWN")
+    share=$(mktemp -d /tmp/leasefs-share.XXXXXX)
+    section "VM run $name: guest-tests model, ${LEASEFS_MODEL_OPS:-2000} ops, seed $model_seed${*:+ ($*)}"
+    # The stock stack holds host writers for the lease: about 0.2 s per op under TCG.
+    LEASEFS_LOG_DIR="$logs/$name" "$LEASEFS_QEMU_DIR/run-vm.sh" --no-build --agent \
+        --share "$share" --daemon-arg=--sandbox=none "$@" \
+        --timeout "$(( timeout_secs > 1800 ? timeout_secs : 1800 ))" \
+        -- guest-tests model --ops "${LEASEFS_MODEL_OPS:-2000}" --seed "$model_seed" \
+        --stack "$stack" "${known[@]}" || status=$?
+    rm -rf "$share"
+    return "$status"
+}
+
 # name|daemon|daemon args|skip|stack (notify: needs the notify stack)
 runs=(
     "sandbox-none|leasefsd|--cache always --sandbox none --xattr|coherence_*|stock"
@@ -236,6 +259,17 @@ if [ "$build_ok" -eq 1 ]; then
     status=0
     stress stress-fallback "${fallback[@]}" || status=$?
     count stress-fallback "$status"
+fi
+
+if [ "$build_ok" -eq 1 ]; then
+    status=0
+    model_run model-stock stock || status=$?
+    count model-stock "$status"
+    if [ "$notify" -eq 1 ] && [ "$notify_ok" -eq 1 ]; then
+        status=0
+        model_run model-notify notify "${notify_vm[@]}" || status=$?
+        count model-notify "$status"
+    fi
 fi
 
 # Reference run against virtiofsd on the stock stack: informational only.
