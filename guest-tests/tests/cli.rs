@@ -397,6 +397,69 @@ fn stress_with_local_agent() {
 }
 
 #[test]
+fn model_with_local_agent() {
+    // On the host's own filesystem every answer is the host's state: the
+    // model must find no violation (no false alarms), the same seed must give
+    // the same operations, and the agent's PAUSE must refuse without QMP.
+    let share = TempDir::new("share");
+    let sock = TempDir::new("sock");
+    let sock = sock.0.join("agent.sock");
+    let mut kinds = Vec::new();
+    for _ in 0..2 {
+        let mut agent = AgentProc::start(&share.0, &sock);
+        let (out, text) = run(&[
+            "model",
+            "--dir",
+            share.0.to_str().unwrap(),
+            "--agent-path",
+            sock.to_str().unwrap(),
+            "--ops",
+            "600",
+            "--seed",
+            "11",
+            "--stack",
+            "stock",
+            "--window-ms",
+            "20",
+            "--burst",
+            "200",
+            "--no-pause",
+        ]);
+        assert_eq!(out.status.code(), Some(0), "{text}");
+        let total = text
+            .lines()
+            .find(|l| l.starts_with("MODEL "))
+            .unwrap_or_else(|| panic!("no MODEL line\n{text}"));
+        for want in [" seed=11 ", " violations=0 ", " bursts=", " result=pass"] {
+            assert!(total.contains(want), "{want:?} missing in {total}");
+        }
+        assert!(text.contains("\nmodel: PASS\n"), "{text}");
+        kinds.push(
+            text.lines()
+                .find(|l| l.starts_with("model: per op kind:"))
+                .unwrap_or_default()
+                .to_string(),
+        );
+        assert!(!share.0.join("model").exists());
+        assert!(agent.wait(Duration::from_secs(20)).success());
+    }
+    assert_eq!(kinds[0], kinds[1]);
+    let mut agent = AgentProc::start(&share.0, &sock);
+    let mut c = Conn::new(&sock);
+    let pause = format!("PAUSE 10 {}", hex(b"HELLO"));
+    assert!(c.call(&pause).starts_with("ERR EOPNOTSUPP"));
+    let par = format!("PAR {} {}", hex(b"HELLO"), hex(b"STAT 6e6f7065"));
+    assert_eq!(
+        c.call(&par),
+        format!("OK {} {}", hex(b"OK leasefs-agent 1"), hex(b"ERR ENOENT"))
+    );
+    assert_eq!(c.call("BYE"), "OK");
+    assert!(agent.wait(Duration::from_secs(20)).success());
+    let (out, text) = run(&["model", "--known-limit", "nope"]);
+    assert_eq!(out.status.code(), Some(2), "{text}");
+}
+
+#[test]
 fn missing_agent_fails_clearly() {
     let dir = TempDir::new("noagent");
     let (out, text) = run(&[
