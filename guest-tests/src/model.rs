@@ -1621,7 +1621,7 @@ impl Run {
                 let limit = self.m.name_last.get(name).cloned();
                 self.violation(
                     class,
-                    format!("{key_base}:{:.0}", t.floor()),
+                    format!("{key_base}:{}:{:o}", st.st_ino, st.st_mode),
                     limit.as_deref(),
                     format!(
                         "stat({name}) at t={t:.3}: {what}; name last changed by {}",
@@ -1907,7 +1907,7 @@ impl Run {
                 + self.c.repeats
                 + self.c.known.values().sum::<u64>();
             println!(
-                "model: pause {}: VM stopped {} ms while the host changed {} cached files ({}), back after {ms:.0} ms; checks after cont: {}",
+                "model: pause {}: VM stopped {} ms while the host changed {} cached files ({}), {ms:.0} ms by the guest clock (which stood still while stopped); checks after cont: {}",
                 self.c.pauses,
                 self.o.pause_ms,
                 steps.len(),
