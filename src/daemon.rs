@@ -4,7 +4,7 @@
 use std::fs::File;
 use std::io;
 use std::os::fd::{FromRawFd, IntoRawFd};
-use std::os::unix::fs::{FileTypeExt, PermissionsExt};
+use std::os::unix::fs::FileTypeExt;
 use std::os::unix::net::UnixStream;
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicI32, Ordering};
@@ -15,7 +15,7 @@ use log::{info, warn};
 use vhost::vhost_user::{Error as VhostUserError, Listener};
 use vhost_user_backend::Error as BackendError;
 
-use crate::cli::{capabilities_json, CacheMode, InodeFileHandles, Options, SandboxMode};
+use crate::cli::{capabilities_json, CacheMode, InodeFileHandles, Options};
 use crate::coherence::guest_clock::GuestClock;
 use crate::coherence::notifier::Notifier;
 use crate::coherence::{lease, watcher};
@@ -23,6 +23,7 @@ use crate::device::{self, FsDevice};
 use crate::filesystem;
 use crate::fuse::FuseDispatcher;
 use crate::sandbox::{self, Sandbox, SandboxError};
+use crate::{pidfile, seccomp};
 
 /// Everything that stops the daemon, each naming its cause for the one-line error.
 #[derive(Debug, thiserror::Error)]
@@ -39,6 +40,8 @@ pub enum DaemonError {
     Logging(String),
     #[error(transparent)]
     Sandbox(#[from] SandboxError),
+    #[error(transparent)]
+    Seccomp(#[from] seccomp::SeccompError),
     #[error("opening the shared directory for serving: {0}")]
     Filesystem(io::Error),
     #[error("device: {0}")]
@@ -94,16 +97,22 @@ pub fn run(options: Options) -> Result<(), DaemonError> {
         })
         .flatten();
     sandbox.enter_root()?;
-    if options.sandbox != SandboxMode::None {
-        sandbox::drop_capabilities().map_err(|e| {
-            DaemonError::Sandbox(SandboxError::Step {
-                step: "drop capabilities",
-                source: e,
-            })
-        })?;
-    }
+    // As virtiofsd: a root daemon drops what it does not need whatever the sandbox.
+    let modcaps = options.modcaps.as_ref().map(|m| m.0.as_slice());
+    let kept = sandbox::kept_capabilities(modcaps.unwrap_or_default());
+    sandbox::drop_capabilities(&kept).map_err(|e| {
+        DaemonError::Sandbox(SandboxError::Step {
+            step: "drop capabilities",
+            source: e,
+        })
+    })?;
     drop_supplementary_groups()?;
     install_exit_handlers(root);
+    // Only now does SIGTERM end the daemon cleanly (as pid 1 of its namespace it would ignore
+    // it before): now launchers may read the pid file and signal the pid in it.
+    pidfile::write_pid().map_err(DaemonError::Filesystem)?;
+    // Last: every thread, from here on, may make only the calls serving needs.
+    seccomp::apply(options.seccomp)?;
 
     let dispatcher = Arc::new(FuseDispatcher::new(fs, options.readonly, notifier.clone()));
     let device = FsDevice::new(
@@ -170,12 +179,29 @@ fn init_logging(options: &Options) -> Result<(), DaemonError> {
             process: "leasefsd".into(),
             pid: std::process::id(),
         };
-        let logger =
-            syslog::unix(formatter).map_err(|e| DaemonError::Logging(format!("syslog: {e}")))?;
-        log::set_boxed_logger(Box::new(syslog::BasicLogger::new(logger)))
-            .map_err(|e| DaemonError::Logging(e.to_string()))?;
-        log::set_max_level(level);
-    } else {
+        // As virtiofsd: /dev/log, else local TCP (601) or UDP (514) syslog, else stderr.
+        let logger = syslog::unix(formatter.clone())
+            .map(|l| Box::new(syslog::BasicLogger::new(l)) as Box<dyn log::Log>)
+            .or_else(|_| {
+                syslog::tcp(formatter.clone(), ("127.0.0.1", 601))
+                    .map(|l| Box::new(syslog::BasicLogger::new(l)) as Box<dyn log::Log>)
+            })
+            .or_else(|_| {
+                syslog::udp(formatter, ("127.0.0.1", 0), ("127.0.0.1", 514))
+                    .map(|l| Box::new(syslog::BasicLogger::new(l)) as Box<dyn log::Log>)
+            });
+        match logger {
+            Ok(logger) => {
+                log::set_boxed_logger(logger).map_err(|e| DaemonError::Logging(e.to_string()))?;
+                log::set_max_level(level);
+                return Ok(());
+            }
+            Err(e) => {
+                eprintln!("leasefsd: can't enable syslog, logging to stderr: {e}");
+            }
+        }
+    }
+    {
         env_logger::Builder::new()
             .filter_level(level)
             .format_timestamp_millis()
@@ -207,11 +233,24 @@ fn set_rlimit_nofile(requested: Option<u64>) -> Result<(), DaemonError> {
     let target = match requested {
         Some(0) => return Ok(()),
         Some(n) => n,
-        // Like virtiofsd: every inode the guest knows holds a descriptor, so take all we may.
-        None => std::fs::read_to_string("/proc/sys/fs/nr_open")
-            .ok()
-            .and_then(|s| s.trim().parse().ok())
-            .unwrap_or(1 << 20),
+        // Like virtiofsd: every inode the guest knows holds a descriptor, so take up to
+        // min(1000000, nr_open), unless the soft limit is already higher.
+        None => {
+            let nr_open = std::fs::read_to_string("/proc/sys/fs/nr_open")
+                .ok()
+                .and_then(|s| s.trim().parse().ok())
+                .unwrap_or(1 << 20);
+            let mut current = libc::rlimit {
+                rlim_cur: 0,
+                rlim_max: 0,
+            };
+            // SAFETY: current is a valid out-pointer.
+            unsafe { libc::getrlimit(libc::RLIMIT_NOFILE, &mut current) };
+            if current.rlim_cur >= 1_000_000 {
+                return Ok(());
+            }
+            std::cmp::min(1_000_000, nr_open)
+        }
     };
     let limit = libc::rlimit {
         rlim_cur: target,
@@ -266,6 +305,8 @@ fn listen(options: &Options) -> Result<(Listener, String), DaemonError> {
         path: name.clone(),
         reason,
     };
+    // First the pid file's lock: a second daemon on this socket stops here.
+    pidfile::lock(path).map_err(|e| error(format!("pid file: {e}")))?;
     match std::fs::symlink_metadata(path) {
         Ok(meta) if meta.file_type().is_socket() => {
             if UnixStream::connect(path).is_ok() {
@@ -277,7 +318,18 @@ fn listen(options: &Options) -> Result<(Listener, String), DaemonError> {
         Err(e) if e.kind() == io::ErrorKind::NotFound => {}
         Err(e) => return Err(error(e.to_string())),
     }
-    let listener = Listener::new(path, true).map_err(|e| error(e.to_string()))?;
+    // The socket is born 0700 (0770 with --socket-group): no moment where others may connect.
+    let mask = if options.socket_group.is_some() {
+        0o007
+    } else {
+        0o077
+    };
+    // SAFETY: umask cannot fail; no other thread runs yet, so none creates files meanwhile.
+    let old_mask = unsafe { libc::umask(mask) };
+    let listener = Listener::new(path, true);
+    // SAFETY: as above.
+    unsafe { libc::umask(old_mask) };
+    let listener = listener.map_err(|e| error(e.to_string()))?;
     if let Some(group) = &options.socket_group {
         set_socket_group(path, group)?;
     }
@@ -297,8 +349,7 @@ fn set_socket_group(path: &Path, group: &str) -> Result<(), DaemonError> {
         path: path.display().to_string(),
         reason: format!("giving it to group {group}: {e}"),
     };
-    std::os::unix::fs::chown(path, None, Some(gid)).map_err(socket_error)?;
-    std::fs::set_permissions(path, std::fs::Permissions::from_mode(0o770)).map_err(socket_error)
+    std::os::unix::fs::chown(path, None, Some(gid)).map_err(socket_error)
 }
 
 /// The shared directory's descriptor, for flushing on the way out.
@@ -323,6 +374,7 @@ extern "C" fn exit_on_signal(_signal: libc::c_int) {
         if fd >= 0 {
             libc::syncfs(fd);
         }
+        pidfile::remove();
         libc::_exit(0);
     }
 }

@@ -14,5 +14,7 @@ pub mod frontend;
 pub mod fuse;
 pub mod metrics;
 pub mod passthrough;
+pub mod pidfile;
 pub mod queue;
 pub mod sandbox;
+pub mod seccomp;

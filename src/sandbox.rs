@@ -18,7 +18,9 @@ use std::sync::atomic::{AtomicI32, Ordering};
 
 use log::{debug, info};
 
-use crate::cli::SandboxMode;
+use caps::Capability;
+
+use crate::cli::{ModCap, SandboxMode};
 
 /// Errors name the step that failed, so a user knows which privilege or kernel feature is missing.
 #[derive(Debug, thiserror::Error)]
@@ -132,9 +134,12 @@ impl Sandbox {
                 break;
             }
             if rc < 0 && io::Error::last_os_error().kind() != io::ErrorKind::Interrupted {
+                crate::pidfile::remove();
                 std::process::exit(1);
             }
         }
+        // The serving child shares the pid file's lock but leaves the file to us.
+        crate::pidfile::remove();
         let code = if libc::WIFEXITED(status) {
             libc::WEXITSTATUS(status)
         } else {
@@ -230,21 +235,34 @@ fn mount(
     })
 }
 
-/// Capabilities a passthrough daemon needs to act on behalf of any guest user.
-const KEPT_CAPABILITIES: &[u32] = &[
-    0,  // CAP_CHOWN
-    1,  // CAP_DAC_OVERRIDE
-    2,  // CAP_DAC_READ_SEARCH (open_by_handle_at)
-    3,  // CAP_FOWNER
-    4,  // CAP_FSETID
-    5,  // CAP_KILL
-    6,  // CAP_SETGID
-    7,  // CAP_SETUID
-    27, // CAP_MKNOD
-    28, // CAP_LEASE (host file leases on files the daemon does not own)
-    29, // CAP_AUDIT_WRITE
-    31, // CAP_SETFCAP
+/// Capabilities a passthrough daemon needs to act on behalf of any guest user. Not CAP_KILL or
+/// CAP_AUDIT_WRITE (nothing the daemon does needs them, and a compromised daemon could use
+/// them), and not CAP_DAC_READ_SEARCH: it serves only open_by_handle_at, and the passthrough
+/// references inodes by O_PATH descriptors in every `--inode-file-handles` mode.
+/// `--modcaps` adds to and removes from this set.
+pub const KEPT_CAPABILITIES: &[Capability] = &[
+    Capability::CAP_CHOWN,
+    Capability::CAP_DAC_OVERRIDE,
+    Capability::CAP_FOWNER,
+    Capability::CAP_FSETID,
+    Capability::CAP_SETGID,
+    Capability::CAP_SETUID,
+    Capability::CAP_MKNOD,
+    Capability::CAP_LEASE, // host file leases on files the daemon does not own
+    Capability::CAP_SETFCAP,
 ];
+
+/// The capabilities kept: [`KEPT_CAPABILITIES`] changed by `--modcaps`, in order.
+pub fn kept_capabilities(modcaps: &[ModCap]) -> Vec<Capability> {
+    let mut kept: Vec<Capability> = KEPT_CAPABILITIES.to_vec();
+    for m in modcaps {
+        kept.retain(|&c| c != m.cap);
+        if m.add {
+            kept.push(m.cap);
+        }
+    }
+    kept
+}
 
 #[repr(C)]
 struct CapHeader {
@@ -262,9 +280,9 @@ struct CapData {
 
 const LINUX_CAPABILITY_VERSION_3: u32 = 0x2008_0522;
 
-/// Drop every capability the daemon does not need, from the effective, permitted, inheritable
-/// and bounding sets. Does nothing for an unprivileged daemon, which has none to drop.
-pub fn drop_capabilities() -> io::Result<()> {
+/// Drop every capability but `kept` from the effective, permitted, inheritable and bounding
+/// sets. Does nothing for an unprivileged daemon, which has none to drop.
+pub fn drop_capabilities(kept: &[Capability]) -> io::Result<()> {
     let mut header = CapHeader {
         version: LINUX_CAPABILITY_VERSION_3,
         pid: 0,
@@ -275,8 +293,9 @@ pub fn drop_capabilities() -> io::Result<()> {
         return Err(io::Error::last_os_error());
     }
     let mut keep = [0u32; 2];
-    for &cap in KEPT_CAPABILITIES {
-        keep[(cap / 32) as usize] |= 1 << (cap % 32);
+    for cap in kept {
+        let bit = cap.index() as u32;
+        keep[(bit / 32) as usize] |= 1 << (bit % 32);
     }
     for (d, k) in data.iter_mut().zip(keep) {
         d.effective &= k;
@@ -284,17 +303,17 @@ pub fn drop_capabilities() -> io::Result<()> {
         d.inheritable = 0;
     }
     // Shrink the bounding set first: that needs CAP_SETPCAP, which the capset below removes.
-    for cap in 0..64u32 {
-        if !KEPT_CAPABILITIES.contains(&cap) {
+    for bit in 0..64u32 {
+        if keep[(bit / 32) as usize] & (1 << (bit % 32)) == 0 {
             // SAFETY: prctl with integer arguments; EINVAL for caps this kernel lacks is fine.
-            unsafe { libc::prctl(libc::PR_CAPBSET_DROP, cap as libc::c_ulong, 0, 0, 0) };
+            unsafe { libc::prctl(libc::PR_CAPBSET_DROP, bit as libc::c_ulong, 0, 0, 0) };
         }
     }
     // SAFETY: as for capget.
     if unsafe { libc::syscall(libc::SYS_capset, &mut header, data.as_ptr()) } < 0 {
         return Err(io::Error::last_os_error());
     }
-    debug!("capabilities reduced to {KEPT_CAPABILITIES:?}");
+    debug!("capabilities reduced to {kept:?}");
     Ok(())
 }
 
@@ -308,6 +327,21 @@ mod tests {
         sandbox.enter_namespaces().unwrap();
         sandbox.enter_root().unwrap();
         assert!(Path::new("/proc/self").exists());
+    }
+
+    #[test]
+    fn modcaps_add_and_remove() {
+        let kept = kept_capabilities(&crate::cli::parse_modcaps("+sys_admin:-chown").unwrap().0);
+        assert!(kept.contains(&Capability::CAP_SYS_ADMIN));
+        assert!(!kept.contains(&Capability::CAP_CHOWN));
+        let default = kept_capabilities(&[]);
+        for dropped in [
+            Capability::CAP_KILL,
+            Capability::CAP_AUDIT_WRITE,
+            Capability::CAP_DAC_READ_SEARCH,
+        ] {
+            assert!(!default.contains(&dropped), "{dropped}");
+        }
     }
 
     #[test]
