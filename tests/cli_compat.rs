@@ -171,6 +171,26 @@ impl Drop for Dir {
     }
 }
 
+/// Kills the daemon if a test fails before terminating it: no daemon outlives the test.
+struct Reaper(u32);
+
+impl Drop for Reaper {
+    fn drop(&mut self) {
+        // Only while the pid is still our unreaped child: once reaped it may name another
+        // process.
+        let stat = std::fs::read_to_string(format!("/proc/{}/stat", self.0)).unwrap_or_default();
+        let ppid = stat
+            .rsplit(") ")
+            .next()
+            .and_then(|rest| rest.split(' ').nth(1))
+            .and_then(|p| p.parse::<u32>().ok());
+        if ppid == Some(std::process::id()) {
+            // SAFETY: a signal to our own child.
+            unsafe { libc::kill(self.0 as i32, libc::SIGKILL) };
+        }
+    }
+}
+
 fn spawn(args: &[String], keep_fd: Option<i32>) -> Child {
     let mut cmd = Command::new(LEASEFSD);
     cmd.args(args)
@@ -339,6 +359,7 @@ fn every_virtiofsd_flag_runs_or_is_refused_in_one_line() {
             }
             let keep = listener.as_ref().map(|l| l.as_raw_fd());
             let mut child = spawn(&args, keep);
+            let _reaper = Reaper(child.id());
             let refusable = REFUSED.contains(&flag.name.as_str())
                 // The bare flag means "always"; "never" is what leasefsd does.
                 && !(flag.name == "--security-label" && extra[0].ends_with("=never"));
@@ -418,6 +439,7 @@ fn virtme_ng_line_listens_writes_the_pid_file_and_ends_on_sigterm() {
     .collect();
     let start = Instant::now();
     let mut child = spawn(&line, None);
+    let _reaper = Reaper(child.id());
     assert!(matches!(
         outcome(&mut child, Some(&dir.pid_file())),
         Outcome::Listening
@@ -447,11 +469,13 @@ fn a_second_daemon_on_the_same_socket_is_refused_and_the_first_keeps_serving() {
         .map(|s| s.to_string())
         .collect();
         let mut first = spawn(&args, None);
+        let _reaper = Reaper(first.id());
         assert!(matches!(
             outcome(&mut first, Some(&dir.pid_file())),
             Outcome::Listening
         ));
         let mut second = spawn(&args, None);
+        let _reaper2 = Reaper(second.id());
         match outcome(&mut second, Some(&dir.pid_file())) {
             Outcome::Exited(1, _, err) => {
                 let err = err.trim_end();
@@ -486,6 +510,7 @@ fn socket_group_gives_the_socket_mode_0770() {
     .map(|s| s.to_string())
     .collect();
     let mut child = spawn(&args, None);
+    let _reaper = Reaper(child.id());
     assert!(matches!(
         outcome(&mut child, Some(&dir.pid_file())),
         Outcome::Listening
@@ -516,6 +541,7 @@ fn libvirt_lines_start() {
             "-d".to_string(),
         ];
         let mut child = spawn(&args, Some(fd));
+        let _reaper = Reaper(child.id());
         match outcome(&mut child, None) {
             Outcome::Listening => terminate(child, None),
             Outcome::Exited(code, _, err) => panic!("{args:?}: exit {code}: {err}"),
