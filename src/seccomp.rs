@@ -183,13 +183,9 @@ const ALLOWED: &[(&str, &[libc::c_long])] = &[
 
 /// ioctl: only FIONBIO (std's set_nonblocking on sockets).
 fn ioctl_rule() -> Result<Vec<SeccompRule>, SeccompError> {
-    let condition = SeccompCondition::new(
-        1,
-        SeccompCmpArgLen::Dword,
-        SeccompCmpOp::Eq,
-        libc::FIONBIO,
-    )
-    .map_err(|e| SeccompError(e.to_string()))?;
+    let condition =
+        SeccompCondition::new(1, SeccompCmpArgLen::Dword, SeccompCmpOp::Eq, libc::FIONBIO)
+            .map_err(|e| SeccompError(e.to_string()))?;
     Ok(vec![
         SeccompRule::new(vec![condition]).map_err(|e| SeccompError(e.to_string()))?
     ])
