@@ -479,7 +479,14 @@ impl HostWatcher {
                 });
             }
             if event.mask & (FAN_ATTRIB | FAN_MODIFY) != 0 {
-                for child in child_nodes(fs, dir, &name) {
+                // The event names the child by file handle too (FAN_REPORT_FID): use that, so
+                // a child unlinked before we read the event is still revoked; the name is the
+                // fallback for kernels without it.
+                let mut children = self.known_child(record, event.metadata_len as usize);
+                if children.is_empty() {
+                    children = child_nodes(fs, dir, &name);
+                }
+                for child in children {
                     self.revoke(Notification::InvalInode {
                         ino: child,
                         offset: -1,
