@@ -100,7 +100,6 @@ impl GuestNames {
         self.names.clone()
     }
 
-    #[cfg(test)]
     pub(crate) fn len(&self) -> usize {
         self.names.len()
     }
