@@ -206,3 +206,36 @@ fn an_inode_whose_watch_failed_gets_the_short_lease() {
         backend.log()
     );
 }
+
+#[test]
+fn a_notify_guest_told_of_a_save_over_a_cached_temp_name_opens_at_the_first_retry() {
+    let (backend, device, fuse) = start(
+        true,
+        &["--lease-timeout", "1", "--notify-lease-timeout", "10"],
+    );
+    let share = backend.share().to_path_buf();
+    fs::write(share.join("control"), b"").unwrap();
+    lookup_until_long_lease(&fuse, "control", Duration::from_secs(10));
+    fs::write(share.join("doc"), b"old").unwrap();
+    fs::write(share.join("doc.tmp"), b"new").unwrap();
+    let doc = fuse.lookup(ROOT_ID, "doc").expect("LOOKUP doc");
+    fuse.lookup(ROOT_ID, "doc.tmp").expect("LOOKUP doc.tmp");
+    let _ = device.notifications();
+    fs::rename(share.join("doc.tmp"), share.join("doc")).unwrap();
+    // The guest hears that doc.tmp went (and drops that dentry).
+    let deadline = Instant::now() + Duration::from_secs(2);
+    let mut told = false;
+    while !told && Instant::now() < deadline {
+        for bytes in device.notifications().expect("notifications") {
+            let n = Notice::parse(&bytes).expect("a well-formed notice");
+            told |= n.code != Notice::INVAL_INODE && n.name == b"doc.tmp";
+        }
+        thread::sleep(Duration::from_millis(5));
+    }
+    assert!(told, "no INVAL_ENTRY for doc.tmp");
+    let e = fuse.open(doc.nodeid, libc::O_RDONLY).unwrap_err();
+    assert_eq!(e.errno(), Some(libc::ESTALE), "the old inode: {e:?}");
+    let fresh = fuse.lookup(ROOT_ID, "doc").expect("the retry's LOOKUP");
+    fuse.open(fresh.nodeid, libc::O_WRONLY)
+        .expect("the retry's OPEN: the guest was told doc.tmp is gone");
+}

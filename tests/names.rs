@@ -156,9 +156,9 @@ fn the_name_check_is_by_identity_not_by_timestamps() {
     fuse.open(c.nodeid, libc::O_RDONLY)
         .expect("OPEN after the guest's own rename");
 
-    // Two names for one inode: the host removes one. A write through the inode gets ESTALE
-    // once (it may have come through the removed name), then goes through with the name that
-    // still leads here; a read goes through at once (a name still leads here).
+    // Two names for one inode: the host removes one. An OPEN of the inode gets ESTALE once
+    // (it may have come through the removed name), then goes through with the name that
+    // still leads here.
     fs::write(share.join("h1"), b"linked").unwrap();
     fs::hard_link(share.join("h1"), share.join("h2")).unwrap();
     let h1 = fuse.lookup(ROOT_ID, "h1").expect("LOOKUP h1");
@@ -173,11 +173,6 @@ fn the_name_check_is_by_identity_not_by_timestamps() {
         .expect("the guest's retry: LOOKUP h2");
     fuse.open(h2.nodeid, libc::O_WRONLY)
         .expect("OPEN through the remaining name");
-    fs::hard_link(share.join("h2"), share.join("h3")).unwrap();
-    fuse.lookup(ROOT_ID, "h3").expect("LOOKUP h3");
-    fs::remove_file(share.join("h3")).unwrap();
-    fuse.open(h2.nodeid, libc::O_RDONLY)
-        .expect("a read while a name still leads here");
 }
 
 /// Host: rewrite `path` with `data` (same size), then set its mtime back to `mtime` as
@@ -456,29 +451,38 @@ fn setxattr_through_a_stale_name_changes_nothing() {
 }
 
 #[test]
-fn a_save_over_a_name_whose_temp_file_the_guest_cached_reads_at_the_first_retry() {
-    // An editor on the host writes `doc.tmp` and renames it over `doc`; the guest had cached
-    // both names (a listing with READDIRPLUS does that). The guest's open of `doc` reaches the
-    // old inode (ESTALE), its retry looks `doc` up again and reaches the new inode, whose
-    // other name `doc.tmp` is gone: a read must go through now, since the kernel retries
-    // only once and would hand the program ESTALE.
-    for mode in MODES {
-        let (backend, fuse) = start(mode);
-        let share = backend.share().to_path_buf();
-        fs::write(share.join("doc"), b"old").unwrap();
-        fs::write(share.join("doc.tmp"), b"new").unwrap();
-        let doc = fuse.lookup(ROOT_ID, "doc").expect("LOOKUP doc");
-        fuse.lookup(ROOT_ID, "doc.tmp").expect("LOOKUP doc.tmp");
-        fs::rename(share.join("doc.tmp"), share.join("doc")).unwrap();
-        assert_estale(
-            fuse.open(doc.nodeid, libc::O_RDONLY),
-            &format!("{mode:?}: OPEN of the replaced inode"),
-        );
-        let fresh = fuse.lookup(ROOT_ID, "doc").expect("the retry's LOOKUP");
-        assert_ne!(fresh.nodeid, doc.nodeid);
-        let h = fuse
-            .open(fresh.nodeid, libc::O_RDONLY)
-            .unwrap_or_else(|e| panic!("{mode:?}: the retry's OPEN: {e:?}"));
-        assert_eq!(fuse.read(fresh.nodeid, h.fh, 0, 16).unwrap(), b"new");
-    }
+fn a_save_over_a_cached_temp_name_costs_a_stock_guest_a_second_estale() {
+    // docs/coherency.md, limits. An editor on the host writes `doc.tmp` and renames it over
+    // `doc`; the guest had cached both names (a listing with READDIRPLUS does that). Its open
+    // of `doc` reaches the old inode (ESTALE); its retry looks `doc` up again and reaches the
+    // new inode, whose other cached name `doc.tmp` is gone. FUSE does not say which name an
+    // OPEN came through, so a stock guest gets ESTALE once more (losing no bytes comes first:
+    // a write through the stale `doc.tmp` must not land in `doc`); a notify guest was told of
+    // the rename and does not (tests/host_events.rs).
+    let (backend, fuse) = start(MODES[0]);
+    let share = backend.share().to_path_buf();
+    fs::write(share.join("doc"), b"old").unwrap();
+    fs::write(share.join("doc.tmp"), b"new").unwrap();
+    let doc = fuse.lookup(ROOT_ID, "doc").expect("LOOKUP doc");
+    fuse.lookup(ROOT_ID, "doc.tmp").expect("LOOKUP doc.tmp");
+    fs::rename(share.join("doc.tmp"), share.join("doc")).unwrap();
+    assert_estale(
+        fuse.open(doc.nodeid, libc::O_RDONLY),
+        "OPEN of the replaced inode",
+    );
+    let fresh = fuse.lookup(ROOT_ID, "doc").expect("the retry's LOOKUP");
+    assert_ne!(fresh.nodeid, doc.nodeid);
+    assert_estale(
+        fuse.open(fresh.nodeid, libc::O_WRONLY | libc::O_TRUNC),
+        "the new inode's other name is stale",
+    );
+    assert_eq!(
+        fs::read(share.join("doc")).unwrap(),
+        b"new",
+        "nothing truncated"
+    );
+    let h = fuse
+        .open(fresh.nodeid, libc::O_RDONLY)
+        .expect("the stale name is forgotten after one ESTALE");
+    assert_eq!(fuse.read(fresh.nodeid, h.fh, 0, 16).unwrap(), b"new");
 }

@@ -100,6 +100,7 @@ impl GuestNames {
         self.names.clone()
     }
 
+    #[cfg(test)]
     pub(crate) fn len(&self) -> usize {
         self.names.len()
     }

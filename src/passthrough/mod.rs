@@ -420,22 +420,6 @@ impl PassthroughFs {
     /// (device, inode number, mount). We hold an O_PATH descriptor of `data`, so its inode
     /// number cannot have been reused by another file meanwhile.
     fn check_names(&self, data: &InodeData) -> io::Result<()> {
-        self.check_names_as(data, true)
-    }
-
-    /// [`check_names`](Self::check_names) for a request that only reads (OPEN without write
-    /// access or O_TRUNC, OPENDIR). FUSE does not say which of an inode's names the guest
-    /// used, and the kernel retries an ESTALE only once: after a host rename over a name
-    /// (`mv tmp file` where the guest had also cached `tmp`), the guest's retry reaches the
-    /// new inode, whose other name is stale too, and a strict check would hand the program
-    /// ESTALE. A read through a name that still leads here is right, so only when *no* name
-    /// leads here any more is the answer ESTALE; stale names are forgotten either way. A read
-    /// through the stale one of two cached names lags like any name (docs/coherency.md).
-    fn check_names_for_reading(&self, data: &InodeData) -> io::Result<()> {
-        self.check_names_as(data, false)
-    }
-
-    fn check_names_as(&self, data: &InodeData, strict: bool) -> io::Result<()> {
         let names = data
             .names
             .lock()
@@ -466,11 +450,7 @@ impl PassthroughFs {
         for (parent, name) in &stale {
             names.forget(*parent, name);
         }
-        let some_name_leads_here = names.len() > 0;
         drop(names);
-        if !strict && some_name_leads_here {
-            return Ok(());
-        }
         self.stale_names.fetch_add(1, Ordering::Relaxed);
         Err(io::Error::from_raw_os_error(libc::ESTALE))
     }
@@ -484,6 +464,18 @@ impl PassthroughFs {
             self.check_names(data)
         } else {
             Ok(())
+        }
+    }
+
+    /// The guest is being told that `name` in directory node `parent` no longer leads where it
+    /// did (INVAL_ENTRY or DELETE on the notification queue): it drops that dentry, so node
+    /// `inode` need not be checked under that name any more.
+    pub fn forget_guest_name(&self, inode: u64, parent: u64, name: &[u8]) {
+        if let Some(data) = self.inodes.get(inode) {
+            data.names
+                .lock()
+                .unwrap_or_else(|e| e.into_inner())
+                .forget(parent, name);
         }
     }
 

@@ -567,12 +567,8 @@ impl FileSystem for PassthroughFs {
         let flags = self.open_flags(flags);
         // First the name, then anything else: an O_TRUNC through a name the host renamed away
         // must not truncate the renamed file.
+        self.check_names(&data)?;
         let writes = super::open::writes(flags);
-        if writes {
-            self.check_names(&data)?;
-        } else {
-            self.check_names_for_reading(&data)?;
-        }
         let file = {
             let _kill = if fuse_flags & FOPEN_IN_KILL_SUIDGID != 0 && flags & libc::O_TRUNC != 0 {
                 Some(ScopedNoFsetid::new()?)
@@ -787,7 +783,7 @@ impl FileSystem for PassthroughFs {
             return Err(errno(libc::ENOTDIR));
         }
         // Listing a directory through a name the host moved away would list the moved one.
-        self.check_names_for_reading(&data)?;
+        self.check_names(&data)?;
         let file = openat(
             data.as_raw_fd(),
             c".",
