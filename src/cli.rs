@@ -338,11 +338,11 @@ pub struct Options {
           value_parser = clap::value_parser!(u16).range(1..=MAX_REQUEST_QUEUES as i64))]
     pub max_request_queues: u16,
 
-    /// From `-o no_flock`: guest flock locks stay in the guest (not supported yet).
+    /// Off with `-o no_flock`: guest flock locks stay in the guest (FLOCK_LOCKS not offered).
     #[arg(skip = true)]
     pub flock: bool,
 
-    /// From `-o no_posix_lock`: guest POSIX locks stay in the guest (not supported yet).
+    /// Off with `-o no_posix_lock`: guest POSIX locks stay in the guest (POSIX_LOCKS not offered).
     #[arg(skip = true)]
     pub posix_lock: bool,
 }
@@ -537,12 +537,6 @@ impl Options {
             return not_yet(
                 "--allow-mmap",
                 "DIRECT_IO_ALLOW_MMAP is not negotiated; use --cache auto, always or coherent to mmap",
-            );
-        }
-        if !self.flock || !self.posix_lock {
-            return not_yet(
-                "-o no_flock/no_posix_lock",
-                "guest flock and POSIX locks are always taken on the host, never kept in the guest",
             );
         }
         if !self.uid_map.is_empty() || !self.gid_map.is_empty() {
@@ -850,7 +844,10 @@ mod tests {
         // The lock options parse; until guest-local locks exist they are refused at start.
         let o = full(&["--fd=3", "-o", "source=/s,no_flock,no_posix_lock"], None).unwrap();
         assert!(!o.flock && !o.posix_lock);
-        assert!(o.unsupported().unwrap().contains("no_flock"));
+        assert!(
+            o.unsupported().is_none(),
+            "libvirt's <lock posix='off' flock='off'>"
+        );
     }
 
     #[test]

@@ -56,6 +56,8 @@ pub fn config(options: &Options, root: &Path) -> Config {
         inode_file_handles: file_handle_mode(options.inode_file_handles),
         allow_direct_io: options.allow_direct_io,
         announce_submounts: options.announce_submounts,
+        host_posix_locks: options.posix_lock,
+        host_flock: options.flock,
     }
 }
 

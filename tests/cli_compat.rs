@@ -532,6 +532,8 @@ fn libvirt_lines_start() {
     for extra in [
         format!("source={escaped}"),
         format!("source={escaped},cache=always,sandbox=chroot,xattr"),
+        // <lock posix='off' flock='off'/>: the guest keeps its locks.
+        format!("source={escaped},cache=always,sandbox=chroot,xattr,no_flock,no_posix_lock"),
     ] {
         let args = vec![
             format!("--fd={fd}"),

@@ -145,6 +145,11 @@ pub struct Config {
     pub inode_file_handles: FileHandleMode,
     pub allow_direct_io: bool,
     pub announce_submounts: bool,
+    /// Take the guest's POSIX (fcntl) and flock locks on the host (FUSE_POSIX_LOCKS,
+    /// FUSE_FLOCK_LOCKS); off (`-o no_posix_lock`, `-o no_flock`), the guest kernel keeps
+    /// them to itself, as with virtiofsd.
+    pub host_posix_locks: bool,
+    pub host_flock: bool,
 }
 
 impl Default for Config {
@@ -160,6 +165,8 @@ impl Default for Config {
             inode_file_handles: FileHandleMode::Never,
             allow_direct_io: false,
             announce_submounts: false,
+            host_posix_locks: true,
+            host_flock: true,
         }
     }
 }

@@ -185,9 +185,13 @@ impl FileSystem for PassthroughFs {
             | FsOptions::EXPORT_SUPPORT
             | FsOptions::DO_READDIRPLUS
             | FsOptions::READDIRPLUS_AUTO
-            | FsOptions::MAX_PAGES
-            | FsOptions::POSIX_LOCKS
-            | FsOptions::FLOCK_LOCKS;
+            | FsOptions::MAX_PAGES;
+        if self.cfg.host_posix_locks {
+            want |= FsOptions::POSIX_LOCKS;
+        }
+        if self.cfg.host_flock {
+            want |= FsOptions::FLOCK_LOCKS;
+        }
         // With no caching at all a symlink's text must not be cached either.
         if self.cfg.cache != CachePolicy::Never {
             want |= FsOptions::CACHE_SYMLINKS;

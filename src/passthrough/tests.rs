@@ -57,6 +57,8 @@ fn config(root: &Path) -> Config {
         inode_file_handles: FileHandleMode::Never,
         allow_direct_io: false,
         announce_submounts: true,
+        host_posix_locks: true,
+        host_flock: true,
     }
 }
 
@@ -205,6 +207,21 @@ fn lock(start: u64, end: u64, t: i32) -> FileLock {
         lock_type: t as u32,
         pid: 0,
     }
+}
+
+#[test]
+fn guest_local_locks_are_not_offered() {
+    // libvirt's <lock posix='off' flock='off'/>: -o no_posix_lock,no_flock.
+    let (_d, fs) = setup_with(|c| {
+        c.host_posix_locks = false;
+        c.host_flock = false;
+    });
+    let got = fs.init(FsOptions::all()).unwrap();
+    assert!(!got.contains(FsOptions::POSIX_LOCKS), "{got:?}");
+    assert!(!got.contains(FsOptions::FLOCK_LOCKS), "{got:?}");
+    let (_d, fs) = setup_with(|c| c.host_flock = false);
+    let got = fs.init(FsOptions::all()).unwrap();
+    assert!(got.contains(FsOptions::POSIX_LOCKS) && !got.contains(FsOptions::FLOCK_LOCKS));
 }
 
 #[test]
