@@ -451,20 +451,18 @@ fn setxattr_through_a_stale_name_changes_nothing() {
 }
 
 #[test]
-fn a_save_over_a_cached_temp_name_costs_a_stock_guest_a_second_estale() {
-    // docs/coherency.md, limits. An editor on the host writes `doc.tmp` and renames it over
-    // `doc`; the guest had cached both names (a listing with READDIRPLUS does that). Its open
-    // of `doc` reaches the old inode (ESTALE); its retry looks `doc` up again and reaches the
-    // new inode, whose other cached name `doc.tmp` is gone. FUSE does not say which name an
-    // OPEN came through, so a stock guest gets ESTALE once more (losing no bytes comes first:
-    // a write through the stale `doc.tmp` must not land in `doc`); a notify guest was told of
-    // the rename and does not (tests/host_events.rs).
+fn a_save_over_a_name_whose_temp_file_the_guest_cached_opens_at_the_first_retry() {
+    // An editor on the host writes `doc.tmp` and renames it over `doc`; the guest had cached
+    // both names (a listing with READDIRPLUS does that). Its open of `doc` reaches the old
+    // inode (ESTALE); its retry looks `doc` up again. The new inode's node still carries the
+    // stale `doc.tmp`, so the lookup answers with a new node id for it: the open goes through
+    // at once (the kernel retries only once), and the stale `doc.tmp` keeps answering ESTALE.
     let (backend, fuse) = start(MODES[0]);
     let share = backend.share().to_path_buf();
     fs::write(share.join("doc"), b"old").unwrap();
     fs::write(share.join("doc.tmp"), b"new").unwrap();
     let doc = fuse.lookup(ROOT_ID, "doc").expect("LOOKUP doc");
-    fuse.lookup(ROOT_ID, "doc.tmp").expect("LOOKUP doc.tmp");
+    let tmp = fuse.lookup(ROOT_ID, "doc.tmp").expect("LOOKUP doc.tmp");
     fs::rename(share.join("doc.tmp"), share.join("doc")).unwrap();
     assert_estale(
         fuse.open(doc.nodeid, libc::O_RDONLY),
@@ -472,17 +470,53 @@ fn a_save_over_a_cached_temp_name_costs_a_stock_guest_a_second_estale() {
     );
     let fresh = fuse.lookup(ROOT_ID, "doc").expect("the retry's LOOKUP");
     assert_ne!(fresh.nodeid, doc.nodeid);
-    assert_estale(
-        fuse.open(fresh.nodeid, libc::O_WRONLY | libc::O_TRUNC),
-        "the new inode's other name is stale",
-    );
-    assert_eq!(
-        fs::read(share.join("doc")).unwrap(),
-        b"new",
-        "nothing truncated"
+    assert_ne!(
+        fresh.nodeid, tmp.nodeid,
+        "a node of its own for the new name"
     );
     let h = fuse
-        .open(fresh.nodeid, libc::O_RDONLY)
-        .expect("the stale name is forgotten after one ESTALE");
-    assert_eq!(fuse.read(fresh.nodeid, h.fh, 0, 16).unwrap(), b"new");
+        .open(fresh.nodeid, libc::O_WRONLY | libc::O_APPEND)
+        .expect("the retry's OPEN goes through");
+    fuse.write(fresh.nodeid, h.fh, 0, b"+").unwrap();
+    assert_eq!(fs::read(share.join("doc")).unwrap(), b"new+");
+    // The guest's stale doc.tmp still leads to the old node: never to the file.
+    assert_estale(
+        fuse.open(tmp.nodeid, libc::O_WRONLY | libc::O_TRUNC),
+        "OPEN through the stale doc.tmp",
+    );
+    assert_eq!(fs::read(share.join("doc")).unwrap(), b"new+");
+}
+
+#[test]
+fn an_old_name_stays_checked_after_the_file_was_opened_under_its_new_name() {
+    // Found by the randomized model test: the guest cached f09 (file X) and f13 (file Y); the
+    // host renamed f09 over f13. The guest opens f13: ESTALE (Y), its retry finds X under f13
+    // and opens it. Then the guest opens f09, which it still caches: that must not reach X.
+    let (backend, fuse) = start(MODES[0]);
+    let share = backend.share().to_path_buf();
+    fs::write(share.join("f09"), b"x").unwrap();
+    fs::write(share.join("f13"), b"y").unwrap();
+    let f09 = fuse.lookup(ROOT_ID, "f09").expect("LOOKUP f09");
+    let f13 = fuse.lookup(ROOT_ID, "f13").expect("LOOKUP f13");
+    fs::rename(share.join("f09"), share.join("f13")).unwrap();
+    assert_estale(
+        fuse.open(f13.nodeid, libc::O_RDONLY),
+        "OPEN of the replaced f13",
+    );
+    let fresh = fuse.lookup(ROOT_ID, "f13").expect("the retry's LOOKUP");
+    fuse.open(fresh.nodeid, libc::O_RDONLY)
+        .expect("the retry's OPEN");
+    assert_estale(
+        fuse.open(f09.nodeid, libc::O_WRONLY | libc::O_TRUNC),
+        "OPEN through the old name f09",
+    );
+    assert_eq!(
+        fs::read(share.join("f13")).unwrap(),
+        b"x",
+        "nothing truncated"
+    );
+    assert_eq!(
+        fuse.lookup(ROOT_ID, "f09").unwrap_err().errno(),
+        Some(libc::ENOENT)
+    );
 }

@@ -538,12 +538,14 @@ impl HostWatcher {
     }
 
     /// Remember (or forget) regular file `data`'s handle, to name it in DELETE.
-    fn track_file(&self, data: &InodeData, add: bool) {
+    /// Returns whether another node id (an alias of the same host inode) still needs the
+    /// file's mark.
+    fn track_file(&self, data: &InodeData, add: bool) -> bool {
         if !self.target_fid {
-            return;
+            return false;
         }
         let Ok(key) = handle_key(data.as_raw_fd()) else {
-            return;
+            return false;
         };
         let mut files = self.files.lock().unwrap();
         if add {
@@ -555,8 +557,11 @@ impl HostWatcher {
             nodes.retain(|&n| n != data.inode);
             if nodes.is_empty() {
                 files.remove(&key);
+            } else {
+                return true;
             }
         }
+        false
     }
 
     /// Events were lost: any inode the guest knows may have changed. Its attributes, pages and
@@ -651,10 +656,10 @@ impl InodeObserver for HostWatcher {
         if data.mode & libc::S_IFMT != libc::S_IFREG {
             return;
         }
-        if self.mark(FAN_MARK_REMOVE, data).is_ok() {
+        // The mark is on the host inode: keep it while an alias of it is still known.
+        if !self.track_file(data, false) && self.mark(FAN_MARK_REMOVE, data).is_ok() {
             self.stats.marks.fetch_sub(1, Ordering::Relaxed);
         }
-        self.track_file(data, false);
     }
 }
 

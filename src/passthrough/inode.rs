@@ -9,7 +9,7 @@
 //! Lookup-count changes and insertions happen under the table's write lock, so a forget that
 //! brings the count to zero cannot race with a lookup that revives the same inode.
 
-use std::collections::{BTreeMap, HashMap};
+use std::collections::{BTreeSet, HashMap};
 use std::fs::File;
 use std::os::fd::{AsFd, AsRawFd, BorrowedFd, RawFd};
 use std::sync::atomic::{AtomicBool, AtomicU32, AtomicU64, Ordering};
@@ -137,7 +137,14 @@ impl AsFd for InodeData {
 #[derive(Default)]
 struct Maps {
     by_inode: HashMap<u64, Arc<InodeData>>,
-    by_id: BTreeMap<InodeId, u64>,
+    /// (host inode, node id): usually one node per host inode; more when a name the guest
+    /// cached went stale and the inode was looked up again under another name (an alias, see
+    /// [`InodeTable::lookup_or_insert`]). Node ids only grow, so the newest alias sorts last.
+    by_id: BTreeSet<(InodeId, u64)>,
+}
+
+fn id_range(id: &InodeId) -> std::ops::RangeInclusive<(InodeId, u64)> {
+    (*id, 0)..=(*id, u64::MAX)
 }
 
 /// Told when an inode enters the table (the guest learned its node id and may now cache its
@@ -186,8 +193,13 @@ impl InodeTable {
         self.read().by_inode.get(&inode).cloned()
     }
 
+    /// The newest node id of host inode `id`.
     pub(crate) fn find(&self, id: &InodeId) -> Option<u64> {
-        self.read().by_id.get(id).copied()
+        self.read()
+            .by_id
+            .range(id_range(id))
+            .next_back()
+            .map(|&(_, n)| n)
     }
 
     /// Every node id for host inode (dev, ino), whatever mount it was seen through.
@@ -201,7 +213,11 @@ impl InodeTable {
             mnt_id: u64::MAX,
             ..lo
         };
-        self.read().by_id.range(lo..=hi).map(|(_, &i)| i).collect()
+        self.read()
+            .by_id
+            .range((lo, 0)..=(hi, u64::MAX))
+            .map(|&(_, i)| i)
+            .collect()
     }
 
     pub(crate) fn len(&self) -> usize {
@@ -228,15 +244,27 @@ impl InodeTable {
             watched: AtomicBool::new(false),
         });
         let mut m = self.write();
-        m.by_id.insert(id, ROOT_INODE);
+        m.by_id.insert((id, ROOT_INODE));
         m.by_inode.insert(ROOT_INODE, data);
     }
 
     /// Count one more guest lookup of the host inode `id`, adding it to the table with the
-    /// descriptor `file` if it is new (otherwise `file` is simply closed).
-    pub(crate) fn lookup_or_insert(&self, id: InodeId, mode: u32, file: File) -> Arc<InodeData> {
+    /// descriptor `file` if it is new (otherwise `file` is simply closed). `avoid`: a node id of
+    /// this inode not to hand out again (the guest holds a stale name of it): if it is the
+    /// newest, a new node id (an alias of the same host inode) is made instead.
+    pub(crate) fn lookup_or_insert(
+        &self,
+        id: InodeId,
+        mode: u32,
+        file: File,
+        avoid: Option<u64>,
+    ) -> Arc<InodeData> {
         let mut m = self.write();
-        if let Some(data) = m.by_id.get(&id).and_then(|i| m.by_inode.get(i)) {
+        let newest = m.by_id.range(id_range(&id)).next_back().map(|&(_, n)| n);
+        if let Some(data) = newest
+            .filter(|&n| Some(n) != avoid)
+            .and_then(|n| m.by_inode.get(&n))
+        {
             data.refcount.fetch_add(1, Ordering::Relaxed);
             return data.clone();
         }
@@ -252,7 +280,7 @@ impl InodeTable {
             open_handles: AtomicU32::new(0),
             watched: AtomicBool::new(false),
         });
-        m.by_id.insert(id, inode);
+        m.by_id.insert((id, inode));
         m.by_inode.insert(inode, data.clone());
         self.each_observer(|o| o.added(&data));
         data
@@ -279,9 +307,7 @@ impl InodeTable {
             let id = data.id;
             self.each_observer(|o| o.removed(data));
             m.by_inode.remove(&inode);
-            if m.by_id.get(&id) == Some(&inode) {
-                m.by_id.remove(&id);
-            }
+            m.by_id.remove(&(id, inode));
         }
     }
 
@@ -294,7 +320,7 @@ impl InodeTable {
             }
             i == ROOT_INODE
         });
-        m.by_id.retain(|_, &mut i| i == ROOT_INODE);
+        m.by_id.retain(|&(_, i)| i == ROOT_INODE);
     }
 
     fn read(&self) -> std::sync::RwLockReadGuard<'_, Maps> {

@@ -437,16 +437,7 @@ impl PassthroughFs {
         }
         let mut stale: Vec<(u64, Box<[u8]>)> = Vec::new();
         for (parent, name) in names {
-            let leads_here = self.inodes.get(parent).is_some_and(|p| {
-                std::ffi::CString::new(&name[..]).is_ok_and(|cname| {
-                    util::statx_at(p.as_raw_fd(), &cname, 0).is_ok_and(|info| {
-                        info.st.st_dev == data.id.dev
-                            && info.st.st_ino == data.id.ino
-                            && info.mnt_id == data.id.mnt_id
-                    })
-                })
-            });
-            if !leads_here {
+            if !self.name_leads_to(parent, &name, &data.id) {
                 stale.push((parent, name));
             }
         }
@@ -460,6 +451,48 @@ impl PassthroughFs {
         drop(names);
         self.stale_names.fetch_add(1, Ordering::Relaxed);
         Err(io::Error::from_raw_os_error(libc::ESTALE))
+    }
+
+    /// Whether `name` in directory node `parent` leads to host inode `id` now.
+    fn name_leads_to(&self, parent: u64, name: &[u8], id: &InodeId) -> bool {
+        self.inodes.get(parent).is_some_and(|p| {
+            std::ffi::CString::new(name).is_ok_and(|cname| {
+                util::statx_at(p.as_raw_fd(), &cname, 0).is_ok_and(|info| {
+                    info.st.st_dev == id.dev && info.st.st_ino == id.ino && info.mnt_id == id.mnt_id
+                })
+            })
+        })
+    }
+
+    /// A LOOKUP of `name` in `dir` found host inode `id`. If the node the guest has for it also
+    /// carries a name that no longer leads to it (the host renamed the file from that name to
+    /// this one), answer with a new node id instead: the guest keeps its stale dentry on the
+    /// old node, whose OPEN keeps answering ESTALE for the old name, while the new name works
+    /// at once. With one node for both, an ESTALE spent on one name would let the other reach
+    /// the file unchecked, or a save over a name whose temporary file the guest had cached
+    /// would hand the program a second ESTALE. Not for directories (the guest moves a
+    /// directory's dentry itself) nor while the guest has the old node open (its writes
+    /// through that handle must stay in one page cache).
+    fn stale_alias(&self, id: &InodeId, mode: u32, dir: u64, name: &[u8]) -> Option<u64> {
+        if is_dir(mode) {
+            return None;
+        }
+        let current = self.inodes.get(self.inodes.find(id)?)?;
+        if current.open_handles.load(Ordering::Relaxed) > 0 {
+            return None;
+        }
+        let others: Vec<(u64, Box<[u8]>)> = current
+            .names
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .snapshot()
+            .into_iter()
+            .filter(|(p, n)| !(*p == dir && &n[..] == name))
+            .collect();
+        others
+            .iter()
+            .any(|(p, n)| !self.name_leads_to(*p, n, id))
+            .then_some(current.inode)
     }
 
     /// [`check_names`](Self::check_names) for a request that may come through a path or a
@@ -545,7 +578,10 @@ impl PassthroughFs {
             ino: info.st.st_ino,
             mnt_id: info.mnt_id,
         };
-        let data = self.inodes.lookup_or_insert(id, info.st.st_mode, file);
+        let avoid = named.and_then(|(dir, name)| self.stale_alias(&id, info.st.st_mode, dir, name));
+        let data = self
+            .inodes
+            .lookup_or_insert(id, info.st.st_mode, file, avoid);
         if let Some((dir, name)) = named {
             data.names
                 .lock()
