@@ -467,15 +467,9 @@ impl HostWatcher {
                 continue;
             }
             if name_changed {
+                // The name stays checked at OPEN: the guest may use its dentry before it has
+                // processed this message.
                 self.revoke_name(dir, &name, &deleted);
-                // The guest drops that dentry now, so the inode it led to need not answer
-                // ESTALE for it at its next OPEN (an editor's `mv doc.tmp doc` would otherwise
-                // cost the guest a second ESTALE when its retry reaches the moved inode).
-                if event.mask & (FAN_DELETE | FAN_MOVED_FROM) != 0 {
-                    for node in self.known_child(record, event.metadata_len as usize) {
-                        fs.forget_guest_name(node, dir, &name);
-                    }
-                }
             }
             if entries_changed {
                 // The guest may hold the listing (FOPEN_CACHE_DIR) in the directory's pages;

@@ -507,32 +507,34 @@ impl PassthroughFs {
         }
     }
 
-    /// The guest is being told that `name` in directory node `parent` no longer leads where it
-    /// did (INVAL_ENTRY or DELETE on the notification queue): it drops that dentry, so node
-    /// `inode` need not be checked under that name any more.
-    pub fn forget_guest_name(&self, inode: u64, parent: u64, name: &[u8]) {
-        if let Some(data) = self.inodes.get(inode) {
-            data.names
-                .lock()
-                .unwrap_or_else(|e| e.into_inner())
-                .forget(parent, name);
-        }
-    }
-
     /// Requests answered ESTALE because a name the guest held no longer led to the inode.
     pub fn stale_name_answers(&self) -> u64 {
         self.stale_names.load(Ordering::Relaxed)
     }
 
     /// Run `f`, which opens `data` for writing or truncates it on the guest's behalf.
+    /// Every node id of that host inode (aliases, see `stale_alias`) gives up the daemon's own
+    /// lease first: otherwise this open would break an alias's lease and wait for it.
     fn writing<T>(&self, data: &InodeData, f: impl FnOnce() -> T) -> T {
-        let keeper = self.leases.get();
-        if let Some(k) = keeper {
-            k.begin_write(data);
+        let Some(keeper) = self.leases.get() else {
+            return f();
+        };
+        let aliases: Vec<Arc<InodeData>> = self
+            .inodes
+            .find_dev_ino(data.id.dev, data.id.ino)
+            .into_iter()
+            .filter(|&n| n != data.inode)
+            .filter_map(|n| self.inodes.get(n))
+            .filter(|a| a.id == data.id)
+            .collect();
+        keeper.begin_write(data);
+        for a in &aliases {
+            keeper.begin_write(a);
         }
         let r = f();
-        if let Some(k) = keeper {
-            k.end_write(data);
+        keeper.end_write(data);
+        for a in &aliases {
+            keeper.end_write(a);
         }
         r
     }
