@@ -453,6 +453,17 @@ impl PassthroughFs {
         Err(io::Error::from_raw_os_error(libc::ESTALE))
     }
 
+    /// The newest node id of what `name` in `dir` leads to now (no symlink followed), if the
+    /// guest knows that inode.
+    fn node_at(&self, dir: &InodeData, name: &CStr) -> Option<u64> {
+        let info = util::statx_at(dir.as_raw_fd(), name, 0).ok()?;
+        self.inodes.find(&InodeId {
+            dev: info.st.st_dev,
+            ino: info.st.st_ino,
+            mnt_id: info.mnt_id,
+        })
+    }
+
     /// Whether `name` in directory node `parent` leads to host inode `id` now.
     fn name_leads_to(&self, parent: u64, name: &[u8], id: &InodeId) -> bool {
         self.inodes.get(parent).is_some_and(|p| {

@@ -118,16 +118,7 @@ impl PassthroughFs {
         let existing = if tmpfile || flags & libc::O_EXCL != 0 {
             None
         } else {
-            openat(dir.as_raw_fd(), name, libc::O_PATH | libc::O_NOFOLLOW, 0)
-                .ok()
-                .and_then(|f| super::util::statx_fd(f.as_raw_fd()).ok())
-                .and_then(|info| {
-                    self.inodes.find(&super::InodeId {
-                        dev: info.st.st_dev,
-                        ino: info.st.st_ino,
-                        mnt_id: info.mnt_id,
-                    })
-                })
+            self.node_at(dir, name)
                 .and_then(|node| self.inodes.get(node))
         };
         match existing {

@@ -487,17 +487,7 @@ impl FileSystem for PassthroughFs {
         self.check_names(&old)?;
         self.check_names(&new)?;
         // The guest moves its dentries with the rename: so do the names we check at OPEN.
-        let node_at = |dir: &super::InodeData, name: &CStr| {
-            util::statx_at(dir.as_raw_fd(), name, 0)
-                .ok()
-                .and_then(|info| {
-                    self.inodes.find(&super::InodeId {
-                        dev: info.st.st_dev,
-                        ino: info.st.st_ino,
-                        mnt_id: info.mnt_id,
-                    })
-                })
-        };
+        let node_at = |dir: &super::InodeData, name: &CStr| self.node_at(dir, name);
         let moved = node_at(&old, oldname);
         let exchanged = if flags & libc::RENAME_EXCHANGE != 0 {
             node_at(&new, newname)
