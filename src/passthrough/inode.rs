@@ -49,6 +49,9 @@ pub struct InodeData {
     /// this inode (its data for a file; its entries, its own and its children's attributes
     /// for a directory). Only then may a notify-capable guest cache it for the long lease.
     pub watched: AtomicBool,
+    /// When this node last answered ESTALE for a stale name: the daemon's LOOKUP count then,
+    /// plus one (0: never). See `PassthroughFs::check_names`.
+    pub(crate) estale_at: AtomicU64,
 }
 
 /// The (parent node id, name) pairs under which the guest got this inode in an entry reply
@@ -57,8 +60,10 @@ pub struct InodeData {
 /// them changes anything the daemon checks that every one of these names still leads to this
 /// very inode on the host (see `PassthroughFs::check_names`).
 ///
-/// Bounded: a guest that links one inode under many names keeps the newest
-/// [`GuestNames::MAX`]; older ones are no longer checked (docs/coherency.md, limits).
+/// Bounded: a LOOKUP of a further name of a file whose node holds [`GuestNames::MAX`] gets a
+/// node of its own (`PassthroughFs::alias_for`). Only a directory, which has one dentry in
+/// the guest, drops its oldest name here (the host renamed it more than `MAX` times while the
+/// guest kept it).
 #[derive(Default)]
 pub(crate) struct GuestNames {
     names: Vec<(u64, Box<[u8]>)>,
@@ -242,6 +247,7 @@ impl InodeTable {
             names: Mutex::new(GuestNames::default()),
             open_handles: AtomicU32::new(0),
             watched: AtomicBool::new(false),
+            estale_at: AtomicU64::new(0),
         });
         let mut m = self.write();
         m.by_id.insert((id, ROOT_INODE));
@@ -279,6 +285,7 @@ impl InodeTable {
             names: Mutex::new(GuestNames::default()),
             open_handles: AtomicU32::new(0),
             watched: AtomicBool::new(false),
+            estale_at: AtomicU64::new(0),
         });
         m.by_id.insert((id, inode));
         m.by_inode.insert(inode, data.clone());

@@ -102,7 +102,7 @@ pub fn statx_info(data: &InodeData) -> io::Result<stat64> {
 }
 
 use handle::HandleTable;
-use inode::InodeTable;
+use inode::{GuestNames, InodeTable};
 use util::{ebadf, einval, fd_name, is_dir, openat, statx_fd};
 
 /// How much the guest may cache, with virtiofsd's meaning of each mode.
@@ -187,6 +187,9 @@ pub struct PassthroughFs {
     leases: OnceLock<Arc<dyn LeaseKeeper>>,
     /// See [`PassthroughFs::stale_name_answers`].
     stale_names: AtomicU64,
+    /// Guest LOOKUPs so far: a request repeated after an ESTALE with none in between came
+    /// through something the guest could not revalidate (see `check_names`).
+    lookups: AtomicU64,
 }
 
 impl PassthroughFs {
@@ -222,6 +225,7 @@ impl PassthroughFs {
             submounts: AtomicBool::new(false),
             leases: OnceLock::new(),
             stale_names: AtomicU64::new(0),
+            lookups: AtomicU64::new(0),
         };
         fs.install_root()?;
         Ok(fs)
@@ -444,11 +448,28 @@ impl PassthroughFs {
         if stale.is_empty() {
             return Ok(());
         }
-        let mut names = data.names.lock().unwrap_or_else(|e| e.into_inner());
-        for (parent, name) in &stale {
-            names.forget(*parent, name);
+        // The guest's VFS retries an ESTALE once, revalidating the path with LOOKUPs. A retry
+        // with no LOOKUP at all since came through a link it cannot revalidate (an open of
+        // /proc/self/fd/N while the host renamed the file): that one goes through, to the file
+        // the descriptor refers to, as on a local filesystem.
+        let lookups_now = self.lookups.load(Ordering::SeqCst) + 1;
+        if data.estale_at.swap(0, Ordering::SeqCst) == lookups_now {
+            return Ok(());
         }
-        drop(names);
+        // A file's stale names stay: FUSE does not say which name this request came through,
+        // and the guest's retry revalidates only that one; a dentry of another stale name may
+        // still lead here. The retry's LOOKUP of a name that still leads here gets a node of
+        // its own (`alias_for`), so this node keeps answering ESTALE only to stale dentries.
+        // A directory has one dentry in the guest, which the retry revalidates, or none at
+        // all (a process's working directory): its stale names go, so that the retry of a
+        // request relative to it goes through.
+        if is_dir(data.mode) {
+            let mut names = data.names.lock().unwrap_or_else(|e| e.into_inner());
+            for (parent, name) in &stale {
+                names.forget(*parent, name);
+            }
+        }
+        data.estale_at.store(lookups_now, Ordering::SeqCst);
         self.stale_names.fetch_add(1, Ordering::Relaxed);
         Err(io::Error::from_raw_os_error(libc::ESTALE))
     }
@@ -475,33 +496,33 @@ impl PassthroughFs {
         })
     }
 
-    /// A LOOKUP of `name` in `dir` found host inode `id`. If the node the guest has for it also
-    /// carries a name that no longer leads to it (the host renamed the file from that name to
-    /// this one), answer with a new node id instead: the guest keeps its stale dentry on the
-    /// old node, whose OPEN keeps answering ESTALE for the old name, while the new name works
-    /// at once. With one node for both, an ESTALE spent on one name would let the other reach
-    /// the file unchecked, or a save over a name whose temporary file the guest had cached
-    /// would hand the program a second ESTALE. Not for directories (the guest moves a
-    /// directory's dentry itself) nor while the guest has the old node open (its writes
-    /// through that handle must stay in one page cache).
-    fn stale_alias(&self, id: &InodeId, mode: u32, dir: u64, name: &[u8]) -> Option<u64> {
+    /// A LOOKUP of `name` in `dir` found host inode `id`: the node the guest has for it, if
+    /// the answer must carry a new node id instead. That is when the node also carries a name
+    /// that no longer leads to the file (the host renamed or unlinked it): the guest keeps its
+    /// stale dentry on the old node, whose OPEN keeps answering ESTALE, while this name works
+    /// at once (the guest retries an ESTALE only once). And when the node already carries
+    /// [`GuestNames::MAX`] names: a further name never pushes a remembered one out unchecked.
+    /// The guest then caches the file's pages per node, as for two files; a writable handle on
+    /// either makes the other's attributes expire at once (no host lease can be had), and
+    /// each OPEN compares the file's ctime with what that node cached. Not for directories:
+    /// the guest moves a directory's one dentry itself.
+    fn alias_for(&self, id: &InodeId, mode: u32, dir: u64, name: &[u8]) -> Option<u64> {
         if is_dir(mode) {
             return None;
         }
         let current = self.inodes.get(self.inodes.find(id)?)?;
-        if current.open_handles.load(Ordering::Relaxed) > 0 {
-            return None;
-        }
-        let others: Vec<(u64, Box<[u8]>)> = current
+        let names = current
             .names
             .lock()
             .unwrap_or_else(|e| e.into_inner())
-            .snapshot()
-            .into_iter()
-            .filter(|(p, n)| !(*p == dir && &n[..] == name))
-            .collect();
-        others
+            .snapshot();
+        let known = names.iter().any(|(p, n)| *p == dir && &n[..] == name);
+        if !known && names.len() >= GuestNames::MAX {
+            return Some(current.inode);
+        }
+        names
             .iter()
+            .filter(|(p, n)| !(*p == dir && &n[..] == name))
             .any(|(p, n)| !self.name_leads_to(*p, n, id))
             .then_some(current.inode)
     }
@@ -523,35 +544,24 @@ impl PassthroughFs {
         self.stale_names.load(Ordering::Relaxed)
     }
 
-    /// Run `f`, which opens `data` for writing or truncates it on the guest's behalf.
-    /// Every node id of that host inode (aliases, see `stale_alias`) gives up the daemon's own
-    /// lease first: otherwise this open would break an alias's lease and wait for it.
+    /// Run `f`, which opens `data` for writing or truncates it on the guest's behalf: the
+    /// node gives up the daemon's own host lease first, since the guest's cache of this node
+    /// sees its own writes. Other node ids of the same host inode (aliases, see `alias_for`)
+    /// keep theirs: the guest caches each alias apart, so this open breaks their leases and
+    /// waits, like a host writer, until the guest's copies under them have run out.
     fn writing<T>(&self, data: &InodeData, f: impl FnOnce() -> T) -> T {
         let Some(keeper) = self.leases.get() else {
             return f();
         };
-        let aliases: Vec<Arc<InodeData>> = self
-            .inodes
-            .find_dev_ino(data.id.dev, data.id.ino)
-            .into_iter()
-            .filter(|&n| n != data.inode)
-            .filter_map(|n| self.inodes.get(n))
-            .filter(|a| a.id == data.id)
-            .collect();
         keeper.begin_write(data);
-        for a in &aliases {
-            keeper.begin_write(a);
-        }
         let r = f();
         keeper.end_write(data);
-        for a in &aliases {
-            keeper.end_write(a);
-        }
         r
     }
 
     /// Resolve one name below `parent` and count a guest lookup of the result.
     fn do_lookup(&self, parent: &InodeData, name: &CStr) -> io::Result<Entry> {
+        self.lookups.fetch_add(1, Ordering::SeqCst);
         self.lookup_granting(parent, name, true)
     }
 
@@ -591,7 +601,7 @@ impl PassthroughFs {
             ino: info.st.st_ino,
             mnt_id: info.mnt_id,
         };
-        let avoid = named.and_then(|(dir, name)| self.stale_alias(&id, info.st.st_mode, dir, name));
+        let avoid = named.and_then(|(dir, name)| self.alias_for(&id, info.st.st_mode, dir, name));
         let data = self
             .inodes
             .lookup_or_insert(id, info.st.st_mode, file, avoid);

@@ -245,7 +245,17 @@ impl FileSystem for PassthroughFs {
                     ..Entry::default()
                 })
             }
-            r => r,
+            r => {
+                match &r {
+                    Ok(e) => log::trace!(
+                        "lookup {parent}/{name:?} -> node {} ino {}",
+                        e.inode,
+                        e.attr.st_ino
+                    ),
+                    Err(err) => log::trace!("lookup {parent}/{name:?} -> {err}"),
+                }
+                r
+            }
         }
     }
 
@@ -561,7 +571,10 @@ impl FileSystem for PassthroughFs {
         let flags = self.open_flags(flags);
         // First the name, then anything else: an O_TRUNC through a name the host renamed away
         // must not truncate the renamed file.
-        self.check_names(&data)?;
+        if let Err(e) = self.check_names(&data) {
+            log::trace!("open node {inode}: {e}");
+            return Err(e);
+        }
         let writes = super::open::writes(flags);
         let file = {
             let _kill = if fuse_flags & FOPEN_IN_KILL_SUIDGID != 0 && flags & libc::O_TRUNC != 0 {
@@ -585,6 +598,10 @@ impl FileSystem for PassthroughFs {
         if !keep {
             opts.remove(OpenOptions::KEEP_CACHE | OpenOptions::CACHE_DIR);
         }
+        log::trace!(
+            "open node {inode} ino {} flags {flags:#o}: keep {keep}",
+            data.id.ino
+        );
         Ok((Some(handle), opts, None))
     }
 
