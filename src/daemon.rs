@@ -202,8 +202,14 @@ fn init_logging(options: &Options) -> Result<(), DaemonError> {
         }
     }
     {
-        env_logger::Builder::new()
-            .filter_level(level)
+        let mut builder = env_logger::Builder::new();
+        builder.filter_level(level);
+        // As with virtiofsd, RUST_LOG refines the level per module (e.g.
+        // `leasefs::passthrough=trace` traces LOOKUP and OPEN answers).
+        if let Ok(filters) = std::env::var("RUST_LOG") {
+            builder.parse_filters(&filters);
+        }
+        builder
             .format_timestamp_millis()
             .try_init()
             .map_err(|e| DaemonError::Logging(e.to_string()))?;

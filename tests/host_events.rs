@@ -4,6 +4,7 @@
 
 use std::fs::{self, OpenOptions};
 use std::os::unix::fs::OpenOptionsExt;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::thread;
 use std::time::{Duration, Instant};
@@ -236,6 +237,39 @@ fn a_notify_guest_told_of_a_save_over_a_cached_temp_name_opens_at_the_first_retr
     let e = fuse.open(doc.nodeid, libc::O_RDONLY).unwrap_err();
     assert_eq!(e.errno(), Some(libc::ESTALE), "the old inode: {e:?}");
     let fresh = fuse.lookup(ROOT_ID, "doc").expect("the retry's LOOKUP");
+    // The new name's node is an alias of the cached doc.tmp's file: opening it for writing
+    // revokes what the guest caches under doc.tmp, and goes on once the guest confirms.
+    let stop = Arc::new(AtomicBool::new(false));
+    let confirmer = {
+        let (device, stop) = (device.clone(), stop.clone());
+        let fuse = FuseClient::new(device.clone());
+        thread::spawn(move || {
+            let mut confirmed = 0;
+            while !stop.load(Ordering::SeqCst) {
+                for bytes in device.notifications().expect("notifications") {
+                    let n = Notice::parse(&bytes).expect("a well-formed notice");
+                    if n.code == Notice::INVAL_INODE && n.unique != 0 {
+                        fuse.confirm_notification(n.unique, n.node, 0).unwrap();
+                        confirmed += 1;
+                    }
+                }
+                thread::sleep(Duration::from_millis(1));
+            }
+            confirmed
+        })
+    };
+    let started = Instant::now();
     fuse.open(fresh.nodeid, libc::O_WRONLY)
         .expect("the retry's OPEN: the guest was told doc.tmp is gone");
+    let waited = started.elapsed();
+    stop.store(true, Ordering::SeqCst);
+    let confirmed = confirmer.join().unwrap();
+    assert!(
+        waited < Duration::from_secs(2),
+        "the write-open waited {waited:?}: a confirmed revocation must end the hold"
+    );
+    assert!(
+        confirmed >= 1,
+        "no revocation of the doc.tmp alias was confirmed"
+    );
 }

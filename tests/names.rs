@@ -603,25 +603,31 @@ fn a_guest_write_through_one_alias_waits_for_the_others_cache() {
     // through the new node must therefore wait, like a host writer, until the old node's
     // attributes have run out (found by the randomized model test: a descriptor kept open read
     // the bytes the guest had just truncated away).
-    let lease = Duration::from_millis(800);
-    let (backend, fuse) = start(&["--cache", "coherent", "--lease-timeout", "0.8"]);
-    let share = backend.share().to_path_buf();
-    fs::write(share.join("a"), b"cached under a").unwrap();
-    let a = fuse.lookup(ROOT_ID, "a").expect("LOOKUP a");
-    let granted = Instant::now();
-    let kept = fuse.open(a.nodeid, libc::O_RDONLY).expect("OPEN a");
-    fs::rename(share.join("a"), share.join("b")).unwrap();
-    let b = fuse.lookup(ROOT_ID, "b").expect("LOOKUP b");
-    assert_ne!(b.nodeid, a.nodeid, "an alias for the new name");
-    let w = fuse
-        .open(b.nodeid, libc::O_WRONLY | libc::O_TRUNC)
-        .expect("guest OPEN O_TRUNC through b");
-    let truncated_after = granted.elapsed();
-    assert!(
-        truncated_after >= lease,
-        "the truncation went on {truncated_after:?} after the old node's grant, before its {lease:?} lease ended"
-    );
-    assert_eq!(fs::metadata(share.join("b")).unwrap().len(), 0);
-    fuse.release(b.nodeid, w.fh, libc::O_WRONLY).unwrap();
-    fuse.release(a.nodeid, kept.fh, libc::O_RDONLY).unwrap();
+    // O_RDONLY|O_TRUNC too, which the kernel lets past read leases (host_events.rs).
+    for flags in [
+        libc::O_WRONLY | libc::O_TRUNC,
+        libc::O_RDONLY | libc::O_TRUNC,
+    ] {
+        let lease = Duration::from_millis(800);
+        let (backend, fuse) = start(&["--cache", "coherent", "--lease-timeout", "0.8"]);
+        let share = backend.share().to_path_buf();
+        fs::write(share.join("a"), b"cached under a").unwrap();
+        let a = fuse.lookup(ROOT_ID, "a").expect("LOOKUP a");
+        let granted = Instant::now();
+        let kept = fuse.open(a.nodeid, libc::O_RDONLY).expect("OPEN a");
+        fs::rename(share.join("a"), share.join("b")).unwrap();
+        let b = fuse.lookup(ROOT_ID, "b").expect("LOOKUP b");
+        assert_ne!(b.nodeid, a.nodeid, "an alias for the new name");
+        let w = fuse
+            .open(b.nodeid, flags)
+            .expect("guest OPEN O_TRUNC through b");
+        let truncated_after = granted.elapsed();
+        assert!(
+            truncated_after >= lease,
+            "flags {flags:#o}: the truncation went on {truncated_after:?} after the old node's grant, before its {lease:?} lease ended"
+        );
+        assert_eq!(fs::metadata(share.join("b")).unwrap().len(), 0);
+        fuse.release(b.nodeid, w.fh, flags).unwrap();
+        fuse.release(a.nodeid, kept.fh, libc::O_RDONLY).unwrap();
+    }
 }

@@ -394,15 +394,17 @@ impl FuseClient {
     }
 
     /// Confirm notification `unique` about node `nodeid` (FUSE_NOTIFY_REPLY with the
-    /// confirmation body of docs/coherency.md). No reply; returns once the device has
-    /// returned the chain.
+    /// confirmation body of docs/coherency.md) on the hiprio queue, as the patched guest does:
+    /// a request queue may be busy with the very request that waits for this confirmation.
+    /// No reply; returns once the device has returned the chain.
     pub fn confirm_notification(&self, unique: u64, nodeid: u64, error: i32) -> FuseResult<()> {
         let mut header = self.in_header(opcode::NOTIFY_REPLY, nodeid, 8);
         header.unique = unique;
         let mut request = header.as_slice().to_vec();
         request.extend_from_slice(&error.to_le_bytes());
         request.extend_from_slice(&0u32.to_le_bytes());
-        self.send_bytes(&request, 0).map(|_| ())
+        self.send_bytes_on(self.device.hiprio(), &request, 0)
+            .map(|_| ())
     }
 
     pub fn getattr(&self, nodeid: u64) -> FuseResult<AttrOut> {

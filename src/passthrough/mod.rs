@@ -469,6 +469,14 @@ impl PassthroughFs {
                 names.forget(*parent, name);
             }
         }
+        log::trace!(
+            "node {}: stale names {:?}",
+            data.inode,
+            stale
+                .iter()
+                .map(|(p, n)| format!("{p}/{}", String::from_utf8_lossy(n)))
+                .collect::<Vec<_>>()
+        );
         data.estale_at.store(lookups_now, Ordering::SeqCst);
         self.stale_names.fetch_add(1, Ordering::Relaxed);
         Err(io::Error::from_raw_os_error(libc::ESTALE))

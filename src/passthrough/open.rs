@@ -62,6 +62,20 @@ const REOPEN_STRIP: i32 = libc::O_CREAT
     | libc::O_PATH
     | (libc::O_TMPFILE & !libc::O_DIRECTORY);
 
+/// `open(O_RDONLY|O_TRUNC)`: Linux truncates without breaking read leases (it calls
+/// `break_lease` only for write access), so other node ids of the file (aliases the guest
+/// caches apart) would keep serving the old bytes.
+fn truncates_read_only(flags: i32) -> bool {
+    flags & libc::O_ACCMODE == libc::O_RDONLY && flags & libc::O_TRUNC != 0
+}
+
+/// Break every read lease on `name` in `dir` (a regular file) and wait, as a host writer
+/// would, by opening it for writing once; for [`truncates_read_only`]. A failure is left to
+/// the real open that follows (it needs write permission just the same).
+fn break_read_leases(dir: RawFd, name: &CStr) {
+    let _ = open_writable(dir, name, libc::O_WRONLY | libc::O_NOCTTY, 0);
+}
+
 /// The one `openat` allowed to open for writing or truncate (see the module documentation).
 fn open_writable(dir: RawFd, name: &CStr, flags: i32, mode: u32) -> io::Result<File> {
     // SAFETY: `name` is NUL-terminated; the returned descriptor is ours alone.
@@ -93,10 +107,14 @@ impl PassthroughFs {
         if !is_safe_inode(data.mode) {
             return Err(ebadf());
         }
+        let path = fd_name(data.as_raw_fd());
         self.writing(data, || {
+            if truncates_read_only(flags) {
+                break_read_leases(self.proc_self_fd.as_raw_fd(), &path);
+            }
             open_writable(
                 self.proc_self_fd.as_raw_fd(),
-                &fd_name(data.as_raw_fd()),
+                &path,
                 flags & !REOPEN_STRIP,
                 0,
             )
@@ -122,7 +140,12 @@ impl PassthroughFs {
                 .and_then(|node| self.inodes.get(node))
         };
         match existing {
-            Some(data) => self.writing(&data, || open_writable(dir.as_raw_fd(), name, flags, mode)),
+            Some(data) => self.writing(&data, || {
+                if truncates_read_only(flags) && data.mode == libc::S_IFREG {
+                    break_read_leases(dir.as_raw_fd(), name);
+                }
+                open_writable(dir.as_raw_fd(), name, flags, mode)
+            }),
             None => open_writable(dir.as_raw_fd(), name, flags, mode),
         }
     }
