@@ -550,3 +550,32 @@ fn libvirt_lines_start() {
         }
     }
 }
+
+#[test]
+fn the_vhost_user_description_file_names_an_fs_backend() {
+    // libvirt finds vhost-user backends through these files (QEMU's
+    // docs/interop/vhost-user.json), then asks the binary for --print-capabilities.
+    let file = std::fs::read_to_string(concat!(
+        env!("CARGO_MANIFEST_DIR"),
+        "/contrib/50-leasefs.json"
+    ))
+    .expect("contrib/50-leasefs.json");
+    let compact: String = file.split_whitespace().collect();
+    assert!(compact.contains(r#""type":"fs""#), "{file}");
+    assert!(
+        compact.contains(r#""binary":"/"#),
+        "an absolute binary path: {file}"
+    );
+    let out = std::process::Command::new(env!("CARGO_BIN_EXE_leasefsd"))
+        .arg("--print-capabilities")
+        .output()
+        .expect("running leasefsd");
+    assert!(out.status.success());
+    let caps: String = String::from_utf8_lossy(&out.stdout)
+        .split_whitespace()
+        .collect();
+    assert!(
+        caps.starts_with('{') && caps.contains(r#""type":"fs""#),
+        "{caps}"
+    );
+}

@@ -88,6 +88,9 @@ impl Opts {
     }
 }
 
+/// How a check through a descriptor the guest kept open starts.
+const KEPT_READ: &str = "read on a descriptor kept open";
+
 /// Op kinds `--known-limit` accepts.
 pub const LIMIT_KINDS: [&str; 4] = ["rdtrunc", "restore", "pause", "burst"];
 
@@ -592,11 +595,16 @@ impl Run {
             self.c.repeats += 1;
             return;
         }
-        // Only a host change can be a known limit: the guest's own rdtrunc goes through the
+        // A restored mtime is a limit only for a descriptor the guest kept open across it (the
+        // next open must read the new bytes), whoever restored it: the guest's own restore
+        // through another node id of the file (an alias) is seen like a host's. Otherwise
+        // only a host change can be a known limit: the guest's own rdtrunc goes through the
         // daemon like any other write of the guest.
+        let kept_restore = |l: &str| l.starts_with("restore ") && what.starts_with(KEPT_READ);
         let known = limit
-            .filter(|l| l.contains("(host "))
+            .filter(|l| l.contains("(host ") || kept_restore(l))
             .map(|l| l.split(' ').next().unwrap_or(l))
+            .filter(|&l| l != "restore" || what.starts_with(KEPT_READ))
             .filter(|l| self.o.known.iter().any(|k| k == l));
         if let Some(k) = known {
             let k = k.to_string();
@@ -1780,11 +1788,7 @@ impl Run {
         for (k, (i, n)) in kept.iter().enumerate() {
             self.c.fd_checks += 1;
             let fd = sys::dup(&self.kept[k].1).map_err(|e| format!("dup: {e}"))?;
-            self.check_fd(
-                &fd,
-                *i,
-                &format!("read on a descriptor kept open since open({n})"),
-            );
+            self.check_fd(&fd, *i, &format!("{KEPT_READ} since open({n})"));
         }
         for n in &names {
             self.stat_check(n);
