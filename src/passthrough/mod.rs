@@ -187,8 +187,10 @@ pub struct PassthroughFs {
     leases: OnceLock<Arc<dyn LeaseKeeper>>,
     /// See [`PassthroughFs::stale_name_answers`].
     stale_names: AtomicU64,
-    /// Guest LOOKUPs so far: a request repeated after an ESTALE with none in between came
-    /// through something the guest could not revalidate (see `check_names`).
+    /// Name resolutions for the guest so far (LOOKUP, and the lookup after MKNOD, MKDIR,
+    /// SYMLINK and LINK; counting more only makes the retry rule stricter): a request repeated
+    /// after an ESTALE with none in between came through something the guest could not
+    /// revalidate (see `check_names`).
     lookups: AtomicU64,
 }
 
