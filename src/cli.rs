@@ -213,7 +213,7 @@ pub struct Options {
     #[arg(long = "allow-mmap")]
     pub allow_mmap: bool,
 
-    /// Disable support for READDIRPLUS operations (not supported yet).
+    /// Disable support for READDIRPLUS operations.
     #[arg(long = "no-readdirplus")]
     pub no_readdirplus: bool,
 
@@ -529,9 +529,6 @@ impl Options {
         }
         if self.killpriv_v2 {
             return not_yet("--killpriv-v2", "HANDLE_KILLPRIV_V2 is not negotiated");
-        }
-        if self.no_readdirplus {
-            return not_yet("--no-readdirplus", "READDIRPLUS is always offered");
         }
         if self.allow_mmap {
             return not_yet(
@@ -965,7 +962,6 @@ mod tests {
             "--translate-uid=guest:0:1000:1",
             "--security-label",
             "--killpriv-v2",
-            "--no-readdirplus",
             "--allow-mmap",
         ] {
             let o = full(&["--socket-path=/s", "--shared-dir=/d", flag], None).unwrap();

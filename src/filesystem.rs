@@ -58,6 +58,7 @@ pub fn config(options: &Options, root: &Path) -> Config {
         announce_submounts: options.announce_submounts,
         host_posix_locks: options.posix_lock,
         host_flock: options.flock,
+        readdirplus: !options.no_readdirplus,
     }
 }
 

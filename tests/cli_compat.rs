@@ -34,7 +34,6 @@ const REFUSED: &[&str] = &[
     "--migration-verify-handles",
     "--migration-confirm-paths",
     "--killpriv-v2",
-    "--no-readdirplus",
     "--allow-mmap",
 ];
 

@@ -329,3 +329,31 @@ fn request_queue_count_is_configurable() {
     fuse.init().unwrap();
     assert!(fuse.on_queue(1).getattr(ROOT_ID).is_ok());
 }
+
+/// `--no-readdirplus` (and `-o no_readdirplus`, libvirt's spelling) take READDIRPLUS out of the
+/// INIT reply, so the guest lists directories with READDIR; by default it is offered.
+#[test]
+fn no_readdirplus_takes_readdirplus_out_of_init() {
+    const DO_READDIRPLUS: u32 = 1 << 13;
+    const READDIRPLUS_AUTO: u32 = 1 << 14;
+    for (args, offered) in [
+        (&[][..], true),
+        (&["--no-readdirplus"][..], false),
+        (&["-o", "no_readdirplus"][..], false),
+        (&["--no-readdirplus", "-o", "readdirplus"][..], true),
+    ] {
+        let backend = Backend::spawn(leasefsd(), args).unwrap();
+        let device = Device::connect(backend.socket(), &FrontendConfig::default()).unwrap();
+        let fuse = FuseClient::new(Arc::new(device));
+        let init = fuse.init().expect("INIT");
+        let got = init.flags & (DO_READDIRPLUS | READDIRPLUS_AUTO);
+        if offered {
+            assert_eq!(got, DO_READDIRPLUS | READDIRPLUS_AUTO, "{args:?}");
+        } else {
+            assert_eq!(got, 0, "{args:?}");
+        }
+        // Listing still works: READDIR is always served.
+        let dir = fuse.opendir(ROOT_ID).expect("OPENDIR");
+        fuse.readdir(ROOT_ID, dir.fh, 0, 4096).expect("READDIR");
+    }
+}

@@ -150,6 +150,10 @@ pub struct Config {
     /// them to itself, as with virtiofsd.
     pub host_posix_locks: bool,
     pub host_flock: bool,
+    /// Offer READDIRPLUS (names with their attributes in one reply); off with
+    /// `--no-readdirplus`, the guest reads directories with READDIR and looks names up one
+    /// by one, as with virtiofsd.
+    pub readdirplus: bool,
 }
 
 impl Default for Config {
@@ -167,6 +171,7 @@ impl Default for Config {
             announce_submounts: false,
             host_posix_locks: true,
             host_flock: true,
+            readdirplus: true,
         }
     }
 }

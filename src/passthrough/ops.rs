@@ -183,9 +183,10 @@ impl FileSystem for PassthroughFs {
             | FsOptions::BIG_WRITES
             | FsOptions::ATOMIC_O_TRUNC
             | FsOptions::EXPORT_SUPPORT
-            | FsOptions::DO_READDIRPLUS
-            | FsOptions::READDIRPLUS_AUTO
             | FsOptions::MAX_PAGES;
+        if self.cfg.readdirplus {
+            want |= FsOptions::DO_READDIRPLUS | FsOptions::READDIRPLUS_AUTO;
+        }
         if self.cfg.host_posix_locks {
             want |= FsOptions::POSIX_LOCKS;
         }

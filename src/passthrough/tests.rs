@@ -59,6 +59,7 @@ fn config(root: &Path) -> Config {
         announce_submounts: true,
         host_posix_locks: true,
         host_flock: true,
+        readdirplus: true,
     }
 }
 
@@ -266,6 +267,12 @@ fn init_negotiates_virtiofsd_options() {
     let got = fs.init(FsOptions::all()).unwrap();
     assert!(!got.contains(FsOptions::AUTO_INVAL_DATA));
     assert!(got.contains(FsOptions::WRITEBACK_CACHE | FsOptions::POSIX_ACL | FsOptions::DONT_MASK));
+
+    // --no-readdirplus: the guest is not offered READDIRPLUS at all.
+    let (_d, fs) = setup_with(|c| c.readdirplus = false);
+    let got = fs.init(FsOptions::all()).unwrap();
+    assert!(!got.intersects(FsOptions::DO_READDIRPLUS | FsOptions::READDIRPLUS_AUTO));
+    assert!(got.contains(FsOptions::ASYNC_READ | FsOptions::MAX_PAGES));
 }
 
 #[test]
