@@ -40,8 +40,10 @@ if [ "$refresh" -eq 0 ] && [ -f "$KDIR/current" ]; then
 fi
 
 # "linux-image-6.12.117+deb12-cloud-amd64" from the meta package's Depends.
+# Prints nothing (and succeeds) when apt does not know $META yet: on a fresh machine with no
+# package lists apt-cache fails, which under set -e and pipefail would end the script silently.
 resolve_dep() {
-    apt-cache depends "$META" 2>/dev/null \
+    { apt-cache depends "$META" 2>/dev/null || true; } \
         | sed -n 's/^ *|\{0,1\}Depends: <\{0,1\}\(linux-image-[^ >]*\)>\{0,1\}$/\1/p' \
         | head -n 1
 }
