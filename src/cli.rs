@@ -259,7 +259,7 @@ pub struct Options {
     #[arg(long = "no-killpriv-v2", overrides_with = "killpriv_v2")]
     pub no_killpriv_v2: bool,
 
-    /// Enable KILLPRIV V2 support (not supported yet).
+    /// Enable KILLPRIV V2 support.
     #[arg(long = "killpriv-v2", overrides_with = "no_killpriv_v2")]
     pub killpriv_v2: bool,
 
@@ -526,9 +526,6 @@ impl Options {
         }
         if self.security_label != NegotiationMode::Never {
             return not_yet("--security-label", "FUSE_SECURITY_CTX is not negotiated");
-        }
-        if self.killpriv_v2 {
-            return not_yet("--killpriv-v2", "HANDLE_KILLPRIV_V2 is not negotiated");
         }
         if self.allow_mmap {
             return not_yet(
@@ -961,7 +958,6 @@ mod tests {
             "--xattrmap=:map::user.virtiofs.:",
             "--translate-uid=guest:0:1000:1",
             "--security-label",
-            "--killpriv-v2",
             "--allow-mmap",
         ] {
             let o = full(&["--socket-path=/s", "--shared-dir=/d", flag], None).unwrap();

@@ -59,6 +59,7 @@ pub fn config(options: &Options, root: &Path) -> Config {
         host_posix_locks: options.posix_lock,
         host_flock: options.flock,
         readdirplus: !options.no_readdirplus,
+        killpriv_v2: options.killpriv_v2,
     }
 }
 

@@ -33,7 +33,6 @@ const REFUSED: &[&str] = &[
     "--migration-on-error",
     "--migration-verify-handles",
     "--migration-confirm-paths",
-    "--killpriv-v2",
     "--allow-mmap",
 ];
 

@@ -357,3 +357,48 @@ fn no_readdirplus_takes_readdirplus_out_of_init() {
         fuse.readdir(ROOT_ID, dir.fh, 0, 4096).expect("READDIR");
     }
 }
+
+/// `--killpriv-v2` negotiates FUSE_HANDLE_KILLPRIV_V2: the guest stops clearing setuid bits
+/// itself and flags the writes that must clear them (FUSE_WRITE_KILL_SUIDGID), which the
+/// daemon, privileged on the host, then does. Without the flag the guest is not offered it.
+#[test]
+fn killpriv_v2_is_negotiated_on_request_and_flagged_writes_clear_setuid() {
+    use leasefs::frontend::client::INIT_FLAGS;
+    const HANDLE_KILLPRIV_V2: u32 = 1 << 28;
+    const WRITE_KILL_SUIDGID: u32 = 1 << 2;
+    for (args, offered) in [
+        (&[][..], false),
+        (&["--no-killpriv-v2"][..], false),
+        (&["--killpriv-v2"][..], true),
+        (&["-o", "killpriv_v2"][..], true),
+    ] {
+        let backend = Backend::spawn(leasefsd(), args).unwrap();
+        let device = Device::connect(backend.socket(), &FrontendConfig::default()).unwrap();
+        let fuse = FuseClient::new(Arc::new(device));
+        let init = fuse
+            .init_with(7, 31, INIT_FLAGS | HANDLE_KILLPRIV_V2)
+            .expect("INIT");
+        assert_eq!(
+            init.flags & HANDLE_KILLPRIV_V2 != 0,
+            offered,
+            "{args:?}: {:#x}",
+            init.flags
+        );
+        if !offered {
+            continue;
+        }
+        let path = backend.share().join("suid");
+        fs::write(&path, b"x").unwrap();
+        fs::set_permissions(&path, fs::Permissions::from_mode(0o4755)).unwrap();
+        let e = fuse.lookup(ROOT_ID, "suid").unwrap();
+        let h = fuse.open(e.nodeid, libc::O_RDWR).unwrap();
+        // A write the guest made with CAP_FSETID keeps the bit, as on a local filesystem...
+        fuse.write(e.nodeid, h.fh, 0, b"y").unwrap();
+        assert_eq!(fs::metadata(&path).unwrap().mode() & 0o7777, 0o4755);
+        // ...an unprivileged one, flagged, clears it on the host.
+        fuse.write_with_flags(e.nodeid, h.fh, 1, b"z", WRITE_KILL_SUIDGID)
+            .unwrap();
+        assert_eq!(fs::metadata(&path).unwrap().mode() & 0o7777, 0o755);
+        assert_eq!(fs::read(&path).unwrap(), b"yz");
+    }
+}

@@ -460,10 +460,23 @@ impl FuseClient {
     /// One WRITE request (at most [`Self::max_write`] bytes are accepted by the device);
     /// returns how many bytes were written.
     pub fn write(&self, nodeid: u64, fh: u64, offset: u64, data: &[u8]) -> FuseResult<u32> {
+        self.write_with_flags(nodeid, fh, offset, data, 0)
+    }
+
+    /// [`write`](Self::write) with `write_flags` set (FUSE_WRITE_KILL_SUIDGID...).
+    pub fn write_with_flags(
+        &self,
+        nodeid: u64,
+        fh: u64,
+        offset: u64,
+        data: &[u8],
+        write_flags: u32,
+    ) -> FuseResult<u32> {
         let arg = WriteIn {
             fh,
             offset,
             size: data.len() as u32,
+            fuse_flags: write_flags,
             ..Default::default()
         };
         let out: WriteOut = self.call_obj(opcode::WRITE, nodeid, &[arg.as_slice(), data])?;

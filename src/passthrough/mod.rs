@@ -154,6 +154,10 @@ pub struct Config {
     /// `--no-readdirplus`, the guest reads directories with READDIR and looks names up one
     /// by one, as with virtiofsd.
     pub readdirplus: bool,
+    /// Negotiate FUSE_HANDLE_KILLPRIV_V2 (`--killpriv-v2`): the guest then leaves clearing
+    /// setuid/setgid bits on write, truncate and chown to the daemon, flagging each request
+    /// that must clear them, instead of sending a SETATTR of its own first.
+    pub killpriv_v2: bool,
 }
 
 impl Default for Config {
@@ -172,6 +176,7 @@ impl Default for Config {
             host_posix_locks: true,
             host_flock: true,
             readdirplus: true,
+            killpriv_v2: false,
         }
     }
 }

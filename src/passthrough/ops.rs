@@ -209,6 +209,9 @@ impl FileSystem for PassthroughFs {
         if self.cfg.posix_acl {
             want |= FsOptions::POSIX_ACL | FsOptions::DONT_MASK;
         }
+        if self.cfg.killpriv_v2 {
+            want |= FsOptions::HANDLE_KILLPRIV_V2;
+        }
         let agreed = capable & want;
         self.writeback.store(
             agreed.contains(FsOptions::WRITEBACK_CACHE),

@@ -60,6 +60,7 @@ fn config(root: &Path) -> Config {
         host_posix_locks: true,
         host_flock: true,
         readdirplus: true,
+        killpriv_v2: false,
     }
 }
 
@@ -252,6 +253,7 @@ fn init_negotiates_virtiofsd_options() {
         FsOptions::WRITEBACK_CACHE,
         FsOptions::POSIX_ACL,
         FsOptions::DONT_MASK,
+        FsOptions::HANDLE_KILLPRIV_V2,
     ] {
         assert!(!got.contains(f), "{f:?} must not be offered");
     }
@@ -273,6 +275,12 @@ fn init_negotiates_virtiofsd_options() {
     let got = fs.init(FsOptions::all()).unwrap();
     assert!(!got.intersects(FsOptions::DO_READDIRPLUS | FsOptions::READDIRPLUS_AUTO));
     assert!(got.contains(FsOptions::ASYNC_READ | FsOptions::MAX_PAGES));
+
+    let (_d, fs) = setup_with(|c| c.killpriv_v2 = true);
+    assert!(fs
+        .init(FsOptions::all())
+        .unwrap()
+        .contains(FsOptions::HANDLE_KILLPRIV_V2));
 }
 
 #[test]
