@@ -603,10 +603,22 @@ fn a_guest_write_through_one_alias_waits_for_the_others_cache() {
     // through the new node must therefore wait, like a host writer, until the old node's
     // attributes have run out (found by the randomized model test: a descriptor kept open read
     // the bytes the guest had just truncated away).
-    // O_RDONLY|O_TRUNC too, which the kernel lets past read leases (host_events.rs).
-    for flags in [
-        libc::O_WRONLY | libc::O_TRUNC,
-        libc::O_RDONLY | libc::O_TRUNC,
+    // Every way the guest changes a file through the new node: truncating opens (O_RDONLY|
+    // O_TRUNC too, which the kernel lets past read leases, host_events.rs), a plain write-open,
+    // a SETATTR of the size without a handle, and a CREATE of the existing name with O_TRUNC
+    // (a guest that had not cached `b` sends CREATE, not OPEN).
+    #[derive(Debug, Clone, Copy)]
+    enum Change {
+        Open(i32),
+        Truncate,
+        CreateTrunc,
+    }
+    for change in [
+        Change::Open(libc::O_WRONLY | libc::O_TRUNC),
+        Change::Open(libc::O_RDONLY | libc::O_TRUNC),
+        Change::Open(libc::O_RDWR),
+        Change::Truncate,
+        Change::CreateTrunc,
     ] {
         let lease = Duration::from_millis(800);
         let (backend, fuse) = start(&["--cache", "coherent", "--lease-timeout", "0.8"]);
@@ -618,16 +630,39 @@ fn a_guest_write_through_one_alias_waits_for_the_others_cache() {
         fs::rename(share.join("a"), share.join("b")).unwrap();
         let b = fuse.lookup(ROOT_ID, "b").expect("LOOKUP b");
         assert_ne!(b.nodeid, a.nodeid, "an alias for the new name");
-        let w = fuse
-            .open(b.nodeid, flags)
-            .expect("guest OPEN O_TRUNC through b");
-        let truncated_after = granted.elapsed();
+        let release = match change {
+            Change::Open(flags) => {
+                let w = fuse.open(b.nodeid, flags).expect("guest OPEN through b");
+                Some((b.nodeid, w.fh, flags))
+            }
+            Change::Truncate => {
+                fuse.truncate(b.nodeid, 0)
+                    .expect("guest SETATTR size through b");
+                None
+            }
+            Change::CreateTrunc => {
+                let flags = libc::O_WRONLY | libc::O_CREAT | libc::O_TRUNC;
+                let (e, o) = fuse
+                    .create(ROOT_ID, "b", flags, 0o644)
+                    .expect("guest CREATE b");
+                Some((e.nodeid, o.fh, flags))
+            }
+        };
+        let changed_after = granted.elapsed();
         assert!(
-            truncated_after >= lease,
-            "flags {flags:#o}: the truncation went on {truncated_after:?} after the old node's grant, before its {lease:?} lease ended"
+            changed_after >= lease,
+            "{change:?}: the change went on {changed_after:?} after the old node's grant, before its {lease:?} lease ended"
         );
-        assert_eq!(fs::metadata(share.join("b")).unwrap().len(), 0);
-        fuse.release(b.nodeid, w.fh, flags).unwrap();
+        if !matches!(change, Change::Open(libc::O_RDWR)) {
+            assert_eq!(
+                fs::metadata(share.join("b")).unwrap().len(),
+                0,
+                "{change:?}"
+            );
+        }
+        if let Some((node, fh, flags)) = release {
+            fuse.release(node, fh, flags).unwrap();
+        }
         fuse.release(a.nodeid, kept.fh, libc::O_RDONLY).unwrap();
     }
 }
