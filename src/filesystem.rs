@@ -60,6 +60,8 @@ pub fn config(options: &Options, root: &Path) -> Config {
         host_flock: options.flock,
         readdirplus: !options.no_readdirplus,
         killpriv_v2: options.killpriv_v2,
+        // After set_rlimit_nofile: the budget is a share of the limit the daemon runs with.
+        guest_descriptors: crate::passthrough::guest_descriptor_budget(),
     }
 }
 

@@ -709,3 +709,69 @@ fn a_million_bad_requests_do_not_grow_memory() {
     );
     assert_alive(&mut backend, &fuse);
 }
+
+/// A guest that holds as many files as it can (every LOOKUP pins an O_PATH descriptor, every
+/// OPEN another) must run out of its own share of descriptors, not the daemon's: the refused
+/// requests get an error reply, and what the VMM hands over later (a reboot's fresh ring
+/// eventfds) still fits. With `--rlimit-nofile 256`, 400 files held open.
+#[test]
+fn a_guest_cannot_take_the_descriptors_the_daemon_needs() {
+    let mut backend = Backend::spawn(
+        env!("CARGO_BIN_EXE_leasefsd"),
+        &["--log-level", "warn", "--rlimit-nofile", "256"],
+    )
+    .expect("starting leasefsd");
+    let device = Arc::new(
+        Device::connect(backend.socket(), &FrontendConfig::default())
+            .unwrap_or_else(|e| panic!("connecting: {e}\n{}", backend.log())),
+    );
+    let fuse = FuseClient::new(device.clone()).with_timeout(Duration::from_secs(5));
+    fuse.init().expect("INIT");
+    let files = 400;
+    for i in 0..files {
+        fs::write(backend.share().join(format!("f{i}")), b"x").unwrap();
+    }
+    let (mut held, mut refused) = (0, 0);
+    for i in 0..files {
+        let opened = fuse
+            .lookup(ROOT_ID, format!("f{i}"))
+            .and_then(|e| fuse.open(e.nodeid, libc::O_RDONLY));
+        match opened {
+            Ok(_) => held += 1,
+            Err(FuseError::Errno(e)) if e == libc::EMFILE || e == libc::ENFILE => refused += 1,
+            Err(e) => panic!("f{i}: {e}\n{}", backend.log()),
+        }
+    }
+    assert!(
+        refused > 0,
+        "{held} files held under a 256-descriptor limit"
+    );
+    assert!(held >= 16, "only {held} files held");
+    let open_fds = fs::read_dir(format!("/proc/{}/fd", backend.pid()))
+        .unwrap()
+        .count();
+    assert!(
+        open_fds <= 256 - 64,
+        "the daemon holds {open_fds} of its 256 descriptors after the guest took all it could"
+    );
+    assert_alive(&mut backend, &fuse);
+    // A reboot: the VMM sends new eventfds for every ring before the guest's INIT lets the old
+    // files go.
+    let rebooted = Arc::new(
+        device
+            .reboot(&FrontendConfig::default())
+            .unwrap_or_else(|e| panic!("rebooting: {e}\n{}", backend.log())),
+    );
+    let fuse = FuseClient::new(rebooted).with_timeout(Duration::from_secs(5));
+    fuse.init()
+        .unwrap_or_else(|e| panic!("INIT after the reboot: {e}\n{}", backend.log()));
+    assert!(fuse.lookup(ROOT_ID, "f0").is_ok());
+    assert_alive(&mut backend, &fuse);
+    assert!(
+        backend
+            .log()
+            .contains("refusing new nodes and opens with ENFILE"),
+        "the refusals are logged:\n{}",
+        backend.log()
+    );
+}

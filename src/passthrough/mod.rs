@@ -158,6 +158,9 @@ pub struct Config {
     /// setuid/setgid bits on write, truncate and chown to the daemon, flagging each request
     /// that must clear them, instead of sending a SETATTR of its own first.
     pub killpriv_v2: bool,
+    /// Most descriptors the guest may make the daemon hold (one per node, one per open
+    /// handle); the daemon sets [`guest_descriptor_budget`], the default is no limit.
+    pub guest_descriptors: usize,
 }
 
 impl Default for Config {
@@ -177,6 +180,7 @@ impl Default for Config {
             host_flock: true,
             readdirplus: true,
             killpriv_v2: false,
+            guest_descriptors: usize::MAX,
         }
     }
 }
@@ -202,6 +206,32 @@ pub struct PassthroughFs {
     /// after an ESTALE with none in between came through something the guest could not
     /// revalidate (see `check_names`).
     lookups: AtomicU64,
+    /// Requests refused because the guest had used up `descriptor_budget`.
+    descriptor_refusals: AtomicU64,
+}
+
+/// Descriptors kept out of the guest's reach: the vhost-user connection's (guest memory
+/// regions, an eventfd or two per ring, up to 16 request queues), the host watcher's and
+/// whatever a request opens for a moment (a lookup's O_PATH before it is found known).
+const DAEMON_DESCRIPTORS: usize = 128;
+
+/// How many descriptors the guest may make the daemon hold. A guest that looks up and opens
+/// as much as it can must run out of its own share, not of the daemon's: the lease keeper
+/// may use half of RLIMIT_NOFILE (`host_lease_budget`), the daemon itself
+/// [`DAEMON_DESCRIPTORS`]; the guest gets the rest, and at least a quarter of the limit.
+pub fn guest_descriptor_budget() -> usize {
+    let mut limit = libc::rlimit {
+        rlim_cur: 0,
+        rlim_max: 0,
+    };
+    // SAFETY: limit is a valid out pointer.
+    if unsafe { libc::getrlimit(libc::RLIMIT_NOFILE, &mut limit) } != 0 {
+        return 256;
+    }
+    let total = usize::try_from(limit.rlim_cur).unwrap_or(usize::MAX);
+    (total / 2)
+        .saturating_sub(DAEMON_DESCRIPTORS)
+        .max(total / 4)
 }
 
 impl PassthroughFs {
@@ -238,6 +268,7 @@ impl PassthroughFs {
             leases: OnceLock::new(),
             stale_names: AtomicU64::new(0),
             lookups: AtomicU64::new(0),
+            descriptor_refusals: AtomicU64::new(0),
         };
         fs.install_root()?;
         Ok(fs)
@@ -559,6 +590,31 @@ impl PassthroughFs {
         }
     }
 
+    /// Before a request makes the daemon hold `needed` more descriptors for the guest (a new
+    /// node, an open handle): ENFILE once the guest holds its budget, so that the daemon keeps the
+    /// descriptors it needs itself (a reboot's ring eventfds, leases, fanotify events, which
+    /// each carry one). Counted and logged (the first refusal and then every power of two).
+    fn descriptor_room(&self, needed: usize) -> io::Result<()> {
+        let held = self.inodes.len() + self.handles.len();
+        if held.saturating_add(needed) <= self.cfg.guest_descriptors {
+            return Ok(());
+        }
+        let n = self.descriptor_refusals.fetch_add(1, Ordering::Relaxed) + 1;
+        if n.is_power_of_two() {
+            log::warn!(
+                "the guest holds {held} descriptors, its budget ({} of RLIMIT_NOFILE): \
+                 refusing new nodes and opens with ENFILE until it forgets some ({n} refused)",
+                self.cfg.guest_descriptors
+            );
+        }
+        Err(io::Error::from_raw_os_error(libc::ENFILE))
+    }
+
+    /// Requests refused with ENFILE because the guest held its descriptor budget.
+    pub fn descriptor_refusals(&self) -> u64 {
+        self.descriptor_refusals.load(Ordering::Relaxed)
+    }
+
     /// Requests answered ESTALE because a name the guest held no longer led to the inode.
     pub fn stale_name_answers(&self) -> u64 {
         self.stale_names.load(Ordering::Relaxed)
@@ -622,6 +678,10 @@ impl PassthroughFs {
             mnt_id: info.mnt_id,
         };
         let avoid = named.and_then(|(dir, name)| self.alias_for(&id, info.st.st_mode, dir, name));
+        if avoid.is_some() || self.inodes.find(&id).is_none() {
+            // A new node: it keeps `file` open.
+            self.descriptor_room(1)?;
+        }
         let data = self
             .inodes
             .lookup_or_insert(id, info.st.st_mode, file, avoid);

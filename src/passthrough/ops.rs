@@ -82,6 +82,7 @@ impl PassthroughFs {
     ) -> io::Result<(Entry, Option<u64>, OpenOptions)> {
         let p = self.inode(parent)?;
         self.check_names(&p)?;
+        self.descriptor_room(2)?;
         // O_EXCL stays: with O_TMPFILE it means "never to be linked".
         let flags =
             self.open_flags(flags) & !(libc::O_CREAT | libc::O_NOFOLLOW | libc::O_DIRECTORY);
@@ -128,6 +129,8 @@ impl PassthroughFs {
         validate_name(name)?;
         let p = self.inode(parent)?;
         self.check_names(&p)?;
+        // Refused before anything is created: the node it needs may not fit afterwards.
+        self.descriptor_room(1)?;
         {
             let _creds = ScopedCreds::new(ctx.uid, ctx.gid)?;
             let _umask = match umask {
@@ -549,6 +552,7 @@ impl FileSystem for PassthroughFs {
         // stale directory name would put the link where the host moved that directory.
         self.check_names(&data)?;
         self.check_names(&p)?;
+        self.descriptor_room(1)?;
         // Linking through the /proc magic link needs no CAP_DAC_READ_SEARCH (unlike
         // AT_EMPTY_PATH) and links the inode itself, even a symlink or an O_TMPFILE file.
         // SAFETY: both names are NUL-terminated.
@@ -579,6 +583,8 @@ impl FileSystem for PassthroughFs {
             log::trace!("open node {inode}: {e}");
             return Err(e);
         }
+        // Before anything changes on the host (O_TRUNC): the handle must fit.
+        self.descriptor_room(1)?;
         let writes = super::open::writes(flags);
         let file = {
             let _kill = if fuse_flags & FOPEN_IN_KILL_SUIDGID != 0 && flags & libc::O_TRUNC != 0 {
@@ -619,6 +625,8 @@ impl FileSystem for PassthroughFs {
         validate_name(name)?;
         let p = self.inode(parent)?;
         self.check_names(&p)?;
+        // A node and a handle, before anything is created or truncated.
+        self.descriptor_room(2)?;
         let flags = self.open_flags(args.flags) & !libc::O_DIRECTORY;
         let file = {
             let _creds = ScopedCreds::new(ctx.uid, ctx.gid)?;
@@ -799,6 +807,7 @@ impl FileSystem for PassthroughFs {
         }
         // Listing a directory through a name the host moved away would list the moved one.
         self.check_names(&data)?;
+        self.descriptor_room(1)?;
         let file = openat(
             data.as_raw_fd(),
             c".",

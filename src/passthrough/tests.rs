@@ -61,6 +61,7 @@ fn config(root: &Path) -> Config {
         host_flock: true,
         readdirplus: true,
         killpriv_v2: false,
+        guest_descriptors: usize::MAX,
     }
 }
 
@@ -1127,4 +1128,83 @@ fn serves_through_the_crate_server() {
     send_sync::<PassthroughFs>();
     let (_d, fs) = setup();
     let _server = fuse_backend_rs::api::server::Server::new(fs);
+}
+
+#[test]
+fn a_guest_at_its_descriptor_budget_gets_enfile_before_anything_changes() {
+    // Budget 6: the root node, the directory, its handle and three more.
+    let (d, fs) = setup_with(|c| c.guest_descriptors = 6);
+    fs::create_dir(d.path("dir")).unwrap();
+    for i in 0..8 {
+        fs::write(d.path(&format!("dir/f{i}")), b"kept").unwrap();
+    }
+    let dir = lookup(&fs, ROOT_INODE, "dir");
+    let (h, _) = fs.opendir(&ctx(), dir.inode, 0).unwrap();
+    let h = h.unwrap();
+    // READDIRPLUS describes entries while they fit, then lists the rest without a node
+    // (node id 0: the guest looks them up itself when it needs them).
+    let mut described = Vec::new();
+    let mut bare = 0;
+    fs.readdirplus(&ctx(), dir.inode, h, 4096, 0, &mut |de, e| {
+        if de.name != b"." && de.name != b".." {
+            if e.inode == 0 {
+                bare += 1;
+            } else {
+                described.push(e.inode);
+            }
+        }
+        Ok(1)
+    })
+    .unwrap();
+    assert_eq!((described.len(), bare), (3, 5));
+    assert_eq!(fs.inode_count(), 5, "root, dir and three files");
+    let enfile = |r: io::Result<()>| r.unwrap_err().raw_os_error() == Some(libc::ENFILE);
+    // A known file: its LOOKUP costs nothing.
+    let known = d.path("dir").join("f0");
+    let mut known_node = None;
+    for &n in &described {
+        if fs.inode_id(n).unwrap().ino == fs::metadata(&known).unwrap().ino() {
+            known_node = Some(n);
+        }
+    }
+    if let Some(n) = known_node {
+        assert_eq!(lookup(&fs, dir.inode, "f0").inode, n);
+    }
+    // A new one: ENFILE.
+    let unknown = (0..8)
+        .map(|i| format!("f{i}"))
+        .find(|name| {
+            let ino = fs::metadata(d.path("dir").join(name)).unwrap().ino();
+            described
+                .iter()
+                .all(|&n| fs.inode_id(n).unwrap().ino != ino)
+        })
+        .unwrap();
+    assert!(enfile(fs.lookup(&ctx(), dir.inode, &c(&unknown)).map(drop)));
+    // Nothing is created or truncated when the node or handle would not fit.
+    let args = CreateIn {
+        flags: (libc::O_WRONLY | libc::O_TRUNC) as u32,
+        mode: 0o644,
+        umask: 0,
+        fuse_flags: 0,
+    };
+    assert!(enfile(
+        fs.create(&ctx(), dir.inode, &c("new"), args).map(drop)
+    ));
+    assert!(!d.path("dir/new").exists());
+    assert!(enfile(
+        fs.mkdir(&ctx(), dir.inode, &c("sub"), 0o755, 0).map(drop)
+    ));
+    assert!(!d.path("dir/sub").exists());
+    let file = described[0];
+    assert!(enfile(
+        open(&fs, file, libc::O_WRONLY | libc::O_TRUNC).map(drop)
+    ));
+    for i in 0..8 {
+        assert_eq!(fs::read(d.path(&format!("dir/f{i}"))).unwrap(), b"kept");
+    }
+    assert!(fs.descriptor_refusals() >= 4);
+    // Forgetting frees room again.
+    fs.forget(&ctx(), file, 1);
+    assert!(open(&fs, described[1], libc::O_RDONLY).is_ok());
 }
