@@ -25,7 +25,7 @@
 # missing, starts virtlogd and libvirtd when they are not running (no systemd
 # here), and makes libvirt run QEMU as root without a security driver (lines
 # marked "leasefs" in /etc/libvirt/qemu.conf), so it can read build/ and target/.
-# Logs: build/vm/logs/libvirt-<time>/ (console, the daemon's log libvirt keeps,
+# Logs: $LEASEFS_LOG_DIR or build/vm/logs/libvirt-<time>/ (console, the daemon's log libvirt keeps,
 # the domain XML). Exit status 0 when every run passed.
 set -euo pipefail
 . "$(dirname "${BASH_SOURCE[0]}")/lib.sh"
@@ -79,7 +79,7 @@ daemon="$LEASEFS_TARGET/release/leasefsd"
 kernel=$("$LEASEFS_QEMU_DIR/fetch-kernel.sh")
 base_initrd=$("$LEASEFS_QEMU_DIR/make-initramfs.sh" "${mk_args[@]}")
 
-logs="$LEASEFS_VM_DIR/logs/libvirt-$(date +%Y%m%d-%H%M%S)"
+logs="${LEASEFS_LOG_DIR:-$LEASEFS_VM_DIR/logs/libvirt-$(date +%Y%m%d-%H%M%S)}"
 mkdir -p "$logs"
 work=$(mktemp -d /tmp/leasefs-libvirt.XXXXXX)
 domains=()

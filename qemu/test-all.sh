@@ -38,6 +38,9 @@
 #                      (default on the stock stack: rdtrunc,restore, the stated limits of a
 #                      host open(O_RDONLY|O_TRUNC) and of a restored mtime seen through a
 #                      descriptor kept open, docs/coherency.md; none on the notify stack)
+# libvirt (qemu/libvirt.sh, as root): virsh start with libvirt running leasefsd itself, plain,
+#   libvirt             with <cache>/<sandbox>/<lock>/<thread_pool>, found through
+#                       contrib/50-leasefs.json, and virsh destroy leaving no daemon
 # Burst (qemu/burst.sh, notify stack): 300 and 5,000 cached names, each removed on the host
 #   burst-notify       in one burst (chmod + unlink: 600 and 10,000 changes); fails if a
 #                      name is still seen 50 ms (300) or 1 s (5,000) after the host finished
@@ -292,6 +295,21 @@ if [ "$build_ok" -eq 1 ]; then
         LEASEFS_LOG_DIR="$logs/burst-notify" "$LEASEFS_QEMU_DIR/burst.sh" --stack notify \
             --no-build --timeout "$timeout_secs" || status=$?
         count burst-notify "$status"
+    fi
+fi
+
+# libvirt starts leasefsd itself (qemu/libvirt.sh: virsh start with <binary path>, with
+# cache/sandbox/xattr/lock/thread_pool, through the vhost-user description file, and virsh
+# destroy leaving no daemon behind). Needs root, as CI has.
+if [ "$build_ok" -eq 1 ]; then
+    status=0
+    section "libvirt: qemu/libvirt.sh"
+    if [ "$(id -u)" -eq 0 ]; then
+        LEASEFS_LOG_DIR="$logs/libvirt" "$LEASEFS_QEMU_DIR/libvirt.sh" --no-build \
+            --timeout "$timeout_secs" || status=$?
+        count libvirt "$status"
+    else
+        results+=("info  libvirt not run (needs root)")
     fi
 fi
 

@@ -283,12 +283,15 @@ pub struct Options {
     #[arg(long = "gid-map", value_name = "GID_MAP", value_parser = parse_id_map)]
     pub gid_map: Vec<IdMapRange>,
 
-    /// Translate UIDs between guest and host in the daemon (not supported yet).
+    /// Translate UIDs between guest and host in the daemon, given as
+    /// `<type>:<source base>:<target base>:<count>` (type guest, host, map, squash-guest,
+    /// squash-host) or `forbid-guest:<base>:<count>`. Repeatable; the first rule holding an
+    /// id decides.
     #[arg(long = "translate-uid", value_name = "TRANSLATE_UID",
           value_parser = parse_translate_id)]
     pub translate_uid: Vec<String>,
 
-    /// Translate GIDs between guest and host in the daemon (not supported yet).
+    /// Translate GIDs, as --translate-uid.
     #[arg(long = "translate-gid", value_name = "TRANSLATE_GID",
           value_parser = parse_translate_id)]
     pub translate_gid: Vec<String>,
@@ -518,10 +521,11 @@ impl Options {
                 "extended attribute names are passed through as they are",
             );
         }
-        if !self.translate_uid.is_empty() || !self.translate_gid.is_empty() {
-            return not_yet(
-                "--translate-uid/--translate-gid",
-                "the daemon does not translate ids; --uid-map/--gid-map do it with a user namespace",
+        if (!self.translate_uid.is_empty() || !self.translate_gid.is_empty()) && self.posix_acl {
+            return Some(
+                "--translate-uid/--translate-gid cannot be used with --posix-acl: ACLs name \
+                 host ids the daemon would not translate (as virtiofsd)"
+                    .into(),
             );
         }
         if self.security_label != NegotiationMode::Never {
@@ -619,26 +623,9 @@ fn parse_id_map(value: &str) -> Result<IdMapRange, String> {
     }
 }
 
-/// `<type>:<source base>:<target base>:<count>` (checked, then refused at start).
+/// One `--translate-uid`/`--translate-gid` rule, checked in full (kind, ids, range).
 fn parse_translate_id(value: &str) -> Result<String, String> {
-    let fields: Vec<&str> = value.split(':').collect();
-    let ok = match fields[..] {
-        [kind, a, b, c] => {
-            matches!(
-                kind,
-                "guest" | "host" | "squash-guest" | "squash-host" | "map"
-            ) && [a, b, c].iter().all(|s| s.parse::<u32>().is_ok())
-        }
-        [kind, a, b] => kind == "forbid-guest" && [a, b].iter().all(|s| s.parse::<u32>().is_ok()),
-        _ => false,
-    };
-    if ok {
-        Ok(value.to_string())
-    } else {
-        Err(format!(
-            "{value:?}: expected <type>:<source base>:<target base>:<count>"
-        ))
-    }
+    crate::passthrough::IdTranslation::parse(&[value.to_string()]).map(|_| value.to_string())
 }
 
 fn parse_lease_timeout(value: &str) -> Result<f64, String> {
@@ -956,7 +943,6 @@ mod tests {
             "--migration-verify-handles",
             "--migration-confirm-paths",
             "--xattrmap=:map::user.virtiofs.:",
-            "--translate-uid=guest:0:1000:1",
             "--security-label",
             "--allow-mmap",
         ] {

@@ -9,7 +9,7 @@ use std::path::Path;
 use std::time::Duration;
 
 use crate::cli::{CacheMode, InodeFileHandles, Options};
-use crate::passthrough::{CachePolicy, Config, FileHandleMode, PassthroughFs};
+use crate::passthrough::{CachePolicy, Config, FileHandleMode, IdTranslation, PassthroughFs};
 
 /// The filesystem type the daemon serves.
 pub type Fs = PassthroughFs;
@@ -62,6 +62,11 @@ pub fn config(options: &Options, root: &Path) -> Config {
         killpriv_v2: options.killpriv_v2,
         // After set_rlimit_nofile: the budget is a share of the limit the daemon runs with.
         guest_descriptors: crate::passthrough::guest_descriptor_budget(),
+        // Each rule was checked when the command line was parsed.
+        uids: IdTranslation::parse(&options.translate_uid)
+            .expect("--translate-uid rules are checked by the command-line parser"),
+        gids: IdTranslation::parse(&options.translate_gid)
+            .expect("--translate-gid rules are checked by the command-line parser"),
     }
 }
 

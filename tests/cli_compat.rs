@@ -27,8 +27,6 @@ const REFUSED: &[&str] = &[
     "--security-label",
     "--uid-map",
     "--gid-map",
-    "--translate-uid",
-    "--translate-gid",
     "--migration-mode",
     "--migration-on-error",
     "--migration-verify-handles",

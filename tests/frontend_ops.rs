@@ -402,3 +402,94 @@ fn killpriv_v2_is_negotiated_on_request_and_flagged_writes_clear_setuid() {
         assert_eq!(fs::read(&path).unwrap(), b"yz");
     }
 }
+
+/// `--translate-uid` / `--translate-gid`: the guest sees host owners through the rules, files
+/// it creates or chowns get the host ids the rules give, and `forbid-guest` ids are refused.
+#[test]
+fn translated_ids_go_both_ways_and_forbidden_ones_are_refused() {
+    use fuse_backend_rs::abi::fuse_abi::SetattrIn;
+    use leasefs::frontend::client::fattr;
+    use std::os::unix::fs::chown;
+    let backend = Backend::spawn(
+        leasefsd(),
+        &[
+            "--translate-uid=forbid-guest:666:1",
+            "--translate-uid=map:1000:5000:10",
+            "--translate-gid=map:1000:6000:10",
+            "--translate-gid=squash-host:7000:1999:100",
+        ],
+    )
+    .unwrap();
+    let share = backend.share().to_path_buf();
+    let fuse = connect(&backend);
+    fs::set_permissions(&share, fs::Permissions::from_mode(0o777)).unwrap();
+
+    // Host to guest.
+    fs::write(share.join("owned"), b"x").unwrap();
+    chown(share.join("owned"), Some(5003), Some(7050)).unwrap();
+    fs::write(share.join("other"), b"x").unwrap();
+    chown(share.join("other"), Some(4000), Some(4000)).unwrap();
+    let owned = fuse.lookup(ROOT_ID, "owned").unwrap();
+    assert_eq!((owned.attr.uid, owned.attr.gid), (1003, 1999));
+    let attr = fuse.getattr(owned.nodeid).unwrap().attr;
+    assert_eq!((attr.uid, attr.gid), (1003, 1999));
+    let other = fuse.lookup(ROOT_ID, "other").unwrap();
+    assert_eq!(
+        (other.attr.uid, other.attr.gid),
+        (4000, 4000),
+        "no rule: as it is"
+    );
+
+    // Guest to host: creation as the caller.
+    let user = fuse.with_credentials(1002, 1004);
+    let (created, open) = user
+        .create(ROOT_ID, "made", libc::O_WRONLY, 0o644)
+        .expect("CREATE as guest uid 1002");
+    let meta = fs::metadata(share.join("made")).unwrap();
+    assert_eq!((meta.uid(), meta.gid()), (5002, 6004));
+    assert_eq!((created.attr.uid, created.attr.gid), (1002, 1004));
+    fuse.release(created.nodeid, open.fh, libc::O_WRONLY)
+        .unwrap();
+    user.mkdir(ROOT_ID, "dir", 0o755)
+        .expect("MKDIR as guest uid 1002");
+    assert_eq!(fs::metadata(share.join("dir")).unwrap().uid(), 5002);
+
+    // chown, and what the reply says.
+    let out = fuse
+        .setattr(
+            created.nodeid,
+            &SetattrIn {
+                valid: fattr::UID | fattr::GID,
+                uid: 1009,
+                gid: 1000,
+                ..Default::default()
+            },
+        )
+        .expect("chown to 1009:1000");
+    assert_eq!((out.attr.uid, out.attr.gid), (1009, 1000));
+    let meta = fs::metadata(share.join("made")).unwrap();
+    assert_eq!((meta.uid(), meta.gid()), (5009, 6000));
+
+    // forbid-guest: neither creating as, nor chowning to, uid 666.
+    let forbidden = fuse.with_credentials(666, 1000);
+    assert_eq!(
+        forbidden
+            .create(ROOT_ID, "nope", libc::O_WRONLY, 0o644)
+            .unwrap_err(),
+        FuseError::Errno(libc::EPERM)
+    );
+    assert!(!share.join("nope").exists());
+    assert_eq!(
+        fuse.setattr(
+            created.nodeid,
+            &SetattrIn {
+                valid: fattr::UID,
+                uid: 666,
+                ..Default::default()
+            },
+        )
+        .unwrap_err(),
+        FuseError::Errno(libc::EPERM)
+    );
+    assert_eq!(fs::metadata(share.join("made")).unwrap().uid(), 5009);
+}

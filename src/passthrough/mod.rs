@@ -43,6 +43,7 @@
 //!   so the daemon should drop its own supplementary groups at start-up (virtiofsd does).
 
 mod handle;
+mod idmap;
 mod inode;
 mod locks;
 mod open;
@@ -67,6 +68,7 @@ use fuse_backend_rs::abi::fuse_abi::{stat64, ATTR_SUBMOUNT};
 use fuse_backend_rs::api::filesystem::{Entry, OpenOptions};
 
 pub use handle::HandleData;
+pub use idmap::IdTranslation;
 pub use inode::{InodeData, InodeId, InodeObserver, ROOT_INODE};
 pub use open::ReadOnly;
 
@@ -161,6 +163,9 @@ pub struct Config {
     /// Most descriptors the guest may make the daemon hold (one per node, one per open
     /// handle); the daemon sets [`guest_descriptor_budget`], the default is no limit.
     pub guest_descriptors: usize,
+    /// `--translate-uid` / `--translate-gid`: ids translated between guest and host.
+    pub uids: IdTranslation,
+    pub gids: IdTranslation,
 }
 
 impl Default for Config {
@@ -181,6 +186,8 @@ impl Default for Config {
             readdirplus: true,
             killpriv_v2: false,
             guest_descriptors: usize::MAX,
+            uids: IdTranslation::default(),
+            gids: IdTranslation::default(),
         }
     }
 }
@@ -433,6 +440,7 @@ impl PassthroughFs {
             Some(keeper) => keeper.grant(data, &mut st, true, acquire),
             None => (self.cfg.attr_timeout, self.cfg.entry_timeout),
         };
+        self.ids_to_guest(&mut st);
         Entry {
             inode: data.inode,
             generation: 0,
@@ -445,13 +453,24 @@ impl PassthroughFs {
 
     /// The attribute timeout for a GETATTR or SETATTR reply carrying `st`.
     fn attr_reply(&self, data: &InodeData, mut st: stat64) -> (stat64, Duration) {
-        match self.leases.get() {
-            Some(keeper) => {
-                let (attr, _) = keeper.grant(data, &mut st, false, true);
-                (st, attr)
-            }
-            None => (st, self.cfg.attr_timeout),
-        }
+        let timeout = match self.leases.get() {
+            Some(keeper) => keeper.grant(data, &mut st, false, true).0,
+            None => self.cfg.attr_timeout,
+        };
+        self.ids_to_guest(&mut st);
+        (st, timeout)
+    }
+
+    /// The owner and group of a host file as the guest sees them (`--translate-uid/gid`).
+    fn ids_to_guest(&self, st: &mut stat64) {
+        st.st_uid = self.cfg.uids.to_guest(st.st_uid);
+        st.st_gid = self.cfg.gids.to_guest(st.st_gid);
+    }
+
+    /// The host ids for guest ids `uid` and `gid` (`--translate-uid/gid`); EPERM for ids
+    /// the guest may not give files.
+    fn ids_to_host(&self, uid: u32, gid: u32) -> io::Result<(u32, u32)> {
+        Ok((self.cfg.uids.to_host(uid)?, self.cfg.gids.to_host(gid)?))
     }
 
     /// Whether an OPEN or OPENDIR may let the guest keep what it cached.

@@ -87,7 +87,8 @@ impl PassthroughFs {
         let flags =
             self.open_flags(flags) & !(libc::O_CREAT | libc::O_NOFOLLOW | libc::O_DIRECTORY);
         let file = {
-            let _creds = ScopedCreds::new(ctx.uid, ctx.gid)?;
+            let (uid, gid) = self.ids_to_host(ctx.uid, ctx.gid)?;
+            let _creds = ScopedCreds::new(uid, gid)?;
             let _umask = ScopedUmask::new(self.create_umask(umask))?;
             self.create_for_write(&p, c".", flags | libc::O_TMPFILE, mode)?
         };
@@ -132,7 +133,8 @@ impl PassthroughFs {
         // Refused before anything is created: the node it needs may not fit afterwards.
         self.descriptor_room(1)?;
         {
-            let _creds = ScopedCreds::new(ctx.uid, ctx.gid)?;
+            let (uid, gid) = self.ids_to_host(ctx.uid, ctx.gid)?;
+            let _creds = ScopedCreds::new(uid, gid)?;
             let _umask = match umask {
                 Some(m) => Some(ScopedUmask::new(self.create_umask(m))?),
                 None => None,
@@ -331,12 +333,12 @@ impl FileSystem for PassthroughFs {
 
         if valid.intersects(SetattrValid::UID | SetattrValid::GID) {
             let uid = if valid.contains(SetattrValid::UID) {
-                attr.st_uid
+                self.cfg.uids.to_host(attr.st_uid)?
             } else {
                 u32::MAX
             };
             let gid = if valid.contains(SetattrValid::GID) {
-                attr.st_gid
+                self.cfg.gids.to_host(attr.st_gid)?
             } else {
                 u32::MAX
             };
@@ -629,7 +631,8 @@ impl FileSystem for PassthroughFs {
         self.descriptor_room(2)?;
         let flags = self.open_flags(args.flags) & !libc::O_DIRECTORY;
         let file = {
-            let _creds = ScopedCreds::new(ctx.uid, ctx.gid)?;
+            let (uid, gid) = self.ids_to_host(ctx.uid, ctx.gid)?;
+            let _creds = ScopedCreds::new(uid, gid)?;
             let _umask = ScopedUmask::new(self.create_umask(args.umask))?;
             // O_NOFOLLOW: should a symlink appear under the name meanwhile, fail instead of
             // creating or opening whatever it points to.
@@ -895,7 +898,9 @@ impl FileSystem for PassthroughFs {
     }
 
     fn access(&self, ctx: &Context, inode: u64, mask: u32) -> io::Result<()> {
-        let st = statx_fd(self.inode(inode)?.as_raw_fd())?.st;
+        let mut st = statx_fd(self.inode(inode)?.as_raw_fd())?.st;
+        // The caller's ids are the guest's: compare with the owner the guest sees.
+        self.ids_to_guest(&mut st);
         let want = mask & (libc::R_OK | libc::W_OK | libc::X_OK) as u32;
         if want == 0 {
             return Ok(());

@@ -62,6 +62,8 @@ fn config(root: &Path) -> Config {
         readdirplus: true,
         killpriv_v2: false,
         guest_descriptors: usize::MAX,
+        uids: Default::default(),
+        gids: Default::default(),
     }
 }
 
