@@ -209,7 +209,7 @@ pub struct Options {
     #[arg(long, value_enum, default_value_t = CacheMode::Coherent)]
     pub cache: CacheMode,
 
-    /// With --cache metadata|never: let the guest mmap files shared (not supported yet).
+    /// With --cache metadata|never: let the guest mmap files shared (FUSE_DIRECT_IO_ALLOW_MMAP).
     #[arg(long = "allow-mmap")]
     pub allow_mmap: bool,
 
@@ -530,12 +530,6 @@ impl Options {
         }
         if self.security_label != NegotiationMode::Never {
             return not_yet("--security-label", "FUSE_SECURITY_CTX is not negotiated");
-        }
-        if self.allow_mmap {
-            return not_yet(
-                "--allow-mmap",
-                "DIRECT_IO_ALLOW_MMAP is not negotiated; use --cache auto, always or coherent to mmap",
-            );
         }
         if !self.uid_map.is_empty() || !self.gid_map.is_empty() {
             return not_yet(
@@ -944,7 +938,6 @@ mod tests {
             "--migration-confirm-paths",
             "--xattrmap=:map::user.virtiofs.:",
             "--security-label",
-            "--allow-mmap",
         ] {
             let o = full(&["--socket-path=/s", "--shared-dir=/d", flag], None).unwrap();
             let reason = o.unsupported().unwrap_or_else(|| panic!("{flag} accepted"));

@@ -67,6 +67,7 @@ pub fn config(options: &Options, root: &Path) -> Config {
             .expect("--translate-uid rules are checked by the command-line parser"),
         gids: IdTranslation::parse(&options.translate_gid)
             .expect("--translate-gid rules are checked by the command-line parser"),
+        allow_mmap: options.allow_mmap,
     }
 }
 

@@ -10,7 +10,8 @@ use std::io::Write;
 use std::sync::Arc;
 
 use fuse_backend_rs::abi::fuse_abi::{
-    CopyFileRangeIn, CreateIn, EntryOut, InHeader, LkIn, OpenIn, OpenOut, OutHeader, WriteOut,
+    CopyFileRangeIn, CreateIn, EntryOut, InHeader, InitIn, InitIn2, LkIn, OpenIn, OpenOut,
+    OutHeader, WriteOut,
 };
 use fuse_backend_rs::api::filesystem::{Context, FileSystem};
 use fuse_backend_rs::api::server::Server;
@@ -119,6 +120,7 @@ impl FuseDispatcher {
 
     /// Serve one descriptor chain; returns how many bytes were written into it.
     pub fn handle_chain(&self, mem: &GuestMemoryMmap, chain: Chain) -> u32 {
+        let reply_chain = chain.clone();
         let reader = match Reader::from_descriptor_chain(mem, chain.clone()) {
             Ok(r) => r,
             Err(e) => {
@@ -148,16 +150,47 @@ impl FuseDispatcher {
         if let Some(result) = self.handle_locally(&header, &reader) {
             return reply(writer, header.unique, result);
         }
+        let init_flags2 = if header.opcode == opcode::INIT {
+            self.init_flags2(reader.clone())
+        } else {
+            0
+        };
         match self
             .server
             .handle_message(reader, Writer::VirtioFs(writer), None, None)
         {
-            Ok(len) => len as u32,
+            Ok(len) => {
+                if init_flags2 != 0 {
+                    agree_init_flags2(mem, &reply_chain, len, init_flags2);
+                }
+                len as u32
+            }
             Err(e) => {
                 debug!("request {} (opcode {}): {e}", header.unique, header.opcode);
                 0
             }
         }
+    }
+
+    /// INIT flags beyond those fuse-backend-rs knows (its `FsOptions` drops them) that the
+    /// guest offers and the daemon agrees to, as bits of `flags2`: DIRECT_IO_ALLOW_MMAP with
+    /// `--allow-mmap`.
+    fn init_flags2(&self, mut request: Reader<'_, ()>) -> u32 {
+        let _ = request.read_obj::<InHeader>();
+        let Ok(init) = request.read_obj::<InitIn>() else {
+            return 0;
+        };
+        if init.major != 7 || init.minor < INIT_OUT_FLAGS2_MINOR || init.flags & INIT_EXT == 0 {
+            return 0;
+        }
+        let Ok(ext) = request.read_obj::<InitIn2>() else {
+            return 0;
+        };
+        let mut want = 0;
+        if self.fs.config().allow_mmap {
+            want |= DIRECT_IO_ALLOW_MMAP_FLAGS2;
+        }
+        ext.flags2 & want
     }
 
     /// A guest's confirmation that it carried out notification `header.unique`
@@ -248,6 +281,75 @@ impl FuseDispatcher {
         };
         Some(reply.map_err(|e| e.raw_os_error().unwrap_or(libc::EIO)))
     }
+}
+
+/// FUSE_INIT_EXT: `fuse_init_in`/`fuse_init_out` carry `flags2`, the upper 32 flag bits.
+const INIT_EXT: u32 = 1 << 30;
+/// FUSE_DIRECT_IO_ALLOW_MMAP (bit 36), in `flags2`.
+const DIRECT_IO_ALLOW_MMAP_FLAGS2: u32 = 1 << (36 - 32);
+/// The first protocol minor whose `fuse_init_out` holds `flags2` (7.23 made it 64 bytes).
+const INIT_OUT_FLAGS2_MINOR: u32 = 23;
+/// Where `flags` and `flags2` sit in an INIT reply: after the 16-byte `fuse_out_header`.
+const INIT_REPLY_FLAGS_AT: usize = 16 + 12;
+const INIT_REPLY_FLAGS2_AT: usize = 16 + 32;
+
+/// Add `flags2` (and INIT_EXT, without which the guest ignores `flags2`) to the successful
+/// INIT reply of `len` bytes the server wrote into `chain`'s writable buffers.
+fn agree_init_flags2(mem: &GuestMemoryMmap, chain: &Chain, len: usize, flags2: u32) {
+    if len < INIT_REPLY_FLAGS2_AT + 4 {
+        return; // an error reply, or one for an older protocol minor
+    }
+    let mut error = [0u8; 4];
+    if !reply_bytes(mem, chain, 4, &mut error, false) || error != [0; 4] {
+        return;
+    }
+    for (at, bits) in [
+        (INIT_REPLY_FLAGS_AT, INIT_EXT),
+        (INIT_REPLY_FLAGS2_AT, flags2),
+    ] {
+        let mut word = [0u8; 4];
+        if reply_bytes(mem, chain, at, &mut word, false) {
+            word = (u32::from_le_bytes(word) | bits).to_le_bytes();
+            reply_bytes(mem, chain, at, &mut word, true);
+        }
+    }
+}
+
+/// Read (or, with `write`, write) `buf` at byte `offset` of `chain`'s device-writable buffers,
+/// taken in order as one reply; false if they are too short.
+fn reply_bytes(
+    mem: &GuestMemoryMmap,
+    chain: &Chain,
+    mut offset: usize,
+    buf: &mut [u8],
+    write: bool,
+) -> bool {
+    use vm_memory::{Bytes, GuestAddress};
+    let mut done = 0;
+    for desc in chain.clone().filter(|d| d.is_write_only()) {
+        let len = desc.len() as usize;
+        if offset >= len {
+            offset -= len;
+            continue;
+        }
+        let n = (len - offset).min(buf.len() - done);
+        let addr = GuestAddress(desc.addr().0 + offset as u64);
+        let part = &mut buf[done..done + n];
+        let ok = if write {
+            mem.write_slice(part, addr).is_ok()
+        } else {
+            mem.read_slice(part, addr).is_ok()
+        };
+        if !ok {
+            return false;
+        }
+        done += n;
+        offset = 0;
+        if done == buf.len() {
+            return true;
+        }
+    }
+    false
 }
 
 fn peek_header(mem: &GuestMemoryMmap, chain: &Chain) -> Option<InHeader> {

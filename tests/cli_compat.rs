@@ -31,7 +31,6 @@ const REFUSED: &[&str] = &[
     "--migration-on-error",
     "--migration-verify-handles",
     "--migration-confirm-paths",
-    "--allow-mmap",
 ];
 
 /// One option line of the help text: its spellings and how it takes a value.

@@ -493,3 +493,39 @@ fn translated_ids_go_both_ways_and_forbidden_ones_are_refused() {
     );
     assert_eq!(fs::metadata(share.join("made")).unwrap().uid(), 5009);
 }
+
+/// `--allow-mmap` agrees to FUSE_DIRECT_IO_ALLOW_MMAP (an INIT flag beyond what the FUSE
+/// crate knows): with `--cache never` the guest then lets programs map files shared. Only when
+/// the guest offers it, and never without the flag.
+#[test]
+fn allow_mmap_agrees_to_direct_io_allow_mmap() {
+    use leasefs::frontend::client::INIT_FLAGS;
+    const INIT_EXT: u32 = 1 << 30;
+    const DIRECT_IO_ALLOW_MMAP: u32 = 1 << (36 - 32);
+    for (args, offered, agreed) in [
+        (&["--cache", "never"][..], true, false),
+        (&["--cache", "never", "--allow-mmap"][..], true, true),
+        (&["--cache", "never", "--allow-mmap"][..], false, false),
+    ] {
+        let backend = Backend::spawn(leasefsd(), args).unwrap();
+        let device = Device::connect(backend.socket(), &FrontendConfig::default()).unwrap();
+        let fuse = FuseClient::new(Arc::new(device));
+        let flags2 = if offered { DIRECT_IO_ALLOW_MMAP } else { 0 };
+        let init = fuse.init_ext(INIT_FLAGS, flags2).expect("INIT");
+        assert_eq!(
+            init.flags2 & DIRECT_IO_ALLOW_MMAP != 0,
+            agreed,
+            "{args:?} offered {offered}: {init:?}"
+        );
+        if agreed {
+            assert_ne!(
+                init.flags & INIT_EXT,
+                0,
+                "flags2 is read only with INIT_EXT"
+            );
+        }
+        // The rest of INIT is untouched: what the crate agreed is still there.
+        assert_ne!(init.flags & 0x40_0000, 0, "MAX_PAGES");
+        assert!(fuse.getattr(ROOT_ID).is_ok());
+    }
+}

@@ -16,8 +16,8 @@ use std::time::Duration;
 
 use fuse_backend_rs::abi::fuse_abi::{
     AttrOut, CreateIn, Dirent, EntryOut, FlushIn, ForgetIn, FsyncIn, GetattrIn, InHeader, InitIn,
-    InitOut, Kstatfs, LinkIn, MkdirIn, OpenIn, OpenOut, OutHeader, ReadIn, ReleaseIn, RenameIn,
-    SetattrIn, WriteIn, WriteOut,
+    InitIn2, InitOut, Kstatfs, LinkIn, MkdirIn, OpenIn, OpenOut, OutHeader, ReadIn, ReleaseIn,
+    RenameIn, SetattrIn, WriteIn, WriteOut,
 };
 use vm_memory::ByteValued;
 
@@ -54,6 +54,8 @@ pub const INIT_FLAGS: u32 = 0x1 // ASYNC_READ
 /// FUSE protocol version this client speaks.
 pub const FUSE_MAJOR: u32 = 7;
 pub const FUSE_MINOR: u32 = 31;
+/// The minor [`FuseClient::init_ext`] sends: 7.36 added FUSE_INIT_EXT.
+pub const FUSE_MINOR_EXT: u32 = 38;
 
 /// Why a FUSE request failed.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
@@ -334,6 +336,28 @@ impl FuseClient {
     /// FUSE_INIT; remembers `max_write`.
     pub fn init(&self) -> FuseResult<InitOut> {
         self.init_with(FUSE_MAJOR, FUSE_MINOR, INIT_FLAGS)
+    }
+
+    /// FUSE_INIT offering `flags` and, with FUSE_INIT_EXT, the upper bits `flags2` (as Linux
+    /// 5.17 and later send it).
+    pub fn init_ext(&self, flags: u32, flags2: u32) -> FuseResult<InitOut> {
+        const INIT_EXT: u32 = 1 << 30;
+        let arg = InitIn {
+            major: FUSE_MAJOR,
+            minor: FUSE_MINOR_EXT,
+            max_readahead: 128 << 10,
+            flags: flags | INIT_EXT,
+        };
+        let ext = InitIn2 {
+            flags2,
+            unused: [0; 11],
+        };
+        let out: InitOut =
+            self.call_obj_min(opcode::INIT, 0, &[arg.as_slice(), ext.as_slice()], 64)?;
+        if out.max_write != 0 {
+            self.max_write.store(out.max_write, Ordering::Relaxed);
+        }
+        Ok(out)
     }
 
     pub fn init_with(&self, major: u32, minor: u32, flags: u32) -> FuseResult<InitOut> {

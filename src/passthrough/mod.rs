@@ -166,6 +166,9 @@ pub struct Config {
     /// `--translate-uid` / `--translate-gid`: ids translated between guest and host.
     pub uids: IdTranslation,
     pub gids: IdTranslation,
+    /// `--allow-mmap`: agree to FUSE_DIRECT_IO_ALLOW_MMAP, so that with `--cache never` or
+    /// `metadata` (direct I/O) the guest still lets programs map files shared.
+    pub allow_mmap: bool,
 }
 
 impl Default for Config {
@@ -188,6 +191,7 @@ impl Default for Config {
             guest_descriptors: usize::MAX,
             uids: IdTranslation::default(),
             gids: IdTranslation::default(),
+            allow_mmap: false,
         }
     }
 }

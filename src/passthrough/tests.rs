@@ -64,6 +64,7 @@ fn config(root: &Path) -> Config {
         guest_descriptors: usize::MAX,
         uids: Default::default(),
         gids: Default::default(),
+        allow_mmap: false,
     }
 }
 
