@@ -531,10 +531,13 @@ impl Options {
         if self.security_label != NegotiationMode::Never {
             return not_yet("--security-label", "FUSE_SECURITY_CTX is not negotiated");
         }
-        if !self.uid_map.is_empty() || !self.gid_map.is_empty() {
-            return not_yet(
-                "--uid-map/--gid-map",
-                "the namespace sandbox creates no user namespace",
+        if (!self.uid_map.is_empty() || !self.gid_map.is_empty())
+            && self.sandbox != SandboxMode::Namespace
+        {
+            return Some(
+                "--uid-map/--gid-map need --sandbox namespace: the ranges are mapped into the \
+                 user namespace that sandbox creates (as virtiofsd)"
+                    .into(),
             );
         }
         None

@@ -65,7 +65,8 @@ pub fn run(options: Options) -> Result<(), DaemonError> {
     set_rlimit_nofile(options.rlimit_nofile)?;
     let (mut listener, socket_name) = listen(&options)?;
 
-    let sandbox = Sandbox::new(options.sandbox, &shared_dir, options.readonly);
+    let sandbox = Sandbox::new(options.sandbox, &shared_dir, options.readonly)
+        .with_id_maps(&options.uid_map, &options.gid_map);
     sandbox.enter_namespaces()?;
     let root = File::open(&shared_dir).map_err(|source| DaemonError::SharedDir {
         path: shared_dir.clone(),

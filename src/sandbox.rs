@@ -20,7 +20,7 @@ use log::{debug, info};
 
 use caps::Capability;
 
-use crate::cli::{ModCap, SandboxMode};
+use crate::cli::{IdMapRange, ModCap, SandboxMode};
 
 /// Errors name the step that failed, so a user knows which privilege or kernel feature is missing.
 #[derive(Debug, thiserror::Error)]
@@ -55,6 +55,10 @@ pub struct Sandbox {
     mode: SandboxMode,
     shared_dir: PathBuf,
     readonly: bool,
+    /// `--uid-map` / `--gid-map`: with any, `namespace` mode also enters a new user namespace
+    /// with these ranges mapped.
+    uid_map: Vec<IdMapRange>,
+    gid_map: Vec<IdMapRange>,
 }
 
 /// The child's pid, for the parent's signal forwarder (a signal handler cannot take arguments).
@@ -74,7 +78,105 @@ impl Sandbox {
             mode,
             shared_dir: shared_dir.to_path_buf(),
             readonly,
+            uid_map: Vec::new(),
+            gid_map: Vec::new(),
         }
+    }
+
+    /// Map these id ranges into a new user namespace (`namespace` mode only).
+    pub fn with_id_maps(mut self, uid_map: &[IdMapRange], gid_map: &[IdMapRange]) -> Self {
+        self.uid_map = uid_map.to_vec();
+        self.gid_map = gid_map.to_vec();
+        self
+    }
+
+    /// Enter a new user namespace whose id maps are `uid_map` and `gid_map`, then become its
+    /// root. A process cannot write its own maps beyond its own id, so this forks: the parent
+    /// stays in the host's namespaces with CAP_SETUID, writes the child's maps once the child
+    /// has unshared (as newuidmap would for an unprivileged virtiofsd), and then waits for it
+    /// like the pid-namespace parent does, removing the pid file at the end (which the child,
+    /// an unprivileged id on the host now, may not). The child returns.
+    fn enter_user_namespace(&self) -> Result<(), SandboxError> {
+        let pipe = || -> Result<[libc::c_int; 2], SandboxError> {
+            let mut fds = [0 as libc::c_int; 2];
+            // SAFETY: fds is a valid out array of two descriptors.
+            check("pipe for the user namespace set-up", unsafe {
+                libc::pipe2(fds.as_mut_ptr(), libc::O_CLOEXEC)
+            })?;
+            Ok(fds)
+        };
+        let unshared = pipe()?;
+        let mapped = pipe()?;
+        // SAFETY: no other thread exists yet.
+        let child = unsafe { libc::fork() };
+        check("fork into the user namespace", child)?;
+        if child > 0 {
+            // SAFETY: closing the ends this side does not use.
+            unsafe {
+                libc::close(unshared[1]);
+                libc::close(mapped[0]);
+            }
+            let mut byte = [0u8; 1];
+            // SAFETY: reading one byte into a valid buffer.
+            let n = unsafe { libc::read(unshared[0], byte.as_mut_ptr().cast(), 1) };
+            let write_map = |file: &str, ranges: &[IdMapRange]| {
+                let text: String = ranges
+                    .iter()
+                    .map(|r| format!("{} {} {}\n", r.inside, r.outside, r.count))
+                    .collect();
+                std::fs::write(format!("/proc/{child}/{file}"), text)
+            };
+            let ok = n == 1
+                && byte[0] == 1
+                && (self.uid_map.is_empty() || write_map("uid_map", &self.uid_map).is_ok())
+                && (self.gid_map.is_empty() || write_map("gid_map", &self.gid_map).is_ok());
+            // SAFETY: writing one byte from a valid buffer.
+            unsafe {
+                libc::write(mapped[1], [u8::from(ok)].as_ptr().cast(), 1);
+                libc::close(mapped[1]);
+            }
+            self.wait_for_child(child);
+        }
+        // SAFETY: closing the ends this side does not use.
+        unsafe {
+            libc::close(unshared[0]);
+            libc::close(mapped[1]);
+        }
+        // SAFETY: prctl with integer arguments.
+        check("prctl(PR_SET_PDEATHSIG)", unsafe {
+            libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGTERM)
+        })?;
+        // SAFETY: plain syscall.
+        let result = check("unshare(CLONE_NEWUSER) for --uid-map/--gid-map", unsafe {
+            libc::unshare(libc::CLONE_NEWUSER)
+        });
+        // SAFETY: writing and reading one byte with valid buffers.
+        let mut answer = [0u8; 1];
+        let n = unsafe {
+            libc::write(unshared[1], [u8::from(result.is_ok())].as_ptr().cast(), 1);
+            libc::close(unshared[1]);
+            libc::read(mapped[0], answer.as_mut_ptr().cast(), 1)
+        };
+        result?;
+        if n != 1 || answer[0] != 1 {
+            return Err(SandboxError::Step {
+                step: "write the --uid-map/--gid-map ranges (needs CAP_SETUID and CAP_SETGID, \
+                       and ranges of ids the caller may map)",
+                source: io::Error::from_raw_os_error(libc::EPERM),
+            });
+        }
+        // Root of the new namespace where 0 is mapped; elsewhere the capabilities the creator
+        // holds in its own namespace are enough.
+        // SAFETY: plain syscalls.
+        unsafe {
+            libc::setresgid(0, 0, 0);
+            libc::setresuid(0, 0, 0);
+        }
+        debug!(
+            "sandbox: in a new user namespace (uid map {:?}, gid map {:?})",
+            self.uid_map, self.gid_map
+        );
+        Ok(())
     }
 
     /// Enter the new namespaces. In `namespace` mode the process forks: the parent stays in the
@@ -83,6 +185,9 @@ impl Sandbox {
     pub fn enter_namespaces(&self) -> Result<(), SandboxError> {
         if self.mode != SandboxMode::Namespace {
             return Ok(());
+        }
+        if !self.uid_map.is_empty() || !self.gid_map.is_empty() {
+            self.enter_user_namespace()?;
         }
         // SAFETY: plain syscalls on no memory of ours.
         check(

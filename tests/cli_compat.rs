@@ -25,8 +25,6 @@ const HELP: &str = include_str!("fixtures/virtiofsd-1.14-help.txt");
 const REFUSED: &[&str] = &[
     "--xattrmap",
     "--security-label",
-    "--uid-map",
-    "--gid-map",
     "--migration-mode",
     "--migration-on-error",
     "--migration-verify-handles",

@@ -529,3 +529,49 @@ fn allow_mmap_agrees_to_direct_io_allow_mmap() {
         assert!(fuse.getattr(ROOT_ID).is_ok());
     }
 }
+
+/// `--uid-map` / `--gid-map` (with the namespace sandbox): the daemon serves from a user
+/// namespace with those ranges mapped, as virtiofsd does, so host ids reach the guest through
+/// the map and files the guest makes get the mapped host ids. Host ids outside the map show as
+/// the overflow id.
+#[test]
+fn uid_map_serves_the_share_from_a_user_namespace() {
+    use std::os::unix::fs::chown;
+    let backend = Backend::spawn(
+        leasefsd(),
+        &[
+            "--sandbox",
+            "namespace",
+            "--uid-map=:0:100000:65536:",
+            "--gid-map=:0:100000:65536:",
+        ],
+    )
+    .unwrap();
+    let share = backend.share().to_path_buf();
+    // The namespace's root owns the share: host 100000.
+    chown(&share, Some(100000), Some(100000)).unwrap();
+    fs::set_permissions(&share, fs::Permissions::from_mode(0o777)).unwrap();
+    let fuse = connect(&backend);
+
+    fs::write(share.join("mapped"), b"x").unwrap();
+    chown(share.join("mapped"), Some(100005), Some(100006)).unwrap();
+    fs::write(share.join("unmapped"), b"x").unwrap();
+    let mapped = fuse.lookup(ROOT_ID, "mapped").unwrap();
+    assert_eq!((mapped.attr.uid, mapped.attr.gid), (5, 6));
+    let unmapped = fuse.lookup(ROOT_ID, "unmapped").unwrap();
+    assert_eq!((unmapped.attr.uid, unmapped.attr.gid), (65534, 65534));
+
+    let user = fuse.with_credentials(7, 8);
+    let (made, open) = user
+        .create(ROOT_ID, "made", libc::O_WRONLY, 0o644)
+        .expect("CREATE as namespace uid 7");
+    assert_eq!((made.attr.uid, made.attr.gid), (7, 8));
+    let meta = fs::metadata(share.join("made")).unwrap();
+    assert_eq!((meta.uid(), meta.gid()), (100007, 100008));
+    fuse.release(made.nodeid, open.fh, libc::O_WRONLY).unwrap();
+    let root = fuse.with_credentials(0, 0);
+    root.mkdir(ROOT_ID, "dir", 0o755)
+        .expect("MKDIR as namespace root");
+    let meta = fs::metadata(share.join("dir")).unwrap();
+    assert_eq!((meta.uid(), meta.gid()), (100000, 100000));
+}
