@@ -172,8 +172,9 @@ pub struct Options {
           value_parser = parse_negotiation_enabled, action = ArgAction::Set)]
     pub posix_acl: bool,
 
-    /// Rules translating extended attribute names between host and guest (not supported yet).
-    #[arg(long, value_name = "XATTRMAP")]
+    /// Rules translating extended attribute names between host and guest (virtiofsd's
+    /// `:type:scope:key:prepend:` rules; implies --xattr).
+    #[arg(long, value_name = "XATTRMAP", value_parser = parse_xattrmap)]
     pub xattrmap: Option<String>,
 
     /// Sandbox mechanism to isolate the daemon process.
@@ -465,7 +466,10 @@ impl Options {
                         parse_modcaps(value).map_err(|e| CliError(format!("-o {option}: {e}")))?,
                     )
                 }
-                "xattrmap" => self.xattrmap = Some(value.to_string()),
+                "xattrmap" => {
+                    parse_xattrmap(value).map_err(|e| CliError(format!("-o {option}: {e}")))?;
+                    self.xattrmap = Some(value.to_string())
+                }
                 _ => return Err(CliError(format!("-o {option}: unknown option"))),
             }
             return Ok(());
@@ -515,12 +519,6 @@ impl Options {
                 "{flag}: not supported by leasefsd yet ({what}); drop the flag"
             ))
         };
-        if self.xattrmap.is_some() {
-            return not_yet(
-                "--xattrmap",
-                "extended attribute names are passed through as they are",
-            );
-        }
         if (!self.translate_uid.is_empty() || !self.translate_gid.is_empty()) && self.posix_acl {
             return Some(
                 "--translate-uid/--translate-gid cannot be used with --posix-acl: ACLs name \
@@ -618,6 +616,11 @@ fn parse_id_map(value: &str) -> Result<IdMapRange, String> {
             "{value:?}: expected :namespace_id:host_id:count: (count at least 1)"
         )),
     }
+}
+
+/// An `--xattrmap`, checked in full.
+fn parse_xattrmap(value: &str) -> Result<String, String> {
+    crate::passthrough::XattrMap::parse(value).map(|_| value.to_string())
 }
 
 /// One `--translate-uid`/`--translate-gid` rule, checked in full (kind, ids, range).
@@ -939,7 +942,6 @@ mod tests {
             "--migration-on-error=abort",
             "--migration-verify-handles",
             "--migration-confirm-paths",
-            "--xattrmap=:map::user.virtiofs.:",
             "--security-label",
         ] {
             let o = full(&["--socket-path=/s", "--shared-dir=/d", flag], None).unwrap();

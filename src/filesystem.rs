@@ -9,7 +9,9 @@ use std::path::Path;
 use std::time::Duration;
 
 use crate::cli::{CacheMode, InodeFileHandles, Options};
-use crate::passthrough::{CachePolicy, Config, FileHandleMode, IdTranslation, PassthroughFs};
+use crate::passthrough::{
+    CachePolicy, Config, FileHandleMode, IdTranslation, PassthroughFs, XattrMap,
+};
 
 /// The filesystem type the daemon serves.
 pub type Fs = PassthroughFs;
@@ -51,7 +53,7 @@ pub fn config(options: &Options, root: &Path) -> Config {
         attr_timeout: timeout,
         cache: cache_policy(options.cache),
         writeback: options.writeback,
-        xattr: options.xattr || options.posix_acl,
+        xattr: options.xattr || options.posix_acl || options.xattrmap.is_some(),
         posix_acl: options.posix_acl,
         inode_file_handles: file_handle_mode(options.inode_file_handles),
         allow_direct_io: options.allow_direct_io,
@@ -68,6 +70,9 @@ pub fn config(options: &Options, root: &Path) -> Config {
         gids: IdTranslation::parse(&options.translate_gid)
             .expect("--translate-gid rules are checked by the command-line parser"),
         allow_mmap: options.allow_mmap,
+        xattrmap: options.xattrmap.as_deref().map(|spec| {
+            XattrMap::parse(spec).expect("--xattrmap is checked by the command-line parser")
+        }),
     }
 }
 

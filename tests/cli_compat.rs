@@ -23,7 +23,6 @@ const HELP: &str = include_str!("fixtures/virtiofsd-1.14-help.txt");
 /// do what virtiofsd does with them yet (or, for migration, ever). Kept exact: a flag that
 /// starts working must be taken off this list.
 const REFUSED: &[&str] = &[
-    "--xattrmap",
     "--security-label",
     "--migration-mode",
     "--migration-on-error",

@@ -50,6 +50,7 @@ mod open;
 mod ops;
 mod util;
 mod xattr;
+mod xattrmap;
 
 #[cfg(test)]
 mod tests;
@@ -71,6 +72,7 @@ pub use handle::HandleData;
 pub use idmap::IdTranslation;
 pub use inode::{InodeData, InodeId, InodeObserver, ROOT_INODE};
 pub use open::ReadOnly;
+pub use xattrmap::XattrMap;
 
 /// The coherence engine's say in what the guest may cache (see `crate::coherence::lease`). Without one,
 /// the configured timeouts and cache policy apply as they are.
@@ -169,6 +171,8 @@ pub struct Config {
     /// `--allow-mmap`: agree to FUSE_DIRECT_IO_ALLOW_MMAP, so that with `--cache never` or
     /// `metadata` (direct I/O) the guest still lets programs map files shared.
     pub allow_mmap: bool,
+    /// `--xattrmap`: extended attribute names translated between guest and host.
+    pub xattrmap: Option<XattrMap>,
 }
 
 impl Default for Config {
@@ -192,6 +196,7 @@ impl Default for Config {
             uids: IdTranslation::default(),
             gids: IdTranslation::default(),
             allow_mmap: false,
+            xattrmap: None,
         }
     }
 }

@@ -65,6 +65,7 @@ fn config(root: &Path) -> Config {
         uids: Default::default(),
         gids: Default::default(),
         allow_mmap: false,
+        xattrmap: None,
     }
 }
 
@@ -1210,4 +1211,128 @@ fn a_guest_at_its_descriptor_budget_gets_enfile_before_anything_changes() {
     // Forgetting frees room again.
     fs.forget(&ctx(), file, 1);
     assert!(open(&fs, described[1], libc::O_RDONLY).is_ok());
+}
+
+#[test]
+fn xattrmap_renames_hides_and_refuses() {
+    use super::XattrMap;
+    fn host_names(path: &Path) -> Vec<String> {
+        let p = CString::new(path.as_os_str().as_bytes()).unwrap();
+        let mut buf = vec![0u8; 4096];
+        // SAFETY: the kernel writes at most buf.len() bytes.
+        let n = unsafe { libc::listxattr(p.as_ptr(), buf.as_mut_ptr().cast(), buf.len()) };
+        assert!(n >= 0);
+        buf.truncate(n as usize);
+        buf.split(|&b| b == 0)
+            .filter(|n| !n.is_empty())
+            .map(|n| String::from_utf8(n.to_vec()).unwrap())
+            .collect()
+    }
+    // Every guest name lives under user.virtiofs. on the host; host names without it are
+    // hidden from the guest.
+    let map = XattrMap::parse(":map::user.virtiofs.:").unwrap();
+    let (d, fs) = setup_with(|c| c.xattrmap = Some(map));
+    fs::write(d.path("f"), b"").unwrap();
+    let e = lookup(&fs, ROOT_INODE, "f");
+    fs.setxattr(&ctx(), e.inode, &c("trusted.overlay.x"), b"guest", 0)
+        .unwrap();
+    fs.setxattr(&ctx(), e.inode, &c("user.k"), b"v", 0).unwrap();
+    let mut on_host = host_names(&d.path("f"));
+    on_host.sort();
+    assert_eq!(
+        on_host,
+        ["user.virtiofs.trusted.overlay.x", "user.virtiofs.user.k"]
+    );
+    // Set on the host directly: hidden, and unreachable by its own name.
+    let p = CString::new(d.path("f").as_os_str().as_bytes()).unwrap();
+    // SAFETY: valid C strings and value buffer.
+    assert_eq!(
+        unsafe {
+            libc::setxattr(
+                p.as_ptr(),
+                c"user.host".as_ptr(),
+                b"h".as_ptr().cast(),
+                1,
+                0,
+            )
+        },
+        0
+    );
+    match fs
+        .getxattr(&ctx(), e.inode, &c("trusted.overlay.x"), 100)
+        .unwrap()
+    {
+        GetxattrReply::Value(v) => assert_eq!(v, b"guest"),
+        _ => panic!("value"),
+    }
+    assert_eq!(
+        err(fs.getxattr(&ctx(), e.inode, &c("user.host"), 100)),
+        libc::ENODATA
+    );
+    let want = b"trusted.overlay.x\0user.k\0";
+    match fs.listxattr(&ctx(), e.inode, 0).unwrap() {
+        ListxattrReply::Count(n) => assert_eq!(n as usize, want.len()),
+        _ => panic!("size query"),
+    }
+    match fs.listxattr(&ctx(), e.inode, 1000).unwrap() {
+        ListxattrReply::Names(mut v) => {
+            let mut names: Vec<&[u8]> = v.split(|&b| b == 0).filter(|n| !n.is_empty()).collect();
+            names.sort();
+            let joined: Vec<u8> = names
+                .iter()
+                .flat_map(|n| n.iter().copied().chain([0]))
+                .collect();
+            v = joined;
+            assert_eq!(v, want);
+        }
+        _ => panic!("names"),
+    }
+    assert_eq!(err(fs.listxattr(&ctx(), e.inode, 5)), libc::ERANGE);
+    fs.removexattr(&ctx(), e.inode, &c("user.k")).unwrap();
+    assert!(!host_names(&d.path("f")).contains(&"user.virtiofs.user.k".to_string()));
+
+    // bad and unsupported rules.
+    let map = XattrMap::parse(
+        "/unsupported/all/security.selinux/security.selinux//bad/all/trusted./trusted.//ok/all///",
+    )
+    .unwrap();
+    let (d, fs) = setup_with(|c| c.xattrmap = Some(map));
+    fs::write(d.path("f"), b"").unwrap();
+    let e = lookup(&fs, ROOT_INODE, "f");
+    assert_eq!(
+        err(fs.setxattr(&ctx(), e.inode, &c("trusted.a"), b"x", 0)),
+        libc::EPERM
+    );
+    assert_eq!(
+        err(fs.getxattr(&ctx(), e.inode, &c("trusted.a"), 100)),
+        libc::ENODATA
+    );
+    assert_eq!(
+        err(fs.setxattr(&ctx(), e.inode, &c("security.selinux"), b"x", 0)),
+        libc::ENOTSUP
+    );
+    assert_eq!(
+        err(fs.getxattr(&ctx(), e.inode, &c("security.selinux"), 100)),
+        libc::ENOTSUP
+    );
+    fs.setxattr(&ctx(), e.inode, &c("user.ok"), b"x", 0)
+        .unwrap();
+    // SAFETY: valid C strings and value buffer.
+    let p = CString::new(d.path("f").as_os_str().as_bytes()).unwrap();
+    assert_eq!(
+        unsafe {
+            libc::setxattr(
+                p.as_ptr(),
+                c"trusted.host".as_ptr(),
+                b"h".as_ptr().cast(),
+                1,
+                0,
+            )
+        },
+        0
+    );
+    match fs.listxattr(&ctx(), e.inode, 1000).unwrap() {
+        ListxattrReply::Names(v) => assert_eq!(v, b"user.ok\0", "trusted.* hidden"),
+        _ => panic!("names"),
+    }
 }

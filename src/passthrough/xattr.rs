@@ -6,7 +6,8 @@
 //! must not be opened) are reached by name inside /proc/self/fd with the thread's working
 //! directory moved there: resolving that magic link lands on the inode itself.
 
-use std::ffi::CStr;
+use std::borrow::Cow;
+use std::ffi::{CStr, CString};
 use std::io;
 use std::os::fd::AsRawFd;
 
@@ -14,6 +15,7 @@ use fuse_backend_rs::api::filesystem::{GetxattrReply, ListxattrReply};
 
 use super::inode::InodeData;
 use super::util::{check, errno, fd_name, is_safe_inode, ScopedCwd};
+use super::xattrmap::GuestName;
 use super::PassthroughFs;
 
 /// The kernel's upper bound on an xattr value and on a name list.
@@ -54,12 +56,29 @@ impl PassthroughFs {
         })
     }
 
+    /// The host name for the guest's attribute `name` (`--xattrmap`); `refused` is the errno
+    /// for a name a `bad` rule (or no rule) refuses: EPERM, or ENODATA for a get.
+    fn host_xattr_name<'a>(&self, name: &'a CStr, refused: i32) -> io::Result<Cow<'a, CStr>> {
+        let Some(map) = &self.cfg.xattrmap else {
+            return Ok(Cow::Borrowed(name));
+        };
+        match map.to_host(name.to_bytes()) {
+            GuestName::Host(Cow::Borrowed(_)) => Ok(Cow::Borrowed(name)),
+            GuestName::Host(Cow::Owned(host)) => Ok(Cow::Owned(
+                CString::new(host).map_err(|_| errno(libc::EINVAL))?,
+            )),
+            GuestName::Denied => Err(errno(refused)),
+            GuestName::Unsupported => Err(errno(libc::ENOTSUP)),
+        }
+    }
+
     pub(super) fn do_getxattr(
         &self,
         inode: u64,
         name: &CStr,
         size: u32,
     ) -> io::Result<GetxattrReply> {
+        let name = &*self.host_xattr_name(name, libc::ENODATA)?;
         let target = self.xattr_target(inode)?;
         let mut buf = vec![0u8; (size as usize).min(XATTR_SIZE_MAX)];
         // SAFETY (both): the kernel writes at most `buf.len()` bytes into `buf`; a zero
@@ -91,6 +110,25 @@ impl PassthroughFs {
 
     pub(super) fn do_listxattr(&self, inode: u64, size: u32) -> io::Result<ListxattrReply> {
         let target = self.xattr_target(inode)?;
+        if let Some(map) = &self.cfg.xattrmap {
+            // The whole host list, then the names the guest sees: their total length is
+            // not the host's.
+            let host = list_names(&target, XATTR_SIZE_MAX)?;
+            let mut names = Vec::new();
+            for name in host.split(|&b| b == 0).filter(|n| !n.is_empty()) {
+                if let Some(guest) = map.to_guest(name).filter(|g| !g.is_empty()) {
+                    names.extend_from_slice(&guest);
+                    names.push(0);
+                }
+            }
+            return if size == 0 {
+                Ok(ListxattrReply::Count(names.len() as u32))
+            } else if names.len() > size as usize {
+                Err(errno(libc::ERANGE))
+            } else {
+                Ok(ListxattrReply::Names(names))
+            };
+        }
         let mut buf = vec![0u8; (size as usize).min(XATTR_SIZE_MAX)];
         // SAFETY (both): as in do_getxattr.
         let n = check_size(match &target {
@@ -115,6 +153,7 @@ impl PassthroughFs {
         value: &[u8],
         flags: u32,
     ) -> io::Result<()> {
+        let name = &*self.host_xattr_name(name, libc::EPERM)?;
         let target = self.xattr_target(inode)?;
         let flags = flags as i32;
         // SAFETY (both): `value` is read for exactly its length; names are NUL-terminated.
@@ -142,6 +181,7 @@ impl PassthroughFs {
     }
 
     pub(super) fn do_removexattr(&self, inode: u64, name: &CStr) -> io::Result<()> {
+        let name = &*self.host_xattr_name(name, libc::EPERM)?;
         let target = self.xattr_target(inode)?;
         // SAFETY (both): names are NUL-terminated.
         let r = match &target {
@@ -150,4 +190,20 @@ impl PassthroughFs {
         };
         check(r).map(drop)
     }
+}
+
+/// The host's whole name list for `target` (at most `max` bytes).
+fn list_names(target: &Target, max: usize) -> io::Result<Vec<u8>> {
+    let mut buf = vec![0u8; max];
+    // SAFETY (both): the kernel writes at most `buf.len()` bytes into `buf`.
+    let n = check_size(match target {
+        Target::Fd(f) => unsafe {
+            libc::flistxattr(f.as_raw_fd(), buf.as_mut_ptr().cast(), buf.len())
+        },
+        Target::Proc { name: p, .. } => unsafe {
+            libc::listxattr(p.as_ptr(), buf.as_mut_ptr().cast(), buf.len())
+        },
+    })?;
+    buf.truncate(n);
+    Ok(buf)
 }
