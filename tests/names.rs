@@ -666,3 +666,59 @@ fn a_guest_write_through_one_alias_waits_for_the_others_cache() {
         fuse.release(a.nodeid, kept.fh, libc::O_RDONLY).unwrap();
     }
 }
+
+#[test]
+fn the_guests_own_renames_and_unlinks_never_make_its_other_names_stale() {
+    // The guest moves or drops a dentry itself with RENAME and UNLINK: the node whose dentry
+    // it was must follow, whichever node of the file that is (an older alias too), or the next
+    // OPEN through another name of the file would get ESTALE for a name the guest itself
+    // changed. Three ways: a rename through an older alias, an unlink of one hard link, and a
+    // rename over a file whose other link the guest holds.
+    for mode in MODES {
+        let (backend, fuse) = start(mode);
+        let share = backend.share().to_path_buf();
+
+        // 1. Five links: the fifth name gets an alias, so the first four sit on an older node.
+        fs::write(share.join("n1"), b"linked").unwrap();
+        for i in 2..=5 {
+            fs::hard_link(share.join("n1"), share.join(format!("n{i}"))).unwrap();
+        }
+        let older = fuse.lookup(ROOT_ID, "n1").unwrap().nodeid;
+        for i in 2..=4 {
+            assert_eq!(fuse.lookup(ROOT_ID, format!("n{i}")).unwrap().nodeid, older);
+        }
+        let newer = fuse.lookup(ROOT_ID, "n5").unwrap().nodeid;
+        assert_ne!(newer, older, "a fifth name gets an alias");
+        fuse.rename(ROOT_ID, "n1", ROOT_ID, "m1")
+            .expect("guest RENAME n1 -> m1");
+        let h = fuse.open(older, libc::O_RDONLY).unwrap_or_else(|e| {
+            panic!("{mode:?}: OPEN through m1 after the guest's rename: {e:?}")
+        });
+        fuse.release(older, h.fh, libc::O_RDONLY).unwrap();
+
+        // 2. Unlinking one of two links.
+        fs::write(share.join("a"), b"two links").unwrap();
+        fs::hard_link(share.join("a"), share.join("b")).unwrap();
+        let node = fuse.lookup(ROOT_ID, "a").unwrap().nodeid;
+        assert_eq!(fuse.lookup(ROOT_ID, "b").unwrap().nodeid, node);
+        fuse.unlink(ROOT_ID, "a").expect("guest UNLINK a");
+        let h = fuse.open(node, libc::O_RDONLY).unwrap_or_else(|e| {
+            panic!("{mode:?}: OPEN through b after the guest unlinked a: {e:?}")
+        });
+        fuse.release(node, h.fh, libc::O_RDONLY).unwrap();
+
+        // 3. A rename over x, whose other link x2 the guest holds.
+        fs::write(share.join("x"), b"replaced name").unwrap();
+        fs::hard_link(share.join("x"), share.join("x2")).unwrap();
+        fs::write(share.join("y"), b"mover").unwrap();
+        let x = fuse.lookup(ROOT_ID, "x").unwrap().nodeid;
+        assert_eq!(fuse.lookup(ROOT_ID, "x2").unwrap().nodeid, x);
+        fuse.lookup(ROOT_ID, "y").unwrap();
+        fuse.rename(ROOT_ID, "y", ROOT_ID, "x")
+            .expect("guest RENAME y -> x");
+        let h = fuse
+            .open(x, libc::O_RDONLY)
+            .unwrap_or_else(|e| panic!("{mode:?}: OPEN through x2 after a rename over x: {e:?}"));
+        fuse.release(x, h.fh, libc::O_RDONLY).unwrap();
+    }
+}

@@ -90,6 +90,13 @@ impl GuestNames {
         self.names.push((parent, name.into()));
     }
 
+    /// Whether `name` in `parent` is one of these names.
+    pub(crate) fn holds(&self, parent: u64, name: &[u8]) -> bool {
+        self.names
+            .iter()
+            .any(|(p, n)| *p == parent && &n[..] == name)
+    }
+
     /// Forget `name` in `parent` (the guest removed or moved that dentry itself).
     pub(crate) fn forget(&mut self, parent: u64, name: &[u8]) {
         self.names
@@ -205,6 +212,15 @@ impl InodeTable {
             .range(id_range(id))
             .next_back()
             .map(|&(_, n)| n)
+    }
+
+    /// Every node id of host inode `id` (the newest last).
+    pub(crate) fn nodes_of(&self, id: &InodeId) -> Vec<u64> {
+        self.read()
+            .by_id
+            .range(id_range(id))
+            .map(|&(_, n)| n)
+            .collect()
     }
 
     /// Every node id for host inode (dev, ino), whatever mount it was seen through.

@@ -553,15 +553,39 @@ impl PassthroughFs {
         Err(io::Error::from_raw_os_error(libc::ESTALE))
     }
 
-    /// The newest node id of what `name` in `dir` leads to now (no symlink followed), if the
-    /// guest knows that inode.
-    fn node_at(&self, dir: &InodeData, name: &CStr) -> Option<u64> {
+    /// The host inode `name` in `dir` leads to now (no symlink followed).
+    fn id_at(&self, dir: &InodeData, name: &CStr) -> Option<InodeId> {
         let info = util::statx_at(dir.as_raw_fd(), name, 0).ok()?;
-        self.inodes.find(&InodeId {
+        Some(InodeId {
             dev: info.st.st_dev,
             ino: info.st.st_ino,
             mnt_id: info.mnt_id,
         })
+    }
+
+    /// The newest node id of what `name` in `dir` leads to now, if the guest knows that inode.
+    fn node_at(&self, dir: &InodeData, name: &CStr) -> Option<u64> {
+        self.inodes.find(&self.id_at(dir, name)?)
+    }
+
+    /// The guest moved (RENAME: `to`) or dropped (UNLINK, RMDIR, a rename over it) its dentry
+    /// `from` of host inode `id`. FUSE does not say which node the dentry was on, so every
+    /// node of the file that holds the name follows: an older alias as much as the newest
+    /// node. Otherwise that node would keep a name that leads elsewhere now and answer ESTALE
+    /// through its other names.
+    fn guest_moved_name(&self, id: &InodeId, from: (u64, &[u8]), to: Option<(u64, &[u8])>) {
+        for node in self.inodes.nodes_of(id) {
+            let Some(data) = self.inodes.get(node) else {
+                continue;
+            };
+            let mut names = data.names.lock().unwrap_or_else(|e| e.into_inner());
+            if names.holds(from.0, from.1) {
+                names.forget(from.0, from.1);
+                if let Some((dir, name)) = to {
+                    names.remember(dir, name);
+                }
+            }
+        }
     }
 
     /// Whether `name` in directory node `parent` leads to host inode `id` now.

@@ -475,16 +475,26 @@ impl FileSystem for PassthroughFs {
         validate_name(name)?;
         let p = self.inode(parent)?;
         self.check_names(&p)?;
+        let id = self.id_at(&p, name);
         // SAFETY: `name` is NUL-terminated.
-        check(unsafe { libc::unlinkat(p.as_raw_fd(), name.as_ptr(), 0) }).map(drop)
+        check(unsafe { libc::unlinkat(p.as_raw_fd(), name.as_ptr(), 0) })?;
+        if let Some(id) = id {
+            self.guest_moved_name(&id, (parent, name.to_bytes()), None);
+        }
+        Ok(())
     }
 
     fn rmdir(&self, _ctx: &Context, parent: u64, name: &CStr) -> io::Result<()> {
         validate_name(name)?;
         let p = self.inode(parent)?;
         self.check_names(&p)?;
+        let id = self.id_at(&p, name);
         // SAFETY: `name` is NUL-terminated.
-        check(unsafe { libc::unlinkat(p.as_raw_fd(), name.as_ptr(), libc::AT_REMOVEDIR) }).map(drop)
+        check(unsafe { libc::unlinkat(p.as_raw_fd(), name.as_ptr(), libc::AT_REMOVEDIR) })?;
+        if let Some(id) = id {
+            self.guest_moved_name(&id, (parent, name.to_bytes()), None);
+        }
+        Ok(())
     }
 
     fn rename(
@@ -505,14 +515,10 @@ impl FileSystem for PassthroughFs {
         let new = self.inode(newdir)?;
         self.check_names(&old)?;
         self.check_names(&new)?;
-        // The guest moves its dentries with the rename: so do the names we check at OPEN.
-        let node_at = |dir: &super::InodeData, name: &CStr| self.node_at(dir, name);
-        let moved = node_at(&old, oldname);
-        let exchanged = if flags & libc::RENAME_EXCHANGE != 0 {
-            node_at(&new, newname)
-        } else {
-            None
-        };
+        // The guest moves its dentries with the rename (and drops the one it replaces): so do
+        // the names we check at OPEN.
+        let moved = self.id_at(&old, oldname);
+        let target = self.id_at(&new, newname);
         // SAFETY: both names are NUL-terminated. The raw system call avoids depending on the
         // C library's renameat2 wrapper.
         let r = unsafe {
@@ -528,15 +534,18 @@ impl FileSystem for PassthroughFs {
         if r < 0 {
             return Err(io::Error::last_os_error());
         }
-        let rename_name = |node: Option<u64>, from: (u64, &CStr), to: (u64, &CStr)| {
-            if let Some(data) = node.and_then(|n| self.inodes.get(n)) {
-                let mut names = data.names.lock().unwrap_or_else(|e| e.into_inner());
-                names.forget(from.0, from.1.to_bytes());
-                names.remember(to.0, to.1.to_bytes());
-            }
-        };
-        rename_name(moved, (olddir, oldname), (newdir, newname));
-        rename_name(exchanged, (newdir, newname), (olddir, oldname));
+        let (from, to) = ((olddir, oldname.to_bytes()), (newdir, newname.to_bytes()));
+        if moved.is_some() && moved == target {
+            // Two links of one file: rename(2) changes nothing.
+            return Ok(());
+        }
+        if let Some(target) = target {
+            let exchanged = flags & libc::RENAME_EXCHANGE != 0;
+            self.guest_moved_name(&target, to, exchanged.then_some(from));
+        }
+        if let Some(moved) = moved {
+            self.guest_moved_name(&moved, from, Some(to));
+        }
         Ok(())
     }
 
