@@ -58,7 +58,10 @@ user = "root"
 group = "root"
 security_driver = "none"
 EOF
-    pkill -x libvirtd 2>/dev/null && sleep 1 || true
+    # A running libvirtd reads qemu.conf only at start.
+    if pkill -x libvirtd 2>/dev/null; then
+        for ((i = 0; i < 100; i++)); do pgrep -x libvirtd >/dev/null || break; sleep 0.1; done
+    fi
 fi
 pgrep -x virtlogd >/dev/null || virtlogd -d
 if ! pgrep -x libvirtd >/dev/null; then
@@ -117,6 +120,7 @@ domain_xml() {
     <initrd>$2/initrd.gz</initrd>
     <cmdline>console=ttyS0 quiet panic=-1 leasefs.tag=fs0</cmdline>
   </os>
+  <features><acpi/></features>
   <cpu mode='custom' match='exact'><model fallback='allow'>qemu64</model></cpu>
   <memoryBacking><source type='memfd'/><access mode='shared'/></memoryBacking>
   <on_poweroff>destroy</on_poweroff>
@@ -132,7 +136,6 @@ domain_xml() {
     </filesystem>
     <serial type='file'><source path='$2/console.log'/><target port='0'/></serial>
     <console type='file'><source path='$2/console.log'/><target type='serial' port='0'/></console>
-    <graphics type='none'/>
     <video><model type='none'/></video>
     <memballoon model='none'/>
   </devices>
@@ -180,8 +183,8 @@ run() {
     domain_xml "$dom" "$dir" "$share" "$bin" "$extra" > "$logs/$name.xml"
     log "$name: virsh start ($dom, share $share)"
     domains+=("$dom")
-    virsh_ define "$logs/$name.xml" >/dev/null
-    if ! virsh_ start "$dom" >"$logs/$name.start" 2>&1; then
+    if ! virsh_ define "$logs/$name.xml" >"$logs/$name.start" 2>&1 \
+            || ! virsh_ start "$dom" >>"$logs/$name.start" 2>&1; then
         cat "$logs/$name.start" >&2
         status=1
     fi
