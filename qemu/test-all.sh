@@ -41,6 +41,8 @@
 # libvirt (qemu/libvirt.sh, as root): virsh start with libvirt running leasefsd itself, plain,
 #   libvirt             with <cache>/<sandbox>/<lock>/<thread_pool>, found through
 #                       contrib/50-leasefs.json, and virsh destroy leaving no daemon
+# virtme-ng (qemu/virtme-ng.sh): vng 1.42 boots the cloud kernel, root and --rwdir served by
+#   virtme-ng           leasefsd found as "virtiofsd" on PATH
 # Burst (qemu/burst.sh, notify stack): 300 and 5,000 cached names, each removed on the host
 #   burst-notify       in one burst (chmod + unlink: 600 and 10,000 changes); fails if a
 #                      name is still seen 50 ms (300) or 1 s (5,000) after the host finished
@@ -311,6 +313,16 @@ if [ "$build_ok" -eq 1 ]; then
     else
         results+=("info  libvirt not run (needs root)")
     fi
+fi
+
+# virtme-ng starts leasefsd as its "virtiofsd" (qemu/virtme-ng.sh): the cloud kernel boots
+# with its root and an --rwdir served by leasefsd.
+if [ "$build_ok" -eq 1 ]; then
+    status=0
+    section "virtme-ng: qemu/virtme-ng.sh"
+    LEASEFS_LOG_DIR="$logs/virtme-ng" "$LEASEFS_QEMU_DIR/virtme-ng.sh" --no-build \
+        --timeout "$timeout_secs" || status=$?
+    count virtme-ng "$status"
 fi
 
 # Reference run against virtiofsd on the stock stack: informational only.

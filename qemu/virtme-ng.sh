@@ -13,7 +13,8 @@
 #
 # Checks: the guest command runs (exit status 0) and sees the host's file through the
 # read-only root, writes a file into the --rwdir that the host then reads, and cannot write
-# the root; while it runs, the processes serving the sockets are leasefsd.
+# the root's top directory (vng lays tmpfs overlays over /tmp, /var, /etc...); while it runs,
+# the processes serving the sockets are leasefsd.
 #
 # Installs virtme-ng 1.42 from PyPI and kmod (depmod) from Debian when missing; fetches the
 # cloud kernel's package and unpacks it under build/vm/vng-kernel/ (vng builds its initramfs
@@ -36,6 +37,7 @@ done
 
 missing=()
 command -v depmod >/dev/null 2>&1 || missing+=(kmod)
+command -v xz >/dev/null 2>&1 || missing+=(xz-utils)
 command -v qemu-system-x86_64 >/dev/null 2>&1 || missing+=(qemu-system-x86)
 install_pkgs "${missing[@]}"
 if ! command -v vng >/dev/null 2>&1; then
@@ -63,6 +65,10 @@ if [ ! -s "$kroot/boot/vmlinuz-$release" ] || [ ! -d "$kroot/lib/modules/$releas
     apt-cache show "$pkg" >/dev/null 2>&1 || pkg="linux-image-$release"
     (cd "$kroot.tmp" && apt-get download -q "$pkg" >&2) || die "apt-get download $pkg failed"
     dpkg-deb -x "$kroot.tmp"/*.deb "$kroot.tmp/x"
+    # vng's initramfs loads modules with busybox insmod, which takes no .ko.xz: without
+    # virtio_console the guest has no script ports and vng cannot report the exit status.
+    find "$kroot.tmp/x/lib/modules" -name '*.ko.xz' -exec xz -d {} +
+    depmod -b "$kroot.tmp/x" "$release"
     rm -rf "$kroot"
     mv "$kroot.tmp/x" "$kroot"
     rm -rf "$kroot.tmp"
@@ -81,11 +87,12 @@ mkdir -p "$work/bin" "$work/rw"
 ln -s "$daemon" "$work/bin/virtiofsd"
 echo "the host wrote this" > "$work/from-host"
 
-# The guest: its root is the host's /, read-only; $work/rw is writable.
+# The guest: its root is the host's /, read-only; $work/rw is writable. One vCPU: under TCG
+# with two, the kernel's live code patching (int3) now and then oopses at boot (seen here).
 guest_cmd="set -e
 test \"\$(cat $work/from-host)\" = 'the host wrote this'
 echo 'the guest wrote this' > $work/rw/from-guest
-if touch $work/not-writable 2>/dev/null; then echo 'the root is writable'; exit 3; fi
+if touch /.leasefs-vng-probe 2>/dev/null; then echo 'the root is writable'; exit 3; fi
 grep -c virtiofs /proc/mounts
 sleep 3
 echo LEASEFS-VNG-OK"
@@ -94,7 +101,7 @@ log "vng --run $kroot/boot/vmlinuz-$release (virtiofsd -> $daemon)"
 (
     cd "$work"
     PATH="$work/bin:$PATH" exec timeout "$timeout_secs" vng --run "$kroot/boot/vmlinuz-$release" \
-        --disable-kvm --disable-microvm --memory 1G --rwdir "$work/rw" --verbose \
+        --disable-kvm --disable-microvm --cpus 1 --memory 1G --rwdir "$work/rw" --verbose \
         --exec "$guest_cmd"
 ) >"$logs/vng.out" 2>"$logs/vng.err" &
 vng_pid=$!
@@ -116,8 +123,10 @@ wait "$vng_pid" || status=$?
 vng_pid=""
 
 fail=0
-if [ "$status" -ne 0 ]; then
-    log "vng exited with status $status"
+# Without udev in the guest, virtme-ng-init may find no script ports and run the command on
+# the console: vng then exits 255 whatever the command did, and the init prints its status.
+if [ "$status" -ne 0 ] && ! grep -q 'script exited with code 0' "$logs/vng.err"; then
+    log "vng exited with status $status, and the guest command did not exit with 0"
     fail=1
 fi
 if ! grep -q LEASEFS-VNG-OK "$logs/vng.out" "$logs/vng.err"; then
@@ -128,7 +137,8 @@ if [ "$(cat "$work/rw/from-guest" 2>/dev/null)" != "the guest wrote this" ]; the
     log "the guest's file is not in the --rwdir on the host"
     fail=1
 fi
-if [ -e "$work/not-writable" ]; then
+if [ -e /.leasefs-vng-probe ]; then
+    rm -f /.leasefs-vng-probe
     log "the guest wrote into the read-only root"
     fail=1
 fi
