@@ -271,20 +271,27 @@ impl InodeTable {
     }
 
     /// Count one more guest lookup of the host inode `id`, adding it to the table with the
-    /// descriptor `file` if it is new (otherwise `file` is simply closed). `avoid`: a node id of
-    /// this inode not to hand out again (the guest holds a stale name of it): if it is the
-    /// newest, a new node id (an alias of the same host inode) is made instead.
+    /// descriptor `file` if it is new (otherwise `file` is simply closed). `decided`: the
+    /// newest node of this inode when the caller decided whether the guest may get it again,
+    /// and `avoid`: a node not to hand out (the guest holds a stale name of it). For a file,
+    /// if the newest node is no longer `decided` (a FORGET on another queue removed it, or
+    /// another lookup added one), the decision is void and a new node is made: handing out an
+    /// older alias nobody checked would hand the guest a node with a stale name, whose OPEN
+    /// answers ESTALE again after the guest's retry. A directory always gets its newest node
+    /// (it has no aliases).
     pub(crate) fn lookup_or_insert(
         &self,
         id: InodeId,
         mode: u32,
         file: File,
+        decided: Option<u64>,
         avoid: Option<u64>,
     ) -> Arc<InodeData> {
         let mut m = self.write();
         let newest = m.by_id.range(id_range(&id)).next_back().map(|&(_, n)| n);
+        let checked = newest == decided || mode & libc::S_IFMT == libc::S_IFDIR;
         if let Some(data) = newest
-            .filter(|&n| Some(n) != avoid)
+            .filter(|&n| Some(n) != avoid && checked)
             .and_then(|n| m.by_inode.get(&n))
         {
             data.refcount.fetch_add(1, Ordering::Relaxed);
@@ -359,7 +366,56 @@ impl InodeTable {
 
 #[cfg(test)]
 mod tests {
-    use super::GuestNames;
+    use super::*;
+
+    fn table_with(id: InodeId, n: usize) -> (InodeTable, Vec<u64>) {
+        let t = InodeTable::new();
+        let mut nodes = Vec::new();
+        for i in 0..n {
+            let file = File::open("/").unwrap();
+            // The first insert makes a node; each later one is told to avoid the newest.
+            let newest = t.find(&id);
+            let d = t.lookup_or_insert(id, libc::S_IFREG, file, newest, newest);
+            assert_eq!(nodes.len(), i);
+            nodes.push(d.inode);
+        }
+        (t, nodes)
+    }
+
+    #[test]
+    fn a_lookup_decided_on_a_node_that_went_meanwhile_gets_a_new_one() {
+        let id = InodeId {
+            dev: 1,
+            ino: 2,
+            mnt_id: 3,
+        };
+        // Nodes a (older alias, with a stale name) and b (newest, checked: it may be reused).
+        let (t, nodes) = table_with(id, 2);
+        let (a, b) = (nodes[0], nodes[1]);
+        assert_eq!(t.find(&id), Some(b));
+        // A FORGET on another queue drops b between the decision and the insert.
+        t.forget(b, 1);
+        let got = t.lookup_or_insert(id, libc::S_IFREG, File::open("/").unwrap(), Some(b), None);
+        assert_ne!(
+            got.inode, a,
+            "the unchecked older alias must not be handed out"
+        );
+        assert_ne!(got.inode, b);
+        // Decided on the newest, which is still there: reused.
+        let again = t.lookup_or_insert(
+            id,
+            libc::S_IFREG,
+            File::open("/").unwrap(),
+            Some(got.inode),
+            None,
+        );
+        assert_eq!(again.inode, got.inode);
+        // A directory has one node, whatever happened meanwhile.
+        let dir = InodeId { ino: 9, ..id };
+        let d1 = t.lookup_or_insert(dir, libc::S_IFDIR, File::open("/").unwrap(), None, None);
+        let d2 = t.lookup_or_insert(dir, libc::S_IFDIR, File::open("/").unwrap(), None, None);
+        assert_eq!(d1.inode, d2.inode);
+    }
 
     #[test]
     fn guest_names_are_bounded_and_deduplicated() {

@@ -609,11 +609,18 @@ impl PassthroughFs {
     /// either makes the other's attributes expire at once (no host lease can be had), and
     /// each OPEN compares the file's ctime with what that node cached. Not for directories:
     /// the guest moves a directory's one dentry itself.
-    fn alias_for(&self, id: &InodeId, mode: u32, dir: u64, name: &[u8]) -> Option<u64> {
+    fn alias_for(
+        &self,
+        newest: Option<u64>,
+        id: &InodeId,
+        mode: u32,
+        dir: u64,
+        name: &[u8],
+    ) -> Option<u64> {
         if is_dir(mode) {
             return None;
         }
-        let current = self.inodes.get(self.inodes.find(id)?)?;
+        let current = self.inodes.get(newest?)?;
         let names = current
             .names
             .lock()
@@ -729,14 +736,18 @@ impl PassthroughFs {
             ino: info.st.st_ino,
             mnt_id: info.mnt_id,
         };
-        let avoid = named.and_then(|(dir, name)| self.alias_for(&id, info.st.st_mode, dir, name));
-        if avoid.is_some() || self.inodes.find(&id).is_none() {
+        // The alias decision is made on the newest node now; the insert re-checks that it is
+        // still the newest (see `lookup_or_insert`).
+        let decided = self.inodes.find(&id);
+        let avoid =
+            named.and_then(|(dir, name)| self.alias_for(decided, &id, info.st.st_mode, dir, name));
+        if avoid.is_some() || decided.is_none() {
             // A new node: it keeps `file` open.
             self.descriptor_room(1)?;
         }
         let data = self
             .inodes
-            .lookup_or_insert(id, info.st.st_mode, file, avoid);
+            .lookup_or_insert(id, info.st.st_mode, file, decided, avoid);
         if let Some((dir, name)) = named {
             data.names
                 .lock()
