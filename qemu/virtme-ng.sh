@@ -40,6 +40,9 @@ command -v depmod >/dev/null 2>&1 || missing+=(kmod)
 command -v xz >/dev/null 2>&1 || missing+=(xz-utils)
 command -v qemu-system-x86_64 >/dev/null 2>&1 || missing+=(qemu-system-x86)
 install_pkgs "${missing[@]}"
+# pip puts vng in the interpreter's scripts directory, which a pyenv shim reaches only after a
+# rehash: look there too.
+PATH="$PATH:$(python3 -c 'import sysconfig; print(sysconfig.get_path("scripts"))')"
 if ! command -v vng >/dev/null 2>&1; then
     log "installing virtme-ng 1.42 from PyPI"
     python3 -m pip install -q virtme-ng==1.42 >&2 || die "pip install virtme-ng failed"
