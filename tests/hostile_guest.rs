@@ -750,8 +750,10 @@ fn a_guest_cannot_take_the_descriptors_the_daemon_needs() {
     let open_fds = fs::read_dir(format!("/proc/{}/fd", backend.pid()))
         .unwrap()
         .count();
+    // The guest's budget is 128 of them; the rest are the daemon's own (rings, memory,
+    // threads) and room it keeps free.
     assert!(
-        open_fds <= 256 - 64,
+        open_fds <= 256 - 32,
         "the daemon holds {open_fds} of its 256 descriptors after the guest took all it could"
     );
     assert_alive(&mut backend, &fuse);

@@ -574,6 +574,10 @@ impl LeaseTable {
 }
 
 impl LeaseKeeper for LeaseTable {
+    fn descriptors(&self) -> usize {
+        self.lock().by_fd.len()
+    }
+
     fn grant(
         &self,
         data: &InodeData,
@@ -588,7 +592,12 @@ impl LeaseKeeper for LeaseTable {
         let lease = t.leases.entry(data.inode).or_default();
         let mut attr = granted;
         if is_reg(data.mode) {
-            let within_budget = t.by_fd.len() < self.max_host_leases;
+            // Half the descriptors at most, and never into what the daemon keeps for itself:
+            // the guest's nodes and handles and the leases share one budget.
+            let within_budget = t.by_fd.len() < self.max_host_leases
+                && self.fs.upgrade().is_none_or(|fs| {
+                    fs.descriptors_held() + t.by_fd.len() < fs.descriptor_budget()
+                });
             if lease.file.is_none() && acquire && !lease.breaking && lease.own_writers == 0 {
                 match within_budget.then(|| self.take_host_lease(data)).flatten() {
                     Some(fd) => {

@@ -8,7 +8,7 @@
 use std::collections::HashMap;
 use std::fs::File;
 use std::os::fd::{AsFd, AsRawFd, BorrowedFd, RawFd};
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard, RwLock};
 
 use super::inode::{InodeData, OpenHandleCount};
@@ -44,6 +44,8 @@ impl AsFd for HandleData {
 
 pub(crate) struct HandleTable {
     map: RwLock<HashMap<u64, Arc<HandleData>>>,
+    /// How many handles the table holds, readable without its lock.
+    size: AtomicUsize,
     next: AtomicU64,
 }
 
@@ -51,6 +53,7 @@ impl HandleTable {
     pub(crate) fn new() -> Self {
         HandleTable {
             map: RwLock::new(HashMap::new()),
+            size: AtomicUsize::new(0),
             // 0 means "no handle" in several FUSE requests, so it is never handed out.
             next: AtomicU64::new(1),
         }
@@ -65,10 +68,9 @@ impl HandleTable {
             pos: Mutex::new(()),
             _open: OpenHandleCount::new(inode),
         });
-        self.map
-            .write()
-            .unwrap_or_else(|e| e.into_inner())
-            .insert(handle, data);
+        let mut m = self.map.write().unwrap_or_else(|e| e.into_inner());
+        m.insert(handle, data);
+        self.size.store(m.len(), Ordering::Relaxed);
         handle
     }
 
@@ -92,14 +94,18 @@ impl HandleTable {
         if m.get(&handle)?.inode != inode {
             return None;
         }
-        m.remove(&handle)
+        let removed = m.remove(&handle);
+        self.size.store(m.len(), Ordering::Relaxed);
+        removed
     }
 
     pub(crate) fn clear(&self) {
-        self.map.write().unwrap_or_else(|e| e.into_inner()).clear();
+        let mut m = self.map.write().unwrap_or_else(|e| e.into_inner());
+        m.clear();
+        self.size.store(0, Ordering::Relaxed);
     }
 
     pub(crate) fn len(&self) -> usize {
-        self.map.read().unwrap_or_else(|e| e.into_inner()).len()
+        self.size.load(Ordering::Relaxed)
     }
 }

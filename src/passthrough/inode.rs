@@ -12,7 +12,7 @@
 use std::collections::{BTreeSet, HashMap};
 use std::fs::File;
 use std::os::fd::{AsFd, AsRawFd, BorrowedFd, RawFd};
-use std::sync::atomic::{AtomicBool, AtomicU32, AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU32, AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex, RwLock};
 
 /// The FUSE node id of the share's root.
@@ -169,6 +169,9 @@ pub trait InodeObserver: Send + Sync {
 
 pub(crate) struct InodeTable {
     maps: RwLock<Maps>,
+    /// How many nodes the table holds, readable without its lock (the descriptor budget and
+    /// the lease keeper read it while holding other locks).
+    size: AtomicUsize,
     next: AtomicU64,
     observers: RwLock<Vec<Arc<dyn InodeObserver>>>,
 }
@@ -176,6 +179,7 @@ pub(crate) struct InodeTable {
 impl InodeTable {
     pub(crate) fn new() -> Self {
         InodeTable {
+            size: AtomicUsize::new(0),
             maps: RwLock::new(Maps::default()),
             next: AtomicU64::new(ROOT_INODE + 1),
             observers: RwLock::new(Vec::new()),
@@ -242,7 +246,7 @@ impl InodeTable {
     }
 
     pub(crate) fn len(&self) -> usize {
-        self.read().by_inode.len()
+        self.size.load(Ordering::Relaxed)
     }
 
     /// Every inode in the table (a snapshot: the table is not locked while `f` runs).
@@ -268,6 +272,7 @@ impl InodeTable {
         let mut m = self.write();
         m.by_id.insert((id, ROOT_INODE));
         m.by_inode.insert(ROOT_INODE, data);
+        self.size.store(m.by_inode.len(), Ordering::Relaxed);
     }
 
     /// Count one more guest lookup of the host inode `id`, adding it to the table with the
@@ -312,6 +317,7 @@ impl InodeTable {
         });
         m.by_id.insert((id, inode));
         m.by_inode.insert(inode, data.clone());
+        self.size.store(m.by_inode.len(), Ordering::Relaxed);
         self.each_observer(|o| o.added(&data));
         data
     }
@@ -338,6 +344,7 @@ impl InodeTable {
             self.each_observer(|o| o.removed(data));
             m.by_inode.remove(&inode);
             m.by_id.remove(&(id, inode));
+            self.size.store(m.by_inode.len(), Ordering::Relaxed);
         }
     }
 
@@ -351,6 +358,7 @@ impl InodeTable {
             i == ROOT_INODE
         });
         m.by_id.retain(|&(_, i)| i == ROOT_INODE);
+        self.size.store(m.by_inode.len(), Ordering::Relaxed);
     }
 
     fn read(&self) -> std::sync::RwLockReadGuard<'_, Maps> {

@@ -98,6 +98,12 @@ pub trait LeaseKeeper: Send + Sync {
     /// The guest closed a handle it had open for writing; `st` is the inode now. Its cached
     /// pages hold its own writes, so they may be kept across the next open.
     fn write_handle_closed(&self, data: &InodeData, st: &stat64);
+
+    /// Descriptors the keeper holds now (one per host lease); counted against the guest's
+    /// descriptor budget.
+    fn descriptors(&self) -> usize {
+        0
+    }
 }
 
 /// The attributes of an inode in the table, read now.
@@ -227,27 +233,32 @@ pub struct PassthroughFs {
 }
 
 /// Descriptors kept out of the guest's reach: the vhost-user connection's (guest memory
-/// regions, an eventfd or two per ring, up to 16 request queues), the host watcher's and
-/// whatever a request opens for a moment (a lookup's O_PATH before it is found known).
-const DAEMON_DESCRIPTORS: usize = 128;
+/// regions, an eventfd or two per ring, up to 16 request queues), the host watcher's and the
+/// descriptor each fanotify event carries, and whatever a request opens for a moment (a
+/// lookup's O_PATH before it is found known).
+pub const DAEMON_DESCRIPTORS: usize = 128;
 
-/// How many descriptors the guest may make the daemon hold. A guest that looks up and opens
-/// as much as it can must run out of its own share, not of the daemon's: the lease keeper
-/// may use half of RLIMIT_NOFILE (`host_lease_budget`), the daemon itself
-/// [`DAEMON_DESCRIPTORS`]; the guest gets the rest, and at least a quarter of the limit.
-pub fn guest_descriptor_budget() -> usize {
+/// The process's descriptor limit (RLIMIT_NOFILE, soft).
+pub fn descriptor_limit() -> usize {
     let mut limit = libc::rlimit {
         rlim_cur: 0,
         rlim_max: 0,
     };
     // SAFETY: limit is a valid out pointer.
     if unsafe { libc::getrlimit(libc::RLIMIT_NOFILE, &mut limit) } != 0 {
-        return 256;
+        return 1024;
     }
-    let total = usize::try_from(limit.rlim_cur).unwrap_or(usize::MAX);
-    (total / 2)
-        .saturating_sub(DAEMON_DESCRIPTORS)
-        .max(total / 4)
+    usize::try_from(limit.rlim_cur).unwrap_or(usize::MAX)
+}
+
+/// How many descriptors the guest may make the daemon hold, nodes, handles and the host
+/// leases taken for it together: all but [`DAEMON_DESCRIPTORS`], and at least half the limit.
+/// A guest that looks up and opens as much as it can then runs out of its own share, not of
+/// the daemon's; host leases are taken only while the same sum stays under it
+/// ([`PassthroughFs::descriptors_held`]).
+pub fn guest_descriptor_budget() -> usize {
+    let total = descriptor_limit();
+    total.saturating_sub(DAEMON_DESCRIPTORS).max(total / 2)
 }
 
 impl PassthroughFs {
@@ -654,7 +665,8 @@ impl PassthroughFs {
     /// descriptors it needs itself (a reboot's ring eventfds, leases, fanotify events, which
     /// each carry one). Counted and logged (the first refusal and then every power of two).
     fn descriptor_room(&self, needed: usize) -> io::Result<()> {
-        let held = self.inodes.len() + self.handles.len();
+        let held =
+            self.descriptors_held() + self.leases.get().map_or(0, |keeper| keeper.descriptors());
         if held.saturating_add(needed) <= self.cfg.guest_descriptors {
             return Ok(());
         }
@@ -667,6 +679,16 @@ impl PassthroughFs {
             );
         }
         Err(io::Error::from_raw_os_error(libc::ENFILE))
+    }
+
+    /// Descriptors held for the guest's nodes and open handles; read without locks.
+    pub fn descriptors_held(&self) -> usize {
+        self.inodes.len() + self.handles.len()
+    }
+
+    /// The guest's descriptor budget ([`guest_descriptor_budget`] in the daemon).
+    pub fn descriptor_budget(&self) -> usize {
+        self.cfg.guest_descriptors
     }
 
     /// Requests refused with ENFILE because the guest held its descriptor budget.
