@@ -592,13 +592,14 @@ impl LeaseKeeper for LeaseTable {
         let lease = t.leases.entry(data.inode).or_default();
         let mut attr = granted;
         if is_reg(data.mode) {
-            // Half the descriptors at most, and never into what the daemon keeps for itself:
-            // the guest's nodes and handles and the leases share one budget.
-            let within_budget = t.by_fd.len() < self.max_host_leases
-                && self.fs.upgrade().is_none_or(|fs| {
-                    fs.descriptors_held() + t.by_fd.len() < fs.descriptor_budget()
-                });
+            let leases_held = t.by_fd.len();
             if lease.file.is_none() && acquire && !lease.breaking && lease.own_writers == 0 {
+                // Half the descriptors at most, and never into what the daemon keeps for
+                // itself: the guest's nodes and handles and the leases share one budget.
+                let within_budget = leases_held < self.max_host_leases
+                    && self.fs.upgrade().is_none_or(|fs| {
+                        fs.descriptors_held() + leases_held < fs.descriptor_budget()
+                    });
                 match within_budget.then(|| self.take_host_lease(data)).flatten() {
                     Some(fd) => {
                         self.stats.acquired.fetch_add(1, Ordering::Relaxed);
