@@ -130,15 +130,7 @@ impl PassthroughFs {
             };
         }
         let mut buf = vec![0u8; (size as usize).min(XATTR_SIZE_MAX)];
-        // SAFETY (both): as in do_getxattr.
-        let n = check_size(match &target {
-            Target::Fd(f) => unsafe {
-                libc::flistxattr(f.as_raw_fd(), buf.as_mut_ptr().cast(), buf.len())
-            },
-            Target::Proc { name: p, .. } => unsafe {
-                libc::listxattr(p.as_ptr(), buf.as_mut_ptr().cast(), buf.len())
-            },
-        })?;
+        let n = list_into(&target, &mut buf)?;
         if size == 0 {
             return Ok(ListxattrReply::Count(n as u32));
         }
@@ -195,15 +187,21 @@ impl PassthroughFs {
 /// The host's whole name list for `target` (at most `max` bytes).
 fn list_names(target: &Target, max: usize) -> io::Result<Vec<u8>> {
     let mut buf = vec![0u8; max];
-    // SAFETY (both): the kernel writes at most `buf.len()` bytes into `buf`.
-    let n = check_size(match target {
+    let n = list_into(target, &mut buf)?;
+    buf.truncate(n);
+    Ok(buf)
+}
+
+/// listxattr into `buf`: the names' length (with an empty `buf`, only the length needed).
+fn list_into(target: &Target, buf: &mut [u8]) -> io::Result<usize> {
+    // SAFETY (both): the kernel writes at most `buf.len()` bytes into `buf`; a zero length
+    // with any pointer only asks for the size.
+    check_size(match target {
         Target::Fd(f) => unsafe {
             libc::flistxattr(f.as_raw_fd(), buf.as_mut_ptr().cast(), buf.len())
         },
         Target::Proc { name: p, .. } => unsafe {
             libc::listxattr(p.as_ptr(), buf.as_mut_ptr().cast(), buf.len())
         },
-    })?;
-    buf.truncate(n);
-    Ok(buf)
+    })
 }
