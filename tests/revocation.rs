@@ -667,3 +667,63 @@ fn bulk_host_rewrite_while_the_guest_reads_never_holds_a_writer_for_its_lease() 
     assert_eq!(c["unexpected"], 0, "{c:?}");
     assert_eq!(c["dropped"], 0, "{c:?}");
 }
+
+/// A host unlink of one of a file's hard links must not tell the guest the inode went: the
+/// guest would zero its link count (FUSE_NOTIFY_DELETE does clear_nlink) and then refuse a
+/// `link` from the other name with ENOENT, without asking the daemon. The name goes
+/// (INVAL_ENTRY) and the link count is refreshed (INVAL_INODE of the attributes) instead;
+/// the last link's unlink is still a DELETE.
+#[test]
+fn a_host_unlink_of_one_hard_link_keeps_the_inode_alive_in_the_guest() {
+    let (backend, device, fuse) = start("5");
+    let share = backend.share().to_path_buf();
+    fs::create_dir(share.join("d")).unwrap();
+    fs::write(share.join("d/h1"), b"linked").unwrap();
+    fs::hard_link(share.join("d/h1"), share.join("d/h2")).unwrap();
+    let dir = fuse.lookup(ROOT_ID, "d").expect("LOOKUP d").nodeid;
+    let h1 = fuse.lookup(dir, "h1").expect("LOOKUP h1").nodeid;
+    let h2 = fuse.lookup(dir, "h2").expect("LOOKUP h2").nodeid;
+    notices_until(&device, Duration::from_millis(100), |_| false);
+
+    fs::remove_file(share.join("d/h1")).unwrap();
+    let gone = |n: &Notice| {
+        (n.code == Notice::INVAL_ENTRY || n.code == Notice::DELETE)
+            && n.node == dir
+            && n.name == b"h1"
+    };
+    let got = notices_until(&device, Duration::from_secs(2), gone);
+    assert!(
+        got.iter()
+            .any(|n| n.code == Notice::INVAL_ENTRY && n.node == dir && n.name == b"h1"),
+        "unlink of one link: no INVAL_ENTRY of h1: {got:?}\n{}",
+        backend.log()
+    );
+    assert!(
+        !got.iter().any(|n| n.code == Notice::DELETE),
+        "unlink of one of two links was sent as DELETE (the guest would zero the link count): {got:?}"
+    );
+    let refreshed = |n: &Notice| {
+        n.code == Notice::INVAL_INODE && n.offset == -1 && (n.node == h1 || n.node == h2)
+    };
+    let got = if got.iter().any(refreshed) {
+        got
+    } else {
+        notices_until(&device, Duration::from_secs(2), refreshed)
+    };
+    assert!(
+        got.iter().any(refreshed),
+        "the link count change did not revoke the attributes: {got:?}"
+    );
+    let attr = fuse.getattr(h2).expect("GETATTR h2");
+    assert_eq!(attr.attr.nlink, 1);
+
+    // The last link: now the inode is gone, and DELETE says so.
+    notices_until(&device, Duration::from_millis(100), |_| false);
+    fs::remove_file(share.join("d/h2")).unwrap();
+    let deleted = |n: &Notice| n.code == Notice::DELETE && n.node == dir && n.name == b"h2";
+    let got = notices_until(&device, Duration::from_secs(2), deleted);
+    assert!(
+        got.iter().any(deleted),
+        "unlink of the last link: no DELETE: {got:?}"
+    );
+}

@@ -451,11 +451,24 @@ impl HostWatcher {
         let name_changed = event.mask & (FAN_DELETE | FAN_MOVED_FROM | FAN_MOVED_TO) != 0;
         // A host unlink or rmdir of an inode the guest knows: DELETE tells it which one went
         // (the guest drops its link count too). A move away leaves the inode alive elsewhere.
-        let deleted = if event.mask & FAN_DELETE != 0 {
+        // Only the last link's unlink deletes the inode: for one of several hard links,
+        // DELETE would make the guest zero the link count it holds for the other names (and
+        // refuse a `link` from them with ENOENT), so those get INVAL_ENTRY and a fresh
+        // link count instead.
+        let (deleted, still_linked): (Vec<u64>, Vec<u64>) = if event.mask & FAN_DELETE != 0 {
             self.known_child(record, event.metadata_len as usize)
+                .into_iter()
+                .partition(|&node| !matches!(host_link_count(fs, node), Some(n) if n > 0))
         } else {
-            Vec::new()
+            (Vec::new(), Vec::new())
         };
+        for &node in &still_linked {
+            self.revoke(Notification::InvalInode {
+                ino: node,
+                offset: -1,
+                len: 0,
+            });
+        }
         for &dir in &dirs {
             if name == b"." {
                 // The directory's own attributes.
@@ -589,6 +602,18 @@ impl HostWatcher {
         self.stats.revocations.fetch_add(1, Ordering::Relaxed);
         self.notifier.send(message);
     }
+}
+
+/// How many names the host inode behind node `node` has now; None if it cannot be seen.
+fn host_link_count(fs: &PassthroughFs, node: u64) -> Option<u64> {
+    let fd = fs.inode_fd(node)?;
+    // SAFETY: stat64 is plain data, filled by a successful fstat.
+    let mut st: libc::stat64 = unsafe { std::mem::zeroed() };
+    // SAFETY: a valid descriptor and out pointer.
+    if unsafe { libc::fstat64(fd.as_raw_fd(), &mut st) } < 0 {
+        return None;
+    }
+    Some(st.st_nlink)
 }
 
 /// The node ids of `name` in directory node `dir`, if the guest knows that inode.
