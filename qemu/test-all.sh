@@ -43,6 +43,10 @@
 #                       contrib/50-leasefs.json, and virsh destroy leaving no daemon
 # virtme-ng (qemu/virtme-ng.sh): vng 1.42 boots the cloud kernel, root and --rwdir served by
 #   virtme-ng           leasefsd found as "virtiofsd" on PATH
+# Conformance (qemu/conformance.sh): pjdfstest 0.2.2 and fsx 0.3.2 (20,000 ops, mmap, fixed
+#   conformance         seed) in a guest, leasefsd default and hardened (--sandbox namespace
+#                       --seccomp kill) beside virtiofsd 1.14; fails on any pjdfstest case that
+#                       passes on virtiofsd and fails on leasefsd, and on any fsx failure
 # Burst (qemu/burst.sh, notify stack): 300 and 5,000 cached names, each removed on the host
 #   burst-notify       in one burst (chmod + unlink: 600 and 10,000 changes); fails if a
 #                      name is still seen 50 ms (300) or 1 s (5,000) after the host finished
@@ -317,6 +321,15 @@ if [ "$build_ok" -eq 1 ]; then
     LEASEFS_LOG_DIR="$logs/virtme-ng" "$LEASEFS_QEMU_DIR/virtme-ng.sh" --no-build \
         --timeout "$timeout_secs" || status=$?
     count virtme-ng "$status"
+fi
+
+# Third-party conformance (qemu/conformance.sh): pjdfstest and 20,000 fsx operations in a
+# guest, leasefsd default and --sandbox namespace --seccomp kill beside virtiofsd 1.14.
+if [ "$build_ok" -eq 1 ]; then
+    status=0
+    section "conformance: qemu/conformance.sh (pjdfstest, fsx)"
+    "$LEASEFS_QEMU_DIR/conformance.sh" --no-build --out "$logs/conformance" || status=$?
+    count conformance "$status"
 fi
 
 # Reference run against virtiofsd on the stock stack: informational only.
