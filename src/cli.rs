@@ -269,7 +269,10 @@ pub struct Options {
     #[arg(short = 'f')]
     pub compat_foreground: bool,
 
-    /// Security label support (not supported yet: only `never`).
+    /// Security label support (implies --xattr): agree to FUSE_SECURITY_CTX and store the
+    /// security context (SELinux label) the guest sends with each object it creates as the
+    /// xattr it names. `auto` agrees when the guest kernel offers it; `always` (the bare
+    /// flag) refuses the mount of a guest kernel that does not.
     #[arg(long = "security-label", value_name = "never|auto|always", require_equals = true,
           num_args = 0..=1, default_value = "never", default_missing_value = "always",
           value_enum)]
@@ -514,20 +517,12 @@ impl Options {
                     .into(),
             );
         }
-        let not_yet = |flag: &str, what: &str| {
-            Some(format!(
-                "{flag}: not supported by leasefsd yet ({what}); drop the flag"
-            ))
-        };
         if (!self.translate_uid.is_empty() || !self.translate_gid.is_empty()) && self.posix_acl {
             return Some(
                 "--translate-uid/--translate-gid cannot be used with --posix-acl: ACLs name \
                  host ids the daemon would not translate (as virtiofsd)"
                     .into(),
             );
-        }
-        if self.security_label != NegotiationMode::Never {
-            return not_yet("--security-label", "FUSE_SECURITY_CTX is not negotiated");
         }
         if (!self.uid_map.is_empty() || !self.gid_map.is_empty())
             && self.sandbox != SandboxMode::Namespace
@@ -942,7 +937,6 @@ mod tests {
             "--migration-on-error=abort",
             "--migration-verify-handles",
             "--migration-confirm-paths",
-            "--security-label",
         ] {
             let o = full(&["--socket-path=/s", "--shared-dir=/d", flag], None).unwrap();
             let reason = o.unsupported().unwrap_or_else(|| panic!("{flag} accepted"));

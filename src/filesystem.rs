@@ -8,7 +8,7 @@ use std::io;
 use std::path::Path;
 use std::time::Duration;
 
-use crate::cli::{CacheMode, InodeFileHandles, Options};
+use crate::cli::{CacheMode, InodeFileHandles, NegotiationMode, Options};
 use crate::passthrough::{
     CachePolicy, Config, FileHandleMode, IdTranslation, PassthroughFs, XattrMap,
 };
@@ -53,7 +53,11 @@ pub fn config(options: &Options, root: &Path) -> Config {
         attr_timeout: timeout,
         cache: cache_policy(options.cache),
         writeback: options.writeback,
-        xattr: options.xattr || options.posix_acl || options.xattrmap.is_some(),
+        // As virtiofsd: ACLs, name maps and security labels are xattrs.
+        xattr: options.xattr
+            || options.posix_acl
+            || options.xattrmap.is_some()
+            || options.security_label != NegotiationMode::Never,
         posix_acl: options.posix_acl,
         inode_file_handles: file_handle_mode(options.inode_file_handles),
         allow_direct_io: options.allow_direct_io,
@@ -73,6 +77,8 @@ pub fn config(options: &Options, root: &Path) -> Config {
         xattrmap: options.xattrmap.as_deref().map(|spec| {
             XattrMap::parse(spec).expect("--xattrmap is checked by the command-line parser")
         }),
+        security_label: options.security_label != NegotiationMode::Never,
+        security_label_required: options.security_label == NegotiationMode::Always,
     }
 }
 

@@ -7,6 +7,7 @@
 //! itself.
 
 use std::io::Write;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 
 use fuse_backend_rs::abi::fuse_abi::{
@@ -21,7 +22,9 @@ use vm_memory::{ByteValued, GuestMemoryMmap};
 
 use crate::coherence::notifier::Notifier;
 use crate::filesystem::Fs;
+use crate::passthrough::with_security_context;
 use crate::queue::Chain;
+use crate::request_ext::{creates_object, security_context};
 
 /// FUSE opcodes (linux/include/uapi/linux/fuse.h), for the daemon and the test frontend.
 pub mod opcode {
@@ -87,6 +90,8 @@ pub struct FuseDispatcher {
     fs: Arc<Fs>,
     readonly: bool,
     notifier: Arc<Notifier>,
+    /// FUSE_SECURITY_CTX was agreed at the last INIT: creating requests carry the context.
+    security_ctx: AtomicBool,
 }
 
 /// The outcome of a request answered by this layer: a reply payload or an errno.
@@ -100,6 +105,7 @@ impl FuseDispatcher {
             fs,
             readonly,
             notifier,
+            security_ctx: AtomicBool::new(false),
         }
     }
 
@@ -147,18 +153,44 @@ impl FuseDispatcher {
             self.confirm_notification(&header, reader);
             return 0;
         }
+        if header.opcode == opcode::TMPFILE && self.security_ctx.load(Ordering::Relaxed) {
+            let result = match security_context(&header, reader.clone()) {
+                Ok(context) => with_security_context(context, || {
+                    self.handle_locally(&header, &reader)
+                        .expect("TMPFILE is served here")
+                }),
+                Err(errno) => Err(errno),
+            };
+            return reply(writer, header.unique, result);
+        }
         if let Some(result) = self.handle_locally(&header, &reader) {
             return reply(writer, header.unique, result);
         }
         let init_flags2 = if header.opcode == opcode::INIT {
-            self.init_flags2(reader.clone())
+            match self.init_flags2(reader.clone()) {
+                Ok(flags2) => flags2,
+                Err(errno) => return reply(writer, header.unique, Err(errno)),
+            }
         } else {
             0
         };
-        match self
-            .server
-            .handle_message(reader, Writer::VirtioFs(writer), None, None)
+        let context = if creates_object(header.opcode) && self.security_ctx.load(Ordering::Relaxed)
         {
+            match security_context(&header, reader.clone()) {
+                Ok(context) => context,
+                Err(errno) => {
+                    debug!("request {}: bad security context extension", header.unique);
+                    return reply(writer, header.unique, Err(errno));
+                }
+            }
+        } else {
+            None
+        };
+        let served = with_security_context(context, || {
+            self.server
+                .handle_message(reader, Writer::VirtioFs(writer), None, None)
+        });
+        match served {
             Ok(len) => {
                 if init_flags2 != 0 {
                     agree_init_flags2(mem, &reply_chain, len, init_flags2);
@@ -174,23 +206,29 @@ impl FuseDispatcher {
 
     /// INIT flags beyond those fuse-backend-rs knows (its `FsOptions` drops them) that the
     /// guest offers and the daemon agrees to, as bits of `flags2`: DIRECT_IO_ALLOW_MMAP with
-    /// `--allow-mmap`.
-    fn init_flags2(&self, mut request: Reader<'_, ()>) -> u32 {
-        let _ = request.read_obj::<InHeader>();
-        let Ok(init) = request.read_obj::<InitIn>() else {
-            return 0;
-        };
-        if init.major != 7 || init.minor < INIT_OUT_FLAGS2_MINOR || init.flags & INIT_EXT == 0 {
-            return 0;
-        }
-        let Ok(ext) = request.read_obj::<InitIn2>() else {
-            return 0;
-        };
+    /// `--allow-mmap`, SECURITY_CTX with `--security-label`. EPROTO for a guest without
+    /// SECURITY_CTX under `--security-label=always` (as virtiofsd).
+    fn init_flags2(&self, request: Reader<'_, ()>) -> Result<u32, i32> {
+        let offered = offered_flags2(request);
+        let config = self.fs.config();
         let mut want = 0;
-        if self.fs.config().allow_mmap {
+        if config.allow_mmap {
             want |= DIRECT_IO_ALLOW_MMAP_FLAGS2;
         }
-        ext.flags2 & want
+        if config.security_label {
+            want |= SECURITY_CTX_FLAGS2;
+        }
+        let agreed = offered & want;
+        let labels = agreed & SECURITY_CTX_FLAGS2 != 0;
+        self.security_ctx.store(labels, Ordering::Relaxed);
+        if config.security_label && !labels {
+            if config.security_label_required {
+                warn!("INIT refused: --security-label=always, and the guest kernel does not offer FUSE_SECURITY_CTX");
+                return Err(libc::EPROTO);
+            }
+            warn!("--security-label: the guest kernel does not offer FUSE_SECURITY_CTX; continuing without");
+        }
+        Ok(agreed)
     }
 
     /// A guest's confirmation that it carried out notification `header.unique`
@@ -285,6 +323,20 @@ impl FuseDispatcher {
 
 /// FUSE_INIT_EXT: `fuse_init_in`/`fuse_init_out` carry `flags2`, the upper 32 flag bits.
 const INIT_EXT: u32 = 1 << 30;
+/// The `flags2` word of an INIT request (0 for a guest without FUSE_INIT_EXT).
+fn offered_flags2(mut request: Reader<'_, ()>) -> u32 {
+    let _ = request.read_obj::<InHeader>();
+    let Ok(init) = request.read_obj::<InitIn>() else {
+        return 0;
+    };
+    if init.major != 7 || init.minor < INIT_OUT_FLAGS2_MINOR || init.flags & INIT_EXT == 0 {
+        return 0;
+    }
+    request.read_obj::<InitIn2>().map_or(0, |ext| ext.flags2)
+}
+
+/// FUSE_SECURITY_CTX (bit 32), in `flags2`.
+const SECURITY_CTX_FLAGS2: u32 = 1;
 /// FUSE_DIRECT_IO_ALLOW_MMAP (bit 36), in `flags2`.
 const DIRECT_IO_ALLOW_MMAP_FLAGS2: u32 = 1 << (36 - 32);
 /// The first protocol minor whose `fuse_init_out` holds `flags2` (7.23 made it 64 bytes).

@@ -16,5 +16,6 @@ pub mod metrics;
 pub mod passthrough;
 pub mod pidfile;
 pub mod queue;
+pub mod request_ext;
 pub mod sandbox;
 pub mod seccomp;

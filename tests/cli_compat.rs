@@ -23,7 +23,6 @@ const HELP: &str = include_str!("fixtures/virtiofsd-1.14-help.txt");
 /// do what virtiofsd does with them yet (or, for migration, ever). Kept exact: a flag that
 /// starts working must be taken off this list.
 const REFUSED: &[&str] = &[
-    "--security-label",
     "--migration-mode",
     "--migration-on-error",
     "--migration-verify-handles",
@@ -352,9 +351,7 @@ fn every_virtiofsd_flag_runs_or_is_refused_in_one_line() {
             let keep = listener.as_ref().map(|l| l.as_raw_fd());
             let mut child = spawn(&args, keep);
             let _reaper = Reaper(child.id());
-            let refusable = REFUSED.contains(&flag.name.as_str())
-                // The bare flag means "always"; "never" is what leasefsd does.
-                && !(flag.name == "--security-label" && extra[0].ends_with("=never"));
+            let refusable = REFUSED.contains(&flag.name.as_str());
             match outcome(&mut child, pid_file.as_deref()) {
                 Outcome::Listening => {
                     if refusable {

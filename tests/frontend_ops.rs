@@ -575,3 +575,207 @@ fn uid_map_serves_the_share_from_a_user_namespace() {
     let meta = fs::metadata(share.join("dir")).unwrap();
     assert_eq!((meta.uid(), meta.gid()), (100000, 100000));
 }
+
+/// `--security-label`: FUSE_SECURITY_CTX is agreed when the guest offers it, and the context
+/// each creating request carries (CREATE, MKDIR, MKNOD, SYMLINK, TMPFILE) is stored as the
+/// xattr it names on the new host object, as virtiofsd does. A CREATE that opens an existing
+/// file does not relabel it; a request without the record or with a malformed one is EINVAL
+/// and creates nothing; `always` refuses a guest that does not offer the flag, `auto` goes on
+/// without; without the flag nothing is agreed.
+#[test]
+fn security_label_stores_the_guests_context_on_what_it_creates() {
+    use fuse_backend_rs::abi::fuse_abi::{CreateIn, MkdirIn, MknodIn};
+    use leasefs::frontend::client::INIT_FLAGS;
+    use leasefs::fuse::opcode;
+    use leasefs::request_ext::encode_security_context;
+    use vm_memory::ByteValued;
+    const SECURITY_CTX: u32 = 1 << (32 - 32);
+    const ENTRY_OUT: u32 = 128;
+    const LABEL: &[u8] = b"system_u:object_r:leasefs_test_t:s0\0";
+
+    let label_of = |path: &std::path::Path| -> Option<Vec<u8>> {
+        let c = std::ffi::CString::new(path.as_os_str().as_encoded_bytes()).unwrap();
+        let mut buf = vec![0u8; 256];
+        // SAFETY: valid C strings and a buffer of the length given.
+        let n = unsafe {
+            libc::lgetxattr(
+                c.as_ptr(),
+                c"security.selinux".as_ptr(),
+                buf.as_mut_ptr().cast(),
+                buf.len(),
+            )
+        };
+        (n >= 0).then(|| buf[..n as usize].to_vec())
+    };
+
+    let backend = Backend::spawn(leasefsd(), &["--security-label=auto"]).unwrap();
+    let share = backend.share().to_path_buf();
+    let device = Device::connect(backend.socket(), &FrontendConfig::default()).unwrap();
+    let fuse = FuseClient::new(Arc::new(device));
+    let init = fuse.init_ext(INIT_FLAGS, SECURITY_CTX).expect("INIT");
+    assert_ne!(init.flags2 & SECURITY_CTX, 0, "not agreed: {init:?}");
+    let ext = encode_security_context(Some(("security.selinux", LABEL)));
+    let name = |n: &str| std::ffi::CString::new(n).unwrap().into_bytes_with_nul();
+
+    let create = CreateIn {
+        flags: (libc::O_RDWR | libc::O_CREAT) as u32,
+        mode: libc::S_IFREG | 0o644,
+        umask: 0,
+        fuse_flags: 0,
+    };
+    fuse.call_ext(
+        opcode::CREATE,
+        ROOT_ID,
+        &[create.as_slice(), &name("f")],
+        &ext,
+        ENTRY_OUT + 32,
+    )
+    .expect("CREATE with a label");
+    let mkdir = MkdirIn {
+        mode: 0o755,
+        umask: 0,
+    };
+    fuse.call_ext(
+        opcode::MKDIR,
+        ROOT_ID,
+        &[mkdir.as_slice(), &name("d")],
+        &ext,
+        ENTRY_OUT,
+    )
+    .expect("MKDIR with a label");
+    let mknod = MknodIn {
+        mode: libc::S_IFIFO | 0o600,
+        rdev: 0,
+        umask: 0,
+        padding: 0,
+    };
+    fuse.call_ext(
+        opcode::MKNOD,
+        ROOT_ID,
+        &[mknod.as_slice(), &name("p")],
+        &ext,
+        ENTRY_OUT,
+    )
+    .expect("MKNOD with a label");
+    fuse.call_ext(
+        opcode::SYMLINK,
+        ROOT_ID,
+        &[&name("l"), &name("f")],
+        &ext,
+        ENTRY_OUT,
+    )
+    .expect("SYMLINK with a label");
+    for n in ["f", "d", "p", "l"] {
+        assert_eq!(label_of(&share.join(n)).as_deref(), Some(LABEL), "{n}");
+    }
+    // TMPFILE: the label is on the unnamed file, which the guest then links in.
+    let tmp = CreateIn {
+        flags: (libc::O_RDWR | libc::O_TMPFILE) as u32,
+        mode: libc::S_IFREG | 0o600,
+        umask: 0,
+        fuse_flags: 0,
+    };
+    let reply = fuse
+        .call_ext(
+            opcode::TMPFILE,
+            ROOT_ID,
+            &[tmp.as_slice(), &name("t")],
+            &ext,
+            ENTRY_OUT + 32,
+        )
+        .expect("TMPFILE with a label");
+    let node = u64::from_le_bytes(reply[..8].try_into().unwrap());
+    fuse.link(node, ROOT_ID, "t").expect("LINK of the tmpfile");
+    assert_eq!(
+        label_of(&share.join("t")).as_deref(),
+        Some(LABEL),
+        "tmpfile"
+    );
+
+    // An existing file opened through CREATE keeps its own label.
+    fs::write(share.join("old"), b"x").unwrap();
+    let other = encode_security_context(Some(("security.selinux", b"other_t\0")));
+    fuse.call_ext(
+        opcode::CREATE,
+        ROOT_ID,
+        &[create.as_slice(), &name("old")],
+        &other,
+        ENTRY_OUT + 32,
+    )
+    .expect("CREATE of an existing file");
+    assert_eq!(
+        label_of(&share.join("old")),
+        None,
+        "an existing file was relabelled"
+    );
+    // No LSM context (an empty record): created, unlabelled.
+    fuse.call_ext(
+        opcode::MKDIR,
+        ROOT_ID,
+        &[mkdir.as_slice(), &name("plain")],
+        &encode_security_context(None),
+        ENTRY_OUT,
+    )
+    .expect("MKDIR without a context");
+    assert!(share.join("plain").is_dir());
+    assert_eq!(label_of(&share.join("plain")), None);
+    // No record at all, or a malformed one: EINVAL, nothing created.
+    let mut bad = ext.clone();
+    bad[4] = 7; // seven contexts announced, one sent
+    for (n, e) in [("none", &[][..]), ("bad", &bad[..])] {
+        let got = fuse.call_ext(
+            opcode::MKDIR,
+            ROOT_ID,
+            &[mkdir.as_slice(), &name(n)],
+            e,
+            ENTRY_OUT,
+        );
+        assert!(
+            matches!(got, Err(FuseError::Errno(libc::EINVAL))),
+            "{n}: {got:?}"
+        );
+        assert!(!share.join(n).exists(), "{n} was created");
+    }
+    // A label the host filesystem refuses (a name outside any namespace): the object is
+    // removed again and the error reaches the guest.
+    let refused = encode_security_context(Some(("nonamespace.x", b"y")));
+    let got = fuse.call_ext(
+        opcode::MKDIR,
+        ROOT_ID,
+        &[mkdir.as_slice(), &name("r")],
+        &refused,
+        ENTRY_OUT,
+    );
+    assert!(matches!(got, Err(FuseError::Errno(_))), "{got:?}");
+    assert!(
+        !share.join("r").exists(),
+        "an unlabelled object was left behind"
+    );
+    drop(backend);
+
+    // always: a guest that does not offer it cannot mount; auto: it can, without labels.
+    for (mode, mounts) in [
+        ("--security-label=always", false),
+        ("--security-label=auto", true),
+    ] {
+        let backend = Backend::spawn(leasefsd(), &[mode]).unwrap();
+        let device = Device::connect(backend.socket(), &FrontendConfig::default()).unwrap();
+        let fuse = FuseClient::new(Arc::new(device));
+        let init = fuse.init_ext(INIT_FLAGS, 0);
+        assert_eq!(init.is_ok(), mounts, "{mode}: {init:?}");
+        if let Ok(init) = init {
+            assert_eq!(init.flags2 & SECURITY_CTX, 0);
+        } else {
+            assert!(
+                matches!(init, Err(FuseError::Errno(libc::EPROTO))),
+                "{init:?}"
+            );
+        }
+    }
+    // Without the flag nothing is agreed, offered or not.
+    let backend = Backend::spawn(leasefsd(), &[]).unwrap();
+    let device = Device::connect(backend.socket(), &FrontendConfig::default()).unwrap();
+    let fuse = FuseClient::new(Arc::new(device));
+    let init = fuse.init_ext(INIT_FLAGS, SECURITY_CTX).expect("INIT");
+    assert_eq!(init.flags2 & SECURITY_CTX, 0);
+}

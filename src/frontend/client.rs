@@ -284,7 +284,21 @@ impl FuseClient {
         body: &[&[u8]],
         reply_len: u32,
     ) -> FuseResult<Vec<u8>> {
-        self.call_on(&self.queue, opcode, nodeid, body, reply_len)
+        self.call_on(&self.queue, opcode, nodeid, body, &[], reply_len)
+    }
+
+    /// [`Self::call`] with request extensions `ext` (8-byte records, e.g.
+    /// `leasefs::request_ext::encode_security_context`) after the arguments, counted in the
+    /// header's `total_extlen` as a Linux guest sends them.
+    pub fn call_ext(
+        &self,
+        opcode: u32,
+        nodeid: u64,
+        body: &[&[u8]],
+        ext: &[u8],
+        reply_len: u32,
+    ) -> FuseResult<Vec<u8>> {
+        self.call_on(&self.queue, opcode, nodeid, body, ext, reply_len)
     }
 
     fn call_on(
@@ -293,15 +307,19 @@ impl FuseClient {
         opcode: u32,
         nodeid: u64,
         body: &[&[u8]],
+        ext: &[u8],
         reply_len: u32,
     ) -> FuseResult<Vec<u8>> {
-        let body_len: usize = body.iter().map(|b| b.len()).sum();
-        let header = self.in_header(opcode, nodeid, body_len);
+        let body_len: usize = body.iter().map(|b| b.len()).sum::<usize>() + ext.len();
+        let mut header = self.in_header(opcode, nodeid, body_len);
+        // `total_extlen`, the low 16 bits of what fuse-backend-rs calls `padding`.
+        header.padding = (ext.len() / 8) as u32;
         let mut request = Vec::with_capacity(header.len as usize);
         request.extend_from_slice(header.as_slice());
         for b in body {
             request.extend_from_slice(b);
         }
+        request.extend_from_slice(ext);
         let raw = self.send_bytes_on(queue, &request, size_of::<OutHeader>() as u32 + reply_len)?;
         let out = raw.header().ok_or(FuseError::NoReply(raw.used_len))?;
         if out.unique != header.unique {

@@ -48,6 +48,7 @@ mod inode;
 mod locks;
 mod open;
 mod ops;
+mod security_label;
 mod util;
 mod xattr;
 mod xattrmap;
@@ -72,6 +73,7 @@ pub use handle::HandleData;
 pub use idmap::IdTranslation;
 pub use inode::{InodeData, InodeId, InodeObserver, ROOT_INODE};
 pub use open::ReadOnly;
+pub use security_label::{with_security_context, SecurityContext};
 pub use xattrmap::XattrMap;
 
 /// The coherence engine's say in what the guest may cache (see `crate::coherence::lease`). Without one,
@@ -179,6 +181,11 @@ pub struct Config {
     pub allow_mmap: bool,
     /// `--xattrmap`: extended attribute names translated between guest and host.
     pub xattrmap: Option<XattrMap>,
+    /// `--security-label`: agree to FUSE_SECURITY_CTX when the guest offers it, and store the
+    /// security context of each object the guest creates as the xattr it names.
+    pub security_label: bool,
+    /// `--security-label=always`: refuse INIT (EPROTO) from a guest that does not offer it.
+    pub security_label_required: bool,
 }
 
 impl Default for Config {
@@ -203,6 +210,8 @@ impl Default for Config {
             gids: IdTranslation::default(),
             allow_mmap: false,
             xattrmap: None,
+            security_label: false,
+            security_label_required: false,
         }
     }
 }

@@ -18,6 +18,7 @@ use fuse_backend_rs::api::filesystem::{
     ZeroCopyWriter,
 };
 
+use super::security_label::take_security_context;
 use super::util::{
     self, check, ebadf, einval, errno, fd_name, getdents, is_dir, openat, parse_dirents, statx_fd,
     validate_name, ScopedCreds, ScopedNoFsetid, ScopedUmask,
@@ -92,6 +93,9 @@ impl PassthroughFs {
             let _umask = ScopedUmask::new(self.create_umask(umask))?;
             self.create_for_write(&p, c".", flags | libc::O_TMPFILE, mode)?
         };
+        if let Some(context) = take_security_context() {
+            self.label_open_file(&file, &context)?;
+        }
         let entry = self.add_inode_of_open_file(&file, &p, None)?;
         let data = self.inode(entry.inode)?;
         let handle = self.handles.insert(&data, file, true);
@@ -140,6 +144,9 @@ impl PassthroughFs {
                 None => None,
             };
             f(p.as_raw_fd())?;
+        }
+        if let Some(context) = take_security_context() {
+            self.label_created_node(p.as_raw_fd(), name, &context)?;
         }
         self.do_lookup(&p, name)
     }
@@ -639,19 +646,32 @@ impl FileSystem for PassthroughFs {
         // A node and a handle, before anything is created or truncated.
         self.descriptor_room(2)?;
         let flags = self.open_flags(args.flags) & !libc::O_DIRECTORY;
-        let file = {
+        let context = take_security_context();
+        let (file, created) = {
             let (uid, gid) = self.ids_to_host(ctx.uid, ctx.gid)?;
             let _creds = ScopedCreds::new(uid, gid)?;
             let _umask = ScopedUmask::new(self.create_umask(args.umask))?;
             // O_NOFOLLOW: should a symlink appear under the name meanwhile, fail instead of
             // creating or opening whatever it points to.
-            self.create_for_write(
-                &p,
-                name,
-                flags | libc::O_CREAT | libc::O_NOFOLLOW,
-                args.mode,
-            )?
+            let flags = flags | libc::O_CREAT | libc::O_NOFOLLOW;
+            // A security context labels only a file this CREATE makes, not one it opens:
+            // try an exclusive create first to know which.
+            match context {
+                Some(_) if flags & libc::O_EXCL == 0 => {
+                    match self.create_for_write(&p, name, flags | libc::O_EXCL, args.mode) {
+                        Ok(file) => (file, true),
+                        Err(e) if e.raw_os_error() == Some(libc::EEXIST) => {
+                            (self.create_for_write(&p, name, flags, args.mode)?, false)
+                        }
+                        Err(e) => return Err(e),
+                    }
+                }
+                _ => (self.create_for_write(&p, name, flags, args.mode)?, true),
+            }
         };
+        if let (Some(context), true) = (&context, created) {
+            self.label_created_file(p.as_raw_fd(), name, &file, context)?;
+        }
         let entry = self.add_inode_of_open_file(&file, &p, Some(name))?;
         let data = self.inode(entry.inode)?;
         // The guest's cache of the new file starts as what the host has.

@@ -66,6 +66,8 @@ fn config(root: &Path) -> Config {
         gids: Default::default(),
         allow_mmap: false,
         xattrmap: None,
+        security_label: false,
+        security_label_required: false,
     }
 }
 

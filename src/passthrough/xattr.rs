@@ -58,7 +58,11 @@ impl PassthroughFs {
 
     /// The host name for the guest's attribute `name` (`--xattrmap`); `refused` is the errno
     /// for a name a `bad` rule (or no rule) refuses: EPERM, or ENODATA for a get.
-    fn host_xattr_name<'a>(&self, name: &'a CStr, refused: i32) -> io::Result<Cow<'a, CStr>> {
+    pub(super) fn host_xattr_name<'a>(
+        &self,
+        name: &'a CStr,
+        refused: i32,
+    ) -> io::Result<Cow<'a, CStr>> {
         let Some(map) = &self.cfg.xattrmap else {
             return Ok(Cow::Borrowed(name));
         };
