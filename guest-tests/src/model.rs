@@ -17,7 +17,10 @@
 //! - data, on both stacks: `open(2)` of a name reaches the file the host has
 //!   now, or fails with ENOENT if it has none; `read(2)` through it, or
 //!   through a descriptor kept open, returns the file's current bytes, and
-//!   `fstat` its current size (guarantees 1 and 2). No lag.
+//!   `fstat` its current size (guarantees 1 and 2). No lag, but for a host
+//!   `open(O_RDONLY|O_TRUNC)` on the notify stack: it breaks no lease and is
+//!   revoked after the fact (FAN_MODIFY), so the guest looks only once the
+//!   notify window (50 ms) has passed.
 //! - `stat(2)` of a name: the size is exact (guarantee 1); which file the
 //!   name leads to and its mode may be those of any state the name and file
 //!   had within the window before the look (stock: lease + 0.25 s, guarantee
@@ -1080,6 +1083,13 @@ impl Run {
             ));
         }
         let now = self.now();
+        // A host open(O_RDONLY|O_TRUNC) breaks no lease: a notify guest hears of it from
+        // FAN_MODIFY, after the truncate, and may read the old bytes until it has (the notify
+        // window, docs/coherency.md). Nothing in the guest looks before the window has passed.
+        if self.notify && steps.iter().any(|s| matches!(s.op, Op::RdTrunc { .. })) {
+            self.c.settle_waits += 1;
+            std::thread::sleep(Duration::from_secs_f64(self.window));
+        }
         for (s, part) in steps.iter().zip(parts) {
             let line = hex_decode(part).map_err(|e| format!("bad PAR part: {e}"))?;
             let line = String::from_utf8_lossy(&line).into_owned();
