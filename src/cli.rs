@@ -199,8 +199,9 @@ pub struct Options {
     pub no_announce_submounts: bool,
 
     /// Reference inodes by file handles instead of O_PATH descriptors (never, prefer,
-    /// mandatory; "fallback" is virtiofsd's deprecated alias for "prefer"). leasefsd keeps
-    /// O_PATH descriptors in every mode; `mandatory` refuses a share without file handles.
+    /// mandatory; "fallback" is virtiofsd's deprecated alias for "prefer"): a node then holds
+    /// no descriptor. Needs CAP_DAC_READ_SEARCH; `prefer` falls back to descriptors where
+    /// handles cannot be used, `mandatory` refuses to start there.
     #[arg(long = "inode-file-handles", value_name = "never|prefer|mandatory",
           default_value = "prefer", num_args = 0..=1, default_missing_value = "prefer",
           value_parser = parse_inode_file_handles)]

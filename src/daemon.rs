@@ -100,7 +100,7 @@ pub fn run(options: Options) -> Result<(), DaemonError> {
     sandbox.enter_root()?;
     // As virtiofsd: a root daemon drops what it does not need whatever the sandbox.
     let modcaps = options.modcaps.as_ref().map(|m| m.0.as_slice());
-    let kept = sandbox::kept_capabilities(modcaps.unwrap_or_default());
+    let kept = sandbox::kept_capabilities(modcaps.unwrap_or_default(), fs.uses_file_handles());
     sandbox::drop_capabilities(&kept).map_err(|e| {
         DaemonError::Sandbox(SandboxError::Step {
             step: "drop capabilities",

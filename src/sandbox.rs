@@ -342,9 +342,9 @@ fn mount(
 
 /// Capabilities a passthrough daemon needs to act on behalf of any guest user. Not CAP_KILL or
 /// CAP_AUDIT_WRITE (nothing the daemon does needs them, and a compromised daemon could use
-/// them), and not CAP_DAC_READ_SEARCH: it serves only open_by_handle_at, and the passthrough
-/// references inodes by O_PATH descriptors in every `--inode-file-handles` mode.
-/// `--modcaps` adds to and removes from this set.
+/// them), and not CAP_DAC_READ_SEARCH: it serves only open_by_handle_at, kept only while the
+/// filesystem refers to inodes by file handle (`--inode-file-handles`, see
+/// [`kept_capabilities`]). `--modcaps` adds to and removes from this set.
 pub const KEPT_CAPABILITIES: &[Capability] = &[
     Capability::CAP_CHOWN,
     Capability::CAP_DAC_OVERRIDE,
@@ -357,9 +357,13 @@ pub const KEPT_CAPABILITIES: &[Capability] = &[
     Capability::CAP_SETFCAP,
 ];
 
-/// The capabilities kept: [`KEPT_CAPABILITIES`] changed by `--modcaps`, in order.
-pub fn kept_capabilities(modcaps: &[ModCap]) -> Vec<Capability> {
+/// The capabilities kept: [`KEPT_CAPABILITIES`], CAP_DAC_READ_SEARCH if `file_handles` (the
+/// filesystem opens inodes by handle), changed by `--modcaps`, in order.
+pub fn kept_capabilities(modcaps: &[ModCap], file_handles: bool) -> Vec<Capability> {
     let mut kept: Vec<Capability> = KEPT_CAPABILITIES.to_vec();
+    if file_handles {
+        kept.push(Capability::CAP_DAC_READ_SEARCH);
+    }
     for m in modcaps {
         kept.retain(|&c| c != m.cap);
         if m.add {
@@ -436,10 +440,14 @@ mod tests {
 
     #[test]
     fn modcaps_add_and_remove() {
-        let kept = kept_capabilities(&crate::cli::parse_modcaps("+sys_admin:-chown").unwrap().0);
+        let kept = kept_capabilities(
+            &crate::cli::parse_modcaps("+sys_admin:-chown").unwrap().0,
+            false,
+        );
         assert!(kept.contains(&Capability::CAP_SYS_ADMIN));
         assert!(!kept.contains(&Capability::CAP_CHOWN));
-        let default = kept_capabilities(&[]);
+        let default = kept_capabilities(&[], false);
+        assert!(kept_capabilities(&[], true).contains(&Capability::CAP_DAC_READ_SEARCH));
         for dropped in [
             Capability::CAP_KILL,
             Capability::CAP_AUDIT_WRITE,

@@ -132,6 +132,8 @@ const ALLOWED: &[(&str, &[libc::c_long])] = &[
             libc::SYS_umask,
             libc::SYS_flock,
             libc::SYS_name_to_handle_at,
+            // --inode-file-handles: nodes are reopened from their handles.
+            libc::SYS_open_by_handle_at,
         ],
     ),
     (

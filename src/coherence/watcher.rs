@@ -181,7 +181,8 @@ impl HostWatcher {
         mask: u64,
         data: &InodeData,
     ) -> io::Result<()> {
-        let name = std::ffi::CString::new(data.file.as_raw_fd().to_string())?;
+        let fd = data.fd()?;
+        let name = std::ffi::CString::new(fd.as_raw_fd().to_string())?;
         // SAFETY: valid descriptors and C string.
         let rc = unsafe {
             libc::fanotify_mark(
@@ -371,13 +372,22 @@ fn handle_key(fd: RawFd) -> io::Result<Vec<u8>> {
     Ok(buf[4..8 + handle_bytes].to_vec())
 }
 
+/// The key fanotify's file-handle records name `data`'s host inode by: its stored handle, or
+/// one asked for now (a node that holds a descriptor).
+fn key_of(data: &InodeData) -> io::Result<Vec<u8>> {
+    match data.file.handle() {
+        Some(handle) => Ok(handle.key()),
+        None => handle_key(data.fd()?.as_raw_fd()),
+    }
+}
+
 impl HostWatcher {
     /// Watch directory `data` for entry and attribute changes.
     fn mark_dir(&self, data: &InodeData) {
         let Some(group) = &self.names else {
             return;
         };
-        let key = match handle_key(data.as_raw_fd()) {
+        let key = match key_of(data) {
             Ok(key) => key,
             Err(e) => {
                 self.mark_failed(data, &e);
@@ -401,7 +411,7 @@ impl HostWatcher {
         let Some(group) = &self.names else {
             return;
         };
-        let Ok(key) = handle_key(data.as_raw_fd()) else {
+        let Ok(key) = key_of(data) else {
             return;
         };
         let mut dirs = self.dirs.lock().unwrap();
@@ -551,7 +561,7 @@ impl HostWatcher {
         if !self.target_fid {
             return false;
         }
-        let Ok(key) = handle_key(data.as_raw_fd()) else {
+        let Ok(key) = key_of(data) else {
             return false;
         };
         let mut files = self.files.lock().unwrap();
@@ -606,7 +616,11 @@ impl HostWatcher {
 
 /// How many names the host inode behind node `node` has now; None if it cannot be seen.
 fn host_link_count(fs: &PassthroughFs, node: u64) -> Option<u64> {
-    let fd = fs.inode_fd(node)?;
+    let data = fs.inode_fd(node)?;
+    // An inode gone from the host has no links (and with a file handle cannot be opened).
+    let Ok(fd) = data.fd() else {
+        return Some(0);
+    };
     // SAFETY: stat64 is plain data, filled by a successful fstat.
     let mut st: libc::stat64 = unsafe { std::mem::zeroed() };
     // SAFETY: a valid descriptor and out pointer.
@@ -619,6 +633,9 @@ fn host_link_count(fs: &PassthroughFs, node: u64) -> Option<u64> {
 /// The node ids of `name` in directory node `dir`, if the guest knows that inode.
 fn child_nodes(fs: &PassthroughFs, dir: u64, name: &[u8]) -> Vec<u64> {
     let Some(parent) = fs.inode_fd(dir) else {
+        return Vec::new();
+    };
+    let Ok(parent) = parent.fd() else {
         return Vec::new();
     };
     let Ok(name) = std::ffi::CString::new(name) else {

@@ -1,7 +1,7 @@
 //! The inode table: FUSE node ids ↔ host inodes.
 //!
-//! Each entry holds an O_PATH descriptor of its host inode, its identity (device, inode
-//! number, mount id), and the guest's lookup count. The guest only ever names inodes by the
+//! Each entry holds an O_PATH descriptor or a file handle of its host inode, its identity
+//! (device, inode number, mount id), and the guest's lookup count. The guest only ever names inodes by the
 //! node ids handed out here, so every host access starts from a descriptor we opened
 //! ourselves; an unknown id is EBADF. An entry leaves the table when the guest forgets its
 //! last lookup, which bounds the table by what the guest's dentry cache holds.
@@ -11,9 +11,11 @@
 
 use std::collections::{BTreeSet, HashMap};
 use std::fs::File;
-use std::os::fd::{AsFd, AsRawFd, BorrowedFd, RawFd};
+use std::io;
 use std::sync::atomic::{AtomicBool, AtomicU32, AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex, RwLock};
+
+use super::file_handle::{InodeFd, InodeFile};
 
 /// The FUSE node id of the share's root.
 pub const ROOT_INODE: u64 = 1;
@@ -31,8 +33,9 @@ pub struct InodeId {
 pub struct InodeData {
     /// The FUSE node id.
     pub inode: u64,
-    /// O_PATH | O_NOFOLLOW descriptor of the inode itself (a symlink stays a symlink).
-    pub file: File,
+    /// The host inode itself (a symlink stays a symlink): an O_PATH | O_NOFOLLOW descriptor
+    /// or a file handle (`--inode-file-handles`); [`InodeData::fd`] gives a descriptor.
+    pub(crate) file: InodeFile,
     pub id: InodeId,
     /// File type bits (S_IFMT) at lookup time; the type of an inode never changes.
     pub mode: u32,
@@ -135,14 +138,18 @@ impl Drop for OpenHandleCount {
 }
 
 impl InodeData {
-    pub fn as_raw_fd(&self) -> RawFd {
-        self.file.as_raw_fd()
+    /// An O_PATH descriptor of the inode for one use: the node's own, or one opened from its
+    /// file handle (ESTALE once the host inode is gone).
+    pub fn fd(&self) -> io::Result<InodeFd<'_>> {
+        self.file.fd()
     }
-}
 
-impl AsFd for InodeData {
-    fn as_fd(&self) -> BorrowedFd<'_> {
-        self.file.as_fd()
+    /// Like [`fd`](Self::fd), as a descriptor of its own (the node's is duplicated).
+    pub fn owned_fd(&self) -> io::Result<File> {
+        match self.fd()? {
+            InodeFd::Owned(file) => Ok(file),
+            InodeFd::Borrowed(fd) => Ok(File::from(fd.try_clone_to_owned()?)),
+        }
     }
 }
 
@@ -172,6 +179,8 @@ pub(crate) struct InodeTable {
     /// How many nodes the table holds, readable without its lock (the descriptor budget and
     /// the lease keeper read it while holding other locks).
     size: AtomicUsize,
+    /// How many of them hold a descriptor (the others hold a file handle), likewise.
+    descriptors: AtomicUsize,
     next: AtomicU64,
     observers: RwLock<Vec<Arc<dyn InodeObserver>>>,
 }
@@ -180,6 +189,7 @@ impl InodeTable {
     pub(crate) fn new() -> Self {
         InodeTable {
             size: AtomicUsize::new(0),
+            descriptors: AtomicUsize::new(0),
             maps: RwLock::new(Maps::default()),
             next: AtomicU64::new(ROOT_INODE + 1),
             observers: RwLock::new(Vec::new()),
@@ -249,6 +259,21 @@ impl InodeTable {
         self.size.load(Ordering::Relaxed)
     }
 
+    /// How many nodes hold a descriptor of their inode.
+    pub(crate) fn descriptors(&self) -> usize {
+        self.descriptors.load(Ordering::Relaxed)
+    }
+
+    fn count_descriptor(&self, data: &InodeData, added: bool) {
+        if data.file.holds_descriptor() {
+            if added {
+                self.descriptors.fetch_add(1, Ordering::Relaxed);
+            } else {
+                self.descriptors.fetch_sub(1, Ordering::Relaxed);
+            }
+        }
+    }
+
     /// Every inode in the table (a snapshot: the table is not locked while `f` runs).
     pub(crate) fn snapshot(&self) -> Vec<Arc<InodeData>> {
         self.read().by_inode.values().cloned().collect()
@@ -256,7 +281,7 @@ impl InodeTable {
 
     /// Install the root (node id 1). Its lookup count starts at 2 and forgets never remove
     /// it: the guest's root dentry lives as long as the mount.
-    pub(crate) fn set_root(&self, file: File, id: InodeId, mode: u32) {
+    pub(crate) fn set_root(&self, file: InodeFile, id: InodeId, mode: u32) {
         let data = Arc::new(InodeData {
             inode: ROOT_INODE,
             file,
@@ -270,6 +295,7 @@ impl InodeTable {
             estale_at: AtomicU64::new(0),
         });
         let mut m = self.write();
+        self.count_descriptor(&data, true);
         m.by_id.insert((id, ROOT_INODE));
         m.by_inode.insert(ROOT_INODE, data);
         self.size.store(m.by_inode.len(), Ordering::Relaxed);
@@ -288,7 +314,7 @@ impl InodeTable {
         &self,
         id: InodeId,
         mode: u32,
-        file: File,
+        file: InodeFile,
         decided: Option<u64>,
         avoid: Option<u64>,
     ) -> Arc<InodeData> {
@@ -315,6 +341,7 @@ impl InodeTable {
             watched: AtomicBool::new(false),
             estale_at: AtomicU64::new(0),
         });
+        self.count_descriptor(&data, true);
         m.by_id.insert((id, inode));
         m.by_inode.insert(inode, data.clone());
         self.size.store(m.by_inode.len(), Ordering::Relaxed);
@@ -342,6 +369,7 @@ impl InodeTable {
         if left == 0 && inode != ROOT_INODE {
             let id = data.id;
             self.each_observer(|o| o.removed(data));
+            self.count_descriptor(data, false);
             m.by_inode.remove(&inode);
             m.by_id.remove(&(id, inode));
             self.size.store(m.by_inode.len(), Ordering::Relaxed);
@@ -354,6 +382,7 @@ impl InodeTable {
         m.by_inode.retain(|&i, data| {
             if i != ROOT_INODE {
                 self.each_observer(|o| o.removed(data));
+                self.count_descriptor(data, false);
             }
             i == ROOT_INODE
         });
@@ -380,7 +409,7 @@ mod tests {
         let t = InodeTable::new();
         let mut nodes = Vec::new();
         for i in 0..n {
-            let file = File::open("/").unwrap();
+            let file = InodeFile::Fd(File::open("/").unwrap());
             // The first insert makes a node; each later one is told to avoid the newest.
             let newest = t.find(&id);
             let d = t.lookup_or_insert(id, libc::S_IFREG, file, newest, newest);
@@ -403,7 +432,13 @@ mod tests {
         assert_eq!(t.find(&id), Some(b));
         // A FORGET on another queue drops b between the decision and the insert.
         t.forget(b, 1);
-        let got = t.lookup_or_insert(id, libc::S_IFREG, File::open("/").unwrap(), Some(b), None);
+        let got = t.lookup_or_insert(
+            id,
+            libc::S_IFREG,
+            InodeFile::Fd(File::open("/").unwrap()),
+            Some(b),
+            None,
+        );
         assert_ne!(
             got.inode, a,
             "the unchecked older alias must not be handed out"
@@ -413,15 +448,27 @@ mod tests {
         let again = t.lookup_or_insert(
             id,
             libc::S_IFREG,
-            File::open("/").unwrap(),
+            InodeFile::Fd(File::open("/").unwrap()),
             Some(got.inode),
             None,
         );
         assert_eq!(again.inode, got.inode);
         // A directory has one node, whatever happened meanwhile.
         let dir = InodeId { ino: 9, ..id };
-        let d1 = t.lookup_or_insert(dir, libc::S_IFDIR, File::open("/").unwrap(), None, None);
-        let d2 = t.lookup_or_insert(dir, libc::S_IFDIR, File::open("/").unwrap(), None, None);
+        let d1 = t.lookup_or_insert(
+            dir,
+            libc::S_IFDIR,
+            InodeFile::Fd(File::open("/").unwrap()),
+            None,
+            None,
+        );
+        let d2 = t.lookup_or_insert(
+            dir,
+            libc::S_IFDIR,
+            InodeFile::Fd(File::open("/").unwrap()),
+            None,
+            None,
+        );
         assert_eq!(d1.inode, d2.inode);
     }
 

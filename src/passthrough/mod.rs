@@ -37,11 +37,14 @@
 //!
 //! # Limits
 //!
-//! * [`FileHandleMode`]: inodes are always held by O_PATH descriptor; `Mandatory` only makes
-//!   [`PassthroughFs::new`] fail where the share's filesystem has no file handles.
+//! * [`FileHandleMode`] `Prefer`/`Mandatory`: a node refers to its inode by file handle
+//!   (`file_handle.rs`) and does not keep it alive, so once the host removes it the node
+//!   answers ESTALE, except through the guest's open handles; the share's root always keeps
+//!   its descriptor.
 //! * Credentials switch the effective uid/gid only: supplementary groups stay the daemon's,
 //!   so the daemon should drop its own supplementary groups at start-up (virtiofsd does).
 
+mod file_handle;
 mod handle;
 mod idmap;
 mod inode;
@@ -69,6 +72,7 @@ use std::time::Duration;
 use fuse_backend_rs::abi::fuse_abi::{stat64, ATTR_SUBMOUNT};
 use fuse_backend_rs::api::filesystem::{Entry, OpenOptions};
 
+pub use file_handle::InodeFd;
 pub use handle::HandleData;
 pub use idmap::IdTranslation;
 pub use inode::{InodeData, InodeId, InodeObserver, ROOT_INODE};
@@ -110,9 +114,10 @@ pub trait LeaseKeeper: Send + Sync {
 
 /// The attributes of an inode in the table, read now.
 pub fn statx_info(data: &InodeData) -> io::Result<stat64> {
-    Ok(statx_fd(data.as_raw_fd())?.st)
+    Ok(statx_fd(data.fd()?.as_raw_fd())?.st)
 }
 
+use file_handle::{FileHandle, InodeFile, MountFds};
 use handle::HandleTable;
 use inode::{GuestNames, InodeTable};
 use util::{ebadf, einval, fd_name, is_dir, openat, statx_fd};
@@ -239,6 +244,11 @@ pub struct PassthroughFs {
     lookups: AtomicU64,
     /// Requests refused because the guest had used up `descriptor_budget`.
     descriptor_refusals: AtomicU64,
+    /// How new nodes refer to their inodes: `Never` (a descriptor each) when file handles
+    /// are off or do not work here (see [`file_handle`]).
+    file_handles: FileHandleMode,
+    /// A descriptor per host mount, for opening inodes by handle.
+    mounts: MountFds,
 }
 
 /// Descriptors kept out of the guest's reach: the vhost-user connection's (guest memory
@@ -289,9 +299,31 @@ impl PassthroughFs {
             libc::O_PATH | libc::O_DIRECTORY,
             0,
         )?;
-        if cfg.inode_file_handles == FileHandleMode::Mandatory {
-            check_file_handles(&root)?;
-        }
+        let file_handles = match (
+            cfg.inode_file_handles,
+            file_handle::usable(&proc_self_fd, &root),
+        ) {
+            (FileHandleMode::Never, _) => FileHandleMode::Never,
+            (mode, Ok(())) => mode,
+            (FileHandleMode::Prefer, Err(e)) => {
+                log::info!(
+                    "--inode-file-handles=prefer: file handles cannot be used here ({e}; \
+                     opening by handle needs CAP_DAC_READ_SEARCH); every node holds an O_PATH \
+                     descriptor"
+                );
+                FileHandleMode::Never
+            }
+            (FileHandleMode::Mandatory, Err(e)) => {
+                return Err(io::Error::new(
+                    e.kind(),
+                    format!(
+                        "--inode-file-handles=mandatory: the shared directory cannot be \
+                         opened by file handle ({e}; its filesystem needs file handles and the \
+                         daemon CAP_DAC_READ_SEARCH)"
+                    ),
+                ));
+            }
+        };
         let fs = PassthroughFs {
             cfg,
             inodes: InodeTable::new(),
@@ -305,6 +337,8 @@ impl PassthroughFs {
             stale_names: AtomicU64::new(0),
             lookups: AtomicU64::new(0),
             descriptor_refusals: AtomicU64::new(0),
+            file_handles,
+            mounts: MountFds::default(),
         };
         fs.install_root()?;
         Ok(fs)
@@ -324,8 +358,14 @@ impl PassthroughFs {
             mnt_id: info.mnt_id,
         };
         let file = reopen_path(&self.proc_self_fd, &self.root)?;
+        if self.file_handles != FileHandleMode::Never {
+            // The share's own mount: inodes on it can be opened by handle from the start.
+            self.mounts
+                .get_or_insert(id.mnt_id, &self.proc_self_fd, self.root.as_raw_fd())?;
+        }
+        // The root stays pinned by a descriptor whatever the mode: the guest never forgets it.
         self.inodes
-            .set_root(file, id, info.st.st_mode & libc::S_IFMT);
+            .set_root(InodeFile::Fd(file), id, info.st.st_mode & libc::S_IFMT);
         Ok(())
     }
 
@@ -505,7 +545,7 @@ impl PassthroughFs {
     /// Whether an OPEN or OPENDIR may let the guest keep what it cached.
     fn check_open(&self, data: &InodeData) -> io::Result<bool> {
         match self.leases.get() {
-            Some(keeper) => Ok(keeper.check_open(data, &statx_fd(data.as_raw_fd())?.st)),
+            Some(keeper) => Ok(keeper.check_open(data, &statx_fd(data.fd()?.as_raw_fd())?.st)),
             None => Ok(true),
         }
     }
@@ -575,7 +615,7 @@ impl PassthroughFs {
 
     /// The host inode `name` in `dir` leads to now (no symlink followed).
     fn id_at(&self, dir: &InodeData, name: &CStr) -> Option<InodeId> {
-        let info = util::statx_at(dir.as_raw_fd(), name, 0).ok()?;
+        let info = util::statx_at(dir.fd().ok()?.as_raw_fd(), name, 0).ok()?;
         Some(InodeId {
             dev: info.st.st_dev,
             ino: info.st.st_ino,
@@ -612,9 +652,13 @@ impl PassthroughFs {
     fn name_leads_to(&self, parent: u64, name: &[u8], id: &InodeId) -> bool {
         self.inodes.get(parent).is_some_and(|p| {
             std::ffi::CString::new(name).is_ok_and(|cname| {
-                util::statx_at(p.as_raw_fd(), &cname, 0).is_ok_and(|info| {
-                    info.st.st_dev == id.dev && info.st.st_ino == id.ino && info.mnt_id == id.mnt_id
-                })
+                p.fd()
+                    .and_then(|fd| util::statx_at(fd.as_raw_fd(), &cname, 0))
+                    .is_ok_and(|info| {
+                        info.st.st_dev == id.dev
+                            && info.st.st_ino == id.ino
+                            && info.mnt_id == id.mnt_id
+                    })
             })
         })
     }
@@ -692,7 +736,42 @@ impl PassthroughFs {
 
     /// Descriptors held for the guest's nodes and open handles; read without locks.
     pub fn descriptors_held(&self) -> usize {
-        self.inodes.len() + self.handles.len()
+        self.inodes.descriptors() + self.handles.len() + self.mounts.len()
+    }
+
+    /// Whether nodes refer to inodes by file handle (the daemon then needs
+    /// CAP_DAC_READ_SEARCH).
+    pub fn uses_file_handles(&self) -> bool {
+        self.file_handles != FileHandleMode::Never
+    }
+
+    /// How a new node of host inode `id`, found as O_PATH descriptor `file`, refers to it.
+    /// `handle`: its file handle, if they are in use.
+    fn inode_file(
+        &self,
+        file: File,
+        handle: Option<io::Result<FileHandle>>,
+        id: &InodeId,
+    ) -> io::Result<InodeFile> {
+        let Some(handle) = handle else {
+            return Ok(InodeFile::Fd(file));
+        };
+        let handle = handle.and_then(|handle| {
+            let mount =
+                self.mounts
+                    .get_or_insert(id.mnt_id, &self.proc_self_fd, file.as_raw_fd())?;
+            Ok(InodeFile::Handle { handle, mount })
+        });
+        match handle {
+            Ok(node) => Ok(node),
+            // A filesystem without handles below the share (a submount), or a mount whose
+            // root the guest has not looked up.
+            Err(_) if self.file_handles == FileHandleMode::Prefer => Ok(InodeFile::Fd(file)),
+            Err(e) => {
+                log::debug!("--inode-file-handles=mandatory: no file handle for {id:?}: {e}");
+                Err(e)
+            }
+        }
     }
 
     /// The guest's descriptor budget ([`guest_descriptor_budget`] in the daemon).
@@ -736,14 +815,19 @@ impl PassthroughFs {
         let b = name.to_bytes();
         if b == b"." || (b == b".." && parent.inode == ROOT_INODE) {
             // The root's parent is not part of the share: ".." there is the root again.
-            let st = statx_fd(parent.as_raw_fd())?.st;
+            let st = statx_fd(parent.fd()?.as_raw_fd())?.st;
             let data = self.inodes.add_ref(parent.inode).ok_or_else(ebadf)?;
             return Ok(self.entry(&data, st, None, acquire));
         }
         if b.is_empty() || b.contains(&b'/') {
             return Err(einval());
         }
-        let file = openat(parent.as_raw_fd(), name, libc::O_PATH | libc::O_NOFOLLOW, 0)?;
+        let file = openat(
+            parent.fd()?.as_raw_fd(),
+            name,
+            libc::O_PATH | libc::O_NOFOLLOW,
+            0,
+        )?;
         // A submount's ".." is its parent mount, not a submount of it.
         let parent_id = (b != b"..").then_some(&parent.id);
         // The guest will hold a dentry under this name (not for "..": it never does).
@@ -770,12 +854,32 @@ impl PassthroughFs {
         // The alias decision is made on the newest node now; the insert re-checks that it is
         // still the newest (see `lookup_or_insert`).
         let decided = self.inodes.find(&id);
-        let avoid =
-            named.and_then(|(dir, name)| self.alias_for(decided, &id, info.st.st_mode, dir, name));
-        if avoid.is_some() || decided.is_none() {
-            // A new node: it keeps `file` open.
-            self.descriptor_room(1)?;
-        }
+        // Nodes that hold a file handle do not keep their inode alive, so the host may have
+        // reused the inode number: a node of the same number but another handle (another
+        // generation) is of a dead inode, never to be handed out for this one.
+        let handle =
+            (self.file_handles != FileHandleMode::Never).then(|| FileHandle::of(file.as_raw_fd()));
+        let reused = match (&handle, decided.and_then(|n| self.inodes.get(n))) {
+            (Some(Ok(new)), Some(old)) => old.file.handle().is_some_and(|old| old != new),
+            _ => false,
+        };
+        let avoid = if reused {
+            decided
+        } else {
+            named.and_then(|(dir, name)| self.alias_for(decided, &id, info.st.st_mode, dir, name))
+        };
+        let file = if avoid.is_some() || decided.is_none() {
+            // A new node: it keeps `file` open, or its handle.
+            let file = self.inode_file(file, handle, &id)?;
+            if file.holds_descriptor() {
+                self.descriptor_room(1)?;
+            }
+            file
+        } else {
+            // The node is found (should a FORGET remove it meanwhile, the new one keeps the
+            // descriptor).
+            InodeFile::Fd(file)
+        };
         let data = self
             .inodes
             .lookup_or_insert(id, info.st.st_mode, file, decided, avoid);
@@ -826,32 +930,4 @@ fn reopen_path(proc_self_fd: &File, file: &File) -> io::Result<File> {
         libc::O_PATH,
         0,
     )
-}
-
-/// `--inode-file-handles=mandatory` must fail where file handles do not work.
-fn check_file_handles(root: &File) -> io::Result<()> {
-    const MAX_HANDLE_SZ: usize = 128;
-    #[repr(C)]
-    struct Handle {
-        bytes: u32,
-        kind: i32,
-        data: [u8; MAX_HANDLE_SZ],
-    }
-    let mut h = Handle {
-        bytes: MAX_HANDLE_SZ as u32,
-        kind: 0,
-        data: [0; MAX_HANDLE_SZ],
-    };
-    let mut mount_id = 0;
-    // SAFETY: the handle buffer holds MAX_HANDLE_SZ bytes, as announced in `bytes`.
-    util::check(unsafe {
-        libc::name_to_handle_at(
-            root.as_raw_fd(),
-            util::EMPTY.as_ptr(),
-            &mut h as *mut Handle as *mut libc::file_handle,
-            &mut mount_id,
-            libc::AT_EMPTY_PATH,
-        )
-    })?;
-    Ok(())
 }

@@ -91,9 +91,10 @@ impl PassthroughFs {
         if !is_safe_inode(data.mode) {
             return Err(ebadf());
         }
+        let fd = data.fd()?;
         openat(
             self.proc_self_fd.as_raw_fd(),
-            &fd_name(data.as_raw_fd()),
+            &fd_name(fd.as_raw_fd()),
             flags.flags() & !REOPEN_STRIP,
             0,
         )
@@ -107,7 +108,8 @@ impl PassthroughFs {
         if !is_safe_inode(data.mode) {
             return Err(ebadf());
         }
-        let path = fd_name(data.as_raw_fd());
+        let fd = data.fd()?;
+        let path = fd_name(fd.as_raw_fd());
         self.writing(data, || {
             if truncates_read_only(flags) {
                 break_read_leases(self.proc_self_fd.as_raw_fd(), &path);
@@ -139,6 +141,7 @@ impl PassthroughFs {
             self.node_at(dir, name)
                 .and_then(|node| self.inodes.get(node))
         };
+        let dir = dir.fd()?;
         match existing {
             Some(data) => self.writing(&data, || {
                 if truncates_read_only(flags) && data.mode == libc::S_IFREG {

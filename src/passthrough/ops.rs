@@ -5,7 +5,7 @@ use std::ffi::CStr;
 use std::fs::File;
 use std::io;
 use std::mem::ManuallyDrop;
-use std::os::fd::{AsRawFd, FromRawFd};
+use std::os::fd::{AsFd, AsRawFd, FromRawFd};
 use std::sync::atomic::Ordering;
 use std::time::Duration;
 
@@ -23,7 +23,7 @@ use super::util::{
     self, check, ebadf, einval, errno, fd_name, getdents, is_dir, openat, parse_dirents, statx_fd,
     validate_name, ScopedCreds, ScopedNoFsetid, ScopedUmask,
 };
-use super::{CachePolicy, HandleData, PassthroughFs};
+use super::{CachePolicy, HandleData, InodeFd, PassthroughFs};
 
 /// Largest getdents buffer per READDIR, whatever size the guest asks for.
 const MAX_DIR_BUF: usize = 64 * 1024;
@@ -118,7 +118,7 @@ impl PassthroughFs {
 
     fn stat_inode(&self, inode: u64) -> io::Result<(stat64, Duration)> {
         let data = self.inode(inode)?;
-        let st = statx_fd(data.as_raw_fd())?.st;
+        let st = statx_fd(data.fd()?.as_raw_fd())?.st;
         Ok(self.attr_reply(&data, st))
     }
 
@@ -136,6 +136,7 @@ impl PassthroughFs {
         self.check_names(&p)?;
         // Refused before anything is created: the node it needs may not fit afterwards.
         self.descriptor_room(1)?;
+        let dir = p.fd()?;
         {
             let (uid, gid) = self.ids_to_host(ctx.uid, ctx.gid)?;
             let _creds = ScopedCreds::new(uid, gid)?;
@@ -143,10 +144,10 @@ impl PassthroughFs {
                 Some(m) => Some(ScopedUmask::new(self.create_umask(m))?),
                 None => None,
             };
-            f(p.as_raw_fd())?;
+            f(dir.as_raw_fd())?;
         }
         if let Some(context) = take_security_context() {
-            self.label_created_node(p.as_raw_fd(), name, &context)?;
+            self.label_created_node(dir.as_raw_fd(), name, &context)?;
         }
         self.do_lookup(&p, name)
     }
@@ -289,8 +290,15 @@ impl FileSystem for PassthroughFs {
         &self,
         _ctx: &Context,
         inode: u64,
-        _handle: Option<u64>,
+        handle: Option<u64>,
     ) -> io::Result<(stat64, Duration)> {
+        // fstat in the guest names its open file: that reaches an inode the host unlinked,
+        // which a file handle no longer opens.
+        if let Some(h) = handle.and_then(|fh| self.handle(fh, inode).ok()) {
+            let data = self.inode(inode)?;
+            let st = statx_fd(h.as_raw_fd())?.st;
+            return Ok(self.attr_reply(&data, st));
+        }
         self.stat_inode(inode)
     }
 
@@ -320,7 +328,13 @@ impl FileSystem for PassthroughFs {
                 self.check_names_unless_open(&data)?;
             }
         }
-        let proc_name = fd_name(data.as_raw_fd());
+        // The guest's open file where it gave one: it reaches an inode the host unlinked,
+        // which a file handle no longer opens.
+        let fd = match &h {
+            Some(h) => InodeFd::Borrowed(h.as_fd()),
+            None => data.fd()?,
+        };
+        let proc_name = fd_name(fd.as_raw_fd());
 
         if valid.contains(SetattrValid::MODE) {
             // SAFETY (both): plain system calls on descriptors we own; no memory is passed.
@@ -352,7 +366,7 @@ impl FileSystem for PassthroughFs {
             // SAFETY: the empty path is NUL-terminated; AT_EMPTY_PATH acts on the inode itself.
             check(unsafe {
                 libc::fchownat(
-                    data.as_raw_fd(),
+                    fd.as_raw_fd(),
                     util::EMPTY.as_ptr(),
                     uid,
                     gid,
@@ -427,13 +441,13 @@ impl FileSystem for PassthroughFs {
             check(r)?;
         }
 
-        let st = statx_fd(data.as_raw_fd())?.st;
+        let st = statx_fd(fd.as_raw_fd())?.st;
         Ok(self.attr_reply(&data, st))
     }
 
     fn readlink(&self, _ctx: &Context, inode: u64) -> io::Result<Vec<u8>> {
         let data = self.inode(inode)?;
-        util::readlinkat(data.as_raw_fd())
+        util::readlinkat(data.fd()?.as_raw_fd())
     }
 
     fn symlink(
@@ -484,7 +498,7 @@ impl FileSystem for PassthroughFs {
         self.check_names(&p)?;
         let id = self.id_at(&p, name);
         // SAFETY: `name` is NUL-terminated.
-        check(unsafe { libc::unlinkat(p.as_raw_fd(), name.as_ptr(), 0) })?;
+        check(unsafe { libc::unlinkat(p.fd()?.as_raw_fd(), name.as_ptr(), 0) })?;
         if let Some(id) = id {
             self.guest_moved_name(&id, (parent, name.to_bytes()), None);
         }
@@ -497,7 +511,7 @@ impl FileSystem for PassthroughFs {
         self.check_names(&p)?;
         let id = self.id_at(&p, name);
         // SAFETY: `name` is NUL-terminated.
-        check(unsafe { libc::unlinkat(p.as_raw_fd(), name.as_ptr(), libc::AT_REMOVEDIR) })?;
+        check(unsafe { libc::unlinkat(p.fd()?.as_raw_fd(), name.as_ptr(), libc::AT_REMOVEDIR) })?;
         if let Some(id) = id {
             self.guest_moved_name(&id, (parent, name.to_bytes()), None);
         }
@@ -528,12 +542,13 @@ impl FileSystem for PassthroughFs {
         let target = self.id_at(&new, newname);
         // SAFETY: both names are NUL-terminated. The raw system call avoids depending on the
         // C library's renameat2 wrapper.
+        let (old_fd, new_fd) = (old.fd()?, new.fd()?);
         let r = unsafe {
             libc::syscall(
                 libc::SYS_renameat2,
-                old.as_raw_fd(),
+                old_fd.as_raw_fd(),
                 oldname.as_ptr(),
-                new.as_raw_fd(),
+                new_fd.as_raw_fd(),
                 newname.as_ptr(),
                 flags,
             )
@@ -577,8 +592,8 @@ impl FileSystem for PassthroughFs {
         check(unsafe {
             libc::linkat(
                 self.proc_self_fd.as_raw_fd(),
-                fd_name(data.as_raw_fd()).as_ptr(),
-                p.as_raw_fd(),
+                fd_name(data.fd()?.as_raw_fd()).as_ptr(),
+                p.fd()?.as_raw_fd(),
                 newname.as_ptr(),
                 libc::AT_SYMLINK_FOLLOW,
             )
@@ -670,7 +685,7 @@ impl FileSystem for PassthroughFs {
             }
         };
         if let (Some(context), true) = (&context, created) {
-            self.label_created_file(p.as_raw_fd(), name, &file, context)?;
+            self.label_created_file(p.fd()?.as_raw_fd(), name, &file, context)?;
         }
         let entry = self.add_inode_of_open_file(&file, &p, Some(name))?;
         let data = self.inode(entry.inode)?;
@@ -771,7 +786,7 @@ impl FileSystem for PassthroughFs {
         let h = self.handles.remove(handle, inode).ok_or_else(ebadf)?;
         if h.writable {
             if let (Some(keeper), Ok(data)) = (self.leases.get(), self.inode(inode)) {
-                if let Ok(info) = statx_fd(data.as_raw_fd()) {
+                if let Ok(info) = data.fd().and_then(|fd| statx_fd(fd.as_raw_fd())) {
                     keeper.write_handle_closed(&data, &info.st);
                 }
             }
@@ -791,7 +806,7 @@ impl FileSystem for PassthroughFs {
         let data = self.inode(inode)?;
         let mut st = std::mem::MaybeUninit::<statvfs64>::zeroed();
         // SAFETY: fstatvfs fills the buffer we pass; O_PATH descriptors are accepted.
-        check(unsafe { libc::fstatvfs64(data.as_raw_fd(), st.as_mut_ptr()) })?;
+        check(unsafe { libc::fstatvfs64(data.fd()?.as_raw_fd(), st.as_mut_ptr()) })?;
         // SAFETY: fstatvfs64 succeeded (and the buffer was zeroed anyway).
         Ok(unsafe { st.assume_init() })
     }
@@ -841,7 +856,7 @@ impl FileSystem for PassthroughFs {
         self.check_names(&data)?;
         self.descriptor_room(1)?;
         let file = openat(
-            data.as_raw_fd(),
+            data.fd()?.as_raw_fd(),
             c".",
             libc::O_RDONLY | libc::O_DIRECTORY,
             0,
@@ -927,7 +942,7 @@ impl FileSystem for PassthroughFs {
     }
 
     fn access(&self, ctx: &Context, inode: u64, mask: u32) -> io::Result<()> {
-        let mut st = statx_fd(self.inode(inode)?.as_raw_fd())?.st;
+        let mut st = statx_fd(self.inode(inode)?.fd()?.as_raw_fd())?.st;
         // The caller's ids are the guest's: compare with the owner the guest sees.
         self.ids_to_guest(&mut st);
         let want = mask & (libc::R_OK | libc::W_OK | libc::X_OK) as u32;

@@ -26,6 +26,8 @@ enum Target {
     Fd(std::fs::File),
     Proc {
         name: std::ffi::CString,
+        /// The descriptor `name` refers to, open as long as the target.
+        _fd: std::fs::File,
         _cwd: ScopedCwd,
     },
 }
@@ -49,9 +51,11 @@ impl PassthroughFs {
                 self.open_read(&data, super::ReadOnly::new(libc::O_NONBLOCK)?)?,
             ));
         }
+        let fd = data.owned_fd()?;
         let cwd = ScopedCwd::new(&self.proc_self_fd, &self.root)?;
         Ok(Target::Proc {
-            name: fd_name(data.as_raw_fd()),
+            name: fd_name(fd.as_raw_fd()),
+            _fd: fd,
             _cwd: cwd,
         })
     }
