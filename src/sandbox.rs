@@ -72,6 +72,41 @@ extern "C" fn forward_signal(signal: libc::c_int) {
     }
 }
 
+/// The signals the parent of a sandboxed daemon forwards to it.
+const FORWARDED: [libc::c_int; 3] = [libc::SIGTERM, libc::SIGINT, libc::SIGHUP];
+
+/// fork(2) for the sandbox, with the launcher's signals forwarded to the child from the moment
+/// it exists: a launcher signals the pid in the pid file, which the child may write before
+/// the parent runs again after the fork (on a loaded host it did, and the parent died of the
+/// SIGTERM meant to stop the daemon cleanly). The forwarded signals are blocked across the
+/// fork, so one arriving before the parent knows the child's pid is delivered after; the
+/// child gets the default actions back. Returns fork's result.
+fn fork_forwarding_signals(step: &'static str) -> Result<libc::pid_t, SandboxError> {
+    // SAFETY: sigset and signal calls on values we own; the handler only calls kill(2).
+    unsafe {
+        let mut block: libc::sigset_t = std::mem::zeroed();
+        libc::sigemptyset(&mut block);
+        for s in FORWARDED {
+            libc::sigaddset(&mut block, s);
+        }
+        let mut old: libc::sigset_t = std::mem::zeroed();
+        libc::pthread_sigmask(libc::SIG_BLOCK, &block, &mut old);
+        let pid = libc::fork();
+        if pid > 0 {
+            CHILD_PID.store(pid, Ordering::Relaxed);
+            for s in FORWARDED {
+                libc::signal(s, forward_signal as *const () as libc::sighandler_t);
+            }
+        } else if pid == 0 {
+            for s in FORWARDED {
+                libc::signal(s, libc::SIG_DFL);
+            }
+        }
+        libc::pthread_sigmask(libc::SIG_SETMASK, &old, std::ptr::null_mut());
+        check(step, pid).map(|()| pid)
+    }
+}
+
 impl Sandbox {
     pub fn new(mode: SandboxMode, shared_dir: &Path, readonly: bool) -> Self {
         Sandbox {
@@ -107,9 +142,8 @@ impl Sandbox {
         };
         let unshared = pipe()?;
         let mapped = pipe()?;
-        // SAFETY: no other thread exists yet.
-        let child = unsafe { libc::fork() };
-        check("fork into the user namespace", child)?;
+        // No other thread exists yet.
+        let child = fork_forwarding_signals("fork into the user namespace")?;
         if child > 0 {
             // SAFETY: closing the ends this side does not use.
             unsafe {
@@ -194,9 +228,8 @@ impl Sandbox {
             "unshare(CLONE_NEWPID | CLONE_NEWNS | CLONE_NEWNET)",
             unsafe { libc::unshare(libc::CLONE_NEWPID | libc::CLONE_NEWNS | libc::CLONE_NEWNET) },
         )?;
-        // SAFETY: no other thread exists yet, so the child inherits a consistent process.
-        let pid = unsafe { libc::fork() };
-        check("fork into the new pid namespace", pid)?;
+        // No other thread exists yet, so the child inherits a consistent process.
+        let pid = fork_forwarding_signals("fork into the new pid namespace")?;
         if pid > 0 {
             self.wait_for_child(pid);
         }
@@ -225,12 +258,9 @@ impl Sandbox {
         Ok(())
     }
 
+    /// Wait for the serving child (signals are forwarded to it since the fork) and exit with
+    /// its status.
     fn wait_for_child(&self, child: libc::pid_t) -> ! {
-        CHILD_PID.store(child, Ordering::Relaxed);
-        for signal in [libc::SIGTERM, libc::SIGINT, libc::SIGHUP] {
-            // SAFETY: the handler only calls kill(2), which is async-signal-safe.
-            unsafe { libc::signal(signal, forward_signal as *const () as libc::sighandler_t) };
-        }
         let mut status = 0;
         loop {
             // SAFETY: status is a valid out-pointer.
