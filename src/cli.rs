@@ -339,6 +339,32 @@ pub struct Options {
           value_parser = parse_lease_timeout)]
     pub notify_lease_timeout: f64,
 
+    /// Adaptive leases (stock guests, --cache coherent): a file a host process writes gets no
+    /// lease for this many seconds after the last write seen (doubling, up to
+    /// --lease-cooldown-max, when the host writes it again soon after), so that later host
+    /// writes are not held. 0 turns adaptation off: every grant gets the full lease.
+    #[arg(long = "lease-cooldown", value_name = "SECS", default_value_t = 2.0,
+          value_parser = parse_lease_timeout)]
+    pub lease_cooldown: f64,
+
+    /// Adaptive leases: the longest cool-down of a file the host keeps writing, in seconds.
+    #[arg(long = "lease-cooldown-max", value_name = "SECS", default_value_t = 60.0,
+          value_parser = parse_lease_timeout)]
+    pub lease_cooldown_max: f64,
+
+    /// Adaptive leases: a host write stops lease renewals in the file's directory for this
+    /// many seconds (and share-wide when --lease-burst-dirs directories are written within
+    /// it), so while one host writer waits the other leases run out instead of being renewed.
+    #[arg(long = "lease-burst-window", value_name = "SECS", default_value_t = 2.0,
+          value_parser = parse_lease_timeout)]
+    pub lease_burst_window: f64,
+
+    /// Adaptive leases: directories written within one burst window that stop renewals
+    /// share-wide.
+    #[arg(long = "lease-burst-dirs", value_name = "N", default_value_t = 3,
+          value_parser = clap::value_parser!(u32).range(1..))]
+    pub lease_burst_dirs: u32,
+
     /// How many request queues to offer the VMM (QEMU's `num-request-queues` may ask for up to
     /// this many), at most 62: with the hiprio and notification queues that is 64 virtqueues,
     /// one bit each in the daemon's 64-bit queue masks.
@@ -650,6 +676,7 @@ pub fn capabilities_json() -> &'static str {
         "    \"default-cache\": \"coherent\",\n",
         "    \"lease-timeout\": { \"flag\": \"--lease-timeout\", \"default-seconds\": 1.0 },\n",
         "    \"notify-lease-timeout\": { \"flag\": \"--notify-lease-timeout\", \"default-seconds\": 10.0 },\n",
+        "    \"adaptive-leases\": { \"cooldown\": { \"flag\": \"--lease-cooldown\", \"default-seconds\": 2.0 }, \"cooldown-max\": { \"flag\": \"--lease-cooldown-max\", \"default-seconds\": 60.0 }, \"burst-window\": { \"flag\": \"--lease-burst-window\", \"default-seconds\": 2.0 }, \"burst-dirs\": { \"flag\": \"--lease-burst-dirs\", \"default\": 3 } },\n",
         "    \"host-events\": [\"file-lease\", \"fanotify-modify\", \"fanotify-dirent\"],\n",
         "    \"notification-queue\": { \"feature-bit\": 0, \"notify-buf-size\": 512, \"confirmation\": \"FUSE_NOTIFY_REPLY\" }\n",
         "  }\n",

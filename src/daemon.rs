@@ -94,6 +94,7 @@ pub fn run(options: Options) -> Result<(), DaemonError> {
                 Duration::from_secs_f64(notify_lease),
                 notifier.clone(),
                 guest_clock.clone(),
+                adaptive_config(&options),
             )
         })
         .flatten();
@@ -395,6 +396,18 @@ fn install_exit_handlers(root: File) {
         // SAFETY: the handler only makes async-signal-safe calls.
         unsafe { libc::signal(signal, exit_on_signal as *const () as libc::sighandler_t) };
     }
+}
+
+/// The adaptive-lease parameters of the command line; `None` with `--lease-cooldown 0`.
+fn adaptive_config(options: &Options) -> Option<crate::coherence::adaptive::AdaptiveConfig> {
+    (options.lease_cooldown > 0.0).then(|| crate::coherence::adaptive::AdaptiveConfig {
+        cooldown: Duration::from_secs_f64(options.lease_cooldown),
+        max_cooldown: Duration::from_secs_f64(
+            options.lease_cooldown_max.max(options.lease_cooldown),
+        ),
+        burst_window: Duration::from_secs_f64(options.lease_burst_window),
+        burst_dirs: options.lease_burst_dirs as usize,
+    })
 }
 
 #[cfg(test)]

@@ -98,10 +98,19 @@ fn host_writer_waits_for_the_guest_lease_and_the_guest_then_sees_the_write() {
     drop(writer);
     let attr = fuse.getattr(entry.nodeid).expect("GETATTR");
     assert_eq!(attr.attr.size, 21);
+    // Adaptive leases: a file the host just wrote cools down (2 s after the last write seen)
+    // before it is leased again, so that the host's next writes are not held.
+    assert_eq!(
+        valid(attr.attr_valid, attr.attr_valid_nsec),
+        Duration::ZERO,
+        "a file the host just wrote is cooling down"
+    );
+    thread::sleep(Duration::from_millis(2100));
+    let attr = fuse.getattr(entry.nodeid).expect("GETATTR");
     assert_eq!(
         valid(attr.attr_valid, attr.attr_valid_nsec),
         LEASE,
-        "once the writer closed, the lease is taken again"
+        "once the writer closed and the cool-down passed, the lease is taken again"
     );
 }
 
@@ -287,5 +296,124 @@ fn two_daemons_on_one_directory_hold_each_others_writers() {
     assert_eq!(
         fuse_a.read(in_a.nodeid, open_a.fh, 0, 64).unwrap(),
         b"WRITTEN BY Bobody yet"
+    );
+}
+
+/// One GETATTR reply the reading "guest" got: when it asked and got the answer, for how long
+/// it may trust it, and the size it was told.
+struct Reply {
+    file: usize,
+    asked: Instant,
+    answered: Instant,
+    valid: Duration,
+    size: u64,
+}
+
+/// Adaptive leases (issue 12): a host tool rewriting a tree the guest keeps re-reading (a
+/// build watcher, an IDE indexer) waits about one lease in all, not one lease per file, and
+/// the guest is still never told a size the host had already changed while it trusts it.
+/// With adaptation off (`--lease-cooldown 0`) the same rewrite waits about a lease per file,
+/// which is what this test would measure without the feature.
+#[test]
+fn a_host_rewrite_of_a_tree_the_guest_keeps_reading_waits_about_one_lease() {
+    const FILES: usize = 12;
+    let mut totals = Vec::new();
+    for adaptive in [true, false] {
+        let mut args = vec!["--cache", "coherent", "--lease-timeout", "1"];
+        if !adaptive {
+            args.extend(["--lease-cooldown", "0"]);
+        }
+        let backend = Backend::spawn(env!("CARGO_BIN_EXE_leasefsd"), &args).unwrap();
+        let config = FrontendConfig {
+            want_notification: false,
+            ..FrontendConfig::default()
+        };
+        let device = Arc::new(Device::connect(backend.socket(), &config).unwrap());
+        let fuse = Arc::new(FuseClient::new(device));
+        fuse.init().expect("INIT");
+        let dir = backend.share().join("tree");
+        fs::create_dir(&dir).unwrap();
+        for i in 0..FILES {
+            fs::write(dir.join(format!("f{i}")), b"old").unwrap();
+        }
+        let tree = fuse.lookup(ROOT_ID, "tree").expect("LOOKUP tree").nodeid;
+        let nodes: Vec<u64> = (0..FILES)
+            .map(|i| fuse.lookup(tree, format!("f{i}")).expect("LOOKUP").nodeid)
+            .collect();
+
+        // The guest re-reads the tree in a loop, renewing every lease it is given.
+        let stop = Arc::new(std::sync::atomic::AtomicBool::new(false));
+        let reader = {
+            let (fuse, stop, nodes) = (fuse.clone(), stop.clone(), nodes.clone());
+            thread::spawn(move || {
+                let mut replies = Vec::new();
+                while !stop.load(std::sync::atomic::Ordering::Relaxed) {
+                    for (file, &node) in nodes.iter().enumerate() {
+                        let asked = Instant::now();
+                        let attr = fuse.getattr(node).expect("GETATTR");
+                        replies.push(Reply {
+                            file,
+                            asked,
+                            answered: Instant::now(),
+                            valid: valid(attr.attr_valid, attr.attr_valid_nsec),
+                            size: attr.attr.size,
+                        });
+                    }
+                }
+                replies
+            })
+        };
+        thread::sleep(Duration::from_millis(300));
+        // The host tool: open with O_TRUNC, write, close, file after file.
+        let start = Instant::now();
+        let mut written = Vec::new();
+        for i in 0..FILES {
+            fs::write(dir.join(format!("f{i}")), b"new contents").unwrap();
+            written.push(Instant::now());
+        }
+        let total = start.elapsed();
+        thread::sleep(Duration::from_millis(200));
+        stop.store(true, std::sync::atomic::Ordering::Relaxed);
+        let replies = reader.join().unwrap();
+
+        // Never stale: a GETATTR asked after the host write returned sees the new size, and
+        // a reply that lets the guest trust the old size runs out before the write returns.
+        for r in replies.iter().filter(|r| r.size == 3) {
+            let done = written[r.file];
+            assert!(
+                r.asked < done,
+                "adaptive {adaptive}: f{} answered the old size to a GETATTR asked after the host write returned",
+                r.file
+            );
+            assert!(
+                r.valid.is_zero() || r.answered + r.valid <= done + Duration::from_millis(20),
+                "adaptive {adaptive}: f{} was trusted at the old size until {:?} after the rewrite started, but the host write returned at {:?}",
+                r.file,
+                (r.answered + r.valid).duration_since(start),
+                done.duration_since(start)
+            );
+        }
+        eprintln!(
+            "adaptive {adaptive}: {FILES} host rewrites took {total:?} while the guest read in a loop ({} replies)",
+            replies.len()
+        );
+        totals.push(total);
+        if adaptive {
+            assert!(
+                backend.log().contains("adaptive for stock guests"),
+                "{}",
+                backend.log()
+            );
+        }
+    }
+    assert!(
+        totals[0] < Duration::from_millis(2500),
+        "with adaptive leases the rewrite took {:?}, more than one lease and a margin",
+        totals[0]
+    );
+    assert!(
+        totals[1] > Duration::from_secs(4),
+        "without adaptation the rewrite took only {:?}: the test no longer shows the cost",
+        totals[1]
     );
 }

@@ -41,6 +41,7 @@ use std::time::Duration;
 use fuse_backend_rs::abi::fuse_abi::stat64;
 use log::{debug, info, warn};
 
+use crate::coherence::adaptive::{Adaptive, AdaptiveConfig};
 use crate::coherence::guest_clock::GuestClock;
 use crate::coherence::notifier::{Notification, Notifier};
 use crate::metrics::Histogram;
@@ -119,14 +120,19 @@ pub struct LeaseStats {
     /// Holds ended by the pause bound while the guest was paused, before it could have
     /// dropped its cache (each is also a warning in the log).
     pub pause_bound_ended: AtomicU64,
+    /// Adaptive leases (stock guests): grants that gave no lease time because the inode, its
+    /// directory or the share was cooling down after host writes, and host writers let
+    /// through at once because the guest's lease had already run out (holds avoided).
+    pub cooled_grants: AtomicU64,
+    pub unheld_breaks: AtomicU64,
 }
 
 impl LeaseStats {
-    fn line(&self, entries: usize, stale_names: u64) -> String {
+    fn line(&self, entries: usize, stale_names: u64, cooling: &str) -> String {
         let g = |c: &AtomicU64| c.load(Ordering::Relaxed);
         let held = g(&self.held);
         format!(
-            "leases: {entries} inodes tracked, {} file leases taken, {} refused, {} broken by host writers, {} given up for guest writes; {held} host writers held, mean {} us, max {} us ({}); {} revocations sent, {} holds ended by confirmation; {} requests answered ESTALE for a stale guest name, {} cache drops at open; {} holds ended by the pause bound while the guest was paused",
+            "leases: {entries} inodes tracked, {} file leases taken, {} refused, {} broken by host writers, {} given up for guest writes; {held} host writers held, mean {} us, max {} us ({}); {} revocations sent, {} holds ended by confirmation; {} requests answered ESTALE for a stale guest name, {} cache drops at open; {} holds ended by the pause bound while the guest was paused; adaptive: {} grants without lease time while cooling, {} host writers not held (the guest's lease had run out), {cooling}",
             g(&self.acquired),
             g(&self.refused),
             g(&self.broken),
@@ -139,6 +145,8 @@ impl LeaseStats {
             stale_names,
             g(&self.cache_drops),
             g(&self.pause_bound_ended),
+            g(&self.cooled_grants),
+            g(&self.unheld_breaks),
         )
     }
 }
@@ -177,6 +185,8 @@ struct Table {
     holds: HashMap<u64, Hold>,
     /// The pause bound of each hold, earliest first: (host-time deadline, node, hold start).
     pause_bounds: BinaryHeap<std::cmp::Reverse<(u64, u64, u64)>>,
+    /// Cool-downs after host writes (stock guests), when adaptive leases are on.
+    adaptive: Option<Adaptive>,
 }
 
 #[derive(Clone, Copy)]
@@ -271,6 +281,7 @@ impl LeaseTable {
                 releases: BinaryHeap::new(),
                 holds: HashMap::new(),
                 pause_bounds: BinaryHeap::new(),
+                adaptive: None,
             }),
             lease,
             notify_lease,
@@ -299,6 +310,29 @@ impl LeaseTable {
             }
             _ => self.lease,
         }
+    }
+
+    /// Adapt leases to host writes (see [`crate::coherence::adaptive`]); `None`: fixed
+    /// leases.
+    pub fn with_adaptive(self, cfg: Option<AdaptiveConfig>) -> Self {
+        self.lock().adaptive = cfg.map(Adaptive::new);
+        self
+    }
+
+    /// Whether grants adapt to host writes now: on, and the guest is a stock one (a
+    /// notify-capable guest is told of writes and holds writers only for its confirmation).
+    fn adapting(&self) -> bool {
+        !self.notifier.as_ref().is_some_and(|n| n.active())
+    }
+
+    /// The directories the guest holds names of node `node` in (for adaptive leases). Must
+    /// be called without the table's lock: it takes the inode table's.
+    fn parents_of(&self, node: u64) -> Vec<u64> {
+        self.fs
+            .upgrade()
+            .and_then(|fs| fs.inode_fd(node))
+            .map(|data| data.parent_nodes())
+            .unwrap_or_default()
     }
 
     /// Guest-running nanoseconds: what lease expiries are measured in.
@@ -353,6 +387,12 @@ impl LeaseTable {
     /// the guest's attribute lease has run out, or a notify-capable guest confirmed it
     /// dropped what it cached.
     fn on_break(self: &Arc<Self>, fd: RawFd) {
+        // The node's directories, read before the table's lock (lock order: inode table,
+        // then lease table).
+        let parents = match self.lock().by_fd.get(&fd) {
+            Some(&node) if self.adapting() => self.parents_of(node),
+            _ => Vec::new(),
+        };
         let now = self.now_ns();
         let host_now = self.clock.now_ns();
         let mut t = self.lock();
@@ -372,6 +412,13 @@ impl LeaseTable {
         lease.cache_suspect = true;
         self.stats.broken.fetch_add(1, Ordering::Relaxed);
         let guest_may_cache = lease.attr_expires_ns > now;
+        if !guest_may_cache {
+            self.stats.unheld_breaks.fetch_add(1, Ordering::Relaxed);
+        }
+        if let Some(adaptive) = t.adaptive.as_mut().filter(|_| self.adapting()) {
+            adaptive.expire(host_now);
+            adaptive.host_wrote(node, &parents, host_now);
+        }
         let release_at = if guest_may_cache {
             lease.attr_expires_ns + GRANT_MARGIN.as_nanos() as u64
         } else {
@@ -566,7 +613,19 @@ impl LeaseTable {
     /// Log the counters (at exit).
     pub fn log_stats(&self) {
         let stale_names = self.fs.upgrade().map_or(0, |fs| fs.stale_name_answers());
-        info!("{}", self.stats.line(self.len(), stale_names));
+        let cooling = match &self.lock().adaptive {
+            Some(a) => {
+                let c = a.counts(self.clock.now_ns());
+                format!(
+                    "{} inodes and {} directories cooling now{}",
+                    c.inodes,
+                    c.dirs,
+                    if c.share { ", the share too" } else { "" }
+                )
+            }
+            None => "off".to_string(),
+        };
+        info!("{}", self.stats.line(self.len(), stale_names, &cooling));
         if let Some(n) = &self.notifier {
             info!("{}", n.stats.line(n.backlog()));
         }
@@ -587,13 +646,36 @@ impl LeaseKeeper for LeaseTable {
     ) -> (Duration, Duration) {
         let now = self.now_ns();
         let granted = self.granted_lease(data);
+        let adapting = is_reg(data.mode) && self.adapting();
+        // Read before the table's lock (it takes the inode's names lock).
+        let parents = if adapting {
+            data.parent_nodes()
+        } else {
+            Vec::new()
+        };
         let mut t = self.lock();
         let t = &mut *t;
+        // A file the host writes (or whose neighbours it writes) gets no lease time for now:
+        // no host lease is taken, so the host's next writes are not held either.
+        let cooling = match t.adaptive.as_mut().filter(|_| adapting) {
+            Some(adaptive) => adaptive
+                .withheld(data.inode, &parents, ctime_ns(st), self.clock.now_ns())
+                .is_some(),
+            None => false,
+        };
+        if cooling {
+            self.stats.cooled_grants.fetch_add(1, Ordering::Relaxed);
+        }
         let lease = t.leases.entry(data.inode).or_default();
         let mut attr = granted;
         if is_reg(data.mode) {
             let leases_held = t.by_fd.len();
-            if lease.file.is_none() && acquire && !lease.breaking && lease.own_writers == 0 {
+            if lease.file.is_none()
+                && acquire
+                && !lease.breaking
+                && lease.own_writers == 0
+                && !cooling
+            {
                 // Half the descriptors at most, and never into what the daemon keeps for
                 // itself: the guest's nodes and handles and the leases share one budget.
                 let within_budget = leases_held < self.max_host_leases
@@ -616,7 +698,7 @@ impl LeaseKeeper for LeaseTable {
                     }
                 }
             }
-            if lease.file.is_none() || lease.breaking {
+            if lease.file.is_none() || lease.breaking || cooling {
                 attr = Duration::ZERO;
             }
         }
@@ -695,6 +777,9 @@ impl InodeObserver for LeaseTable {
             // nothing of it any more.
             Self::drop_host_lease_in(&mut t.by_fd, &mut lease);
         }
+        if let Some(adaptive) = t.adaptive.as_mut() {
+            adaptive.forget(data.inode);
+        }
         if let Some(hold) = t.holds.remove(&data.inode) {
             if let (Some(n), true) = (&self.notifier, hold.notification != 0) {
                 n.cancel(hold.notification);
@@ -711,6 +796,7 @@ pub fn start(
     notify_lease: Duration,
     notifier: Arc<Notifier>,
     clock: Arc<GuestClock>,
+    adaptive: Option<AdaptiveConfig>,
 ) -> Option<Arc<LeaseTable>> {
     let mut pause_bound = PAUSE_BOUND;
     if let Some(max) = lease_break_time() {
@@ -731,14 +817,17 @@ pub fn start(
         let longest = lease.max(notify_lease) + GRANT_MARGIN;
         pause_bound = pause_bound.min(max.saturating_sub(longest + Duration::from_secs(1)));
     }
-    let table = Arc::new(LeaseTable::new(
-        lease,
-        notify_lease,
-        Arc::downgrade(fs),
-        Some(notifier),
-        clock,
-        pause_bound,
-    ));
+    let table = Arc::new(
+        LeaseTable::new(
+            lease,
+            notify_lease,
+            Arc::downgrade(fs),
+            Some(notifier),
+            clock,
+            pause_bound,
+        )
+        .with_adaptive(adaptive),
+    );
     if let Err(e) = table.spawn() {
         warn!("leases unavailable ({e}); guests revalidate every access");
         return None;
@@ -746,10 +835,20 @@ pub fn start(
     fs.add_observer(table.clone());
     fs.set_lease_keeper(table.clone());
     info!(
-        "leases: {:.3} s per grant ({:.3} s for a notify-capable guest), counted in guest-running time; host writers are held until the guest's lease ends or a notify-capable guest confirms, and at most {:.0} s longer while the guest is paused",
+        "leases: {:.3} s per grant ({:.3} s for a notify-capable guest), counted in guest-running time; host writers are held until the guest's lease ends or a notify-capable guest confirms, and at most {:.0} s longer while the guest is paused; {}",
         lease.as_secs_f64(),
         notify_lease.as_secs_f64(),
-        pause_bound.as_secs_f64()
+        pause_bound.as_secs_f64(),
+        match adaptive {
+            Some(a) => format!(
+                "adaptive for stock guests: {:.1} s cool-down after a host write (up to {:.0} s), renewals stop for {:.1} s in the directory written (share-wide at {} directories)",
+                a.cooldown.as_secs_f64(),
+                a.max_cooldown.as_secs_f64(),
+                a.burst_window.as_secs_f64(),
+                a.burst_dirs
+            ),
+            None => "not adaptive (--lease-cooldown 0)".to_string(),
+        }
     );
     Some(table)
 }

@@ -6,6 +6,7 @@
 //! virtio-fs notification queue for guests that negotiated it. Nothing here imports the request
 //! path (`fuse`, `queue`); the passthrough asks the lease table through its `LeaseKeeper` trait.
 
+pub mod adaptive;
 pub mod guest_clock;
 pub mod lease;
 pub mod notifier;

@@ -144,6 +144,21 @@ impl InodeData {
         self.file.fd()
     }
 
+    /// The directory nodes the guest holds names of this inode in (no duplicates).
+    pub fn parent_nodes(&self) -> Vec<u64> {
+        let mut parents = Vec::new();
+        self.names
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .all_parents(|p| {
+                if !parents.contains(&p) {
+                    parents.push(p);
+                }
+                true
+            });
+        parents
+    }
+
     /// Like [`fd`](Self::fd), as a descriptor of its own (the node's is duplicated).
     pub fn owned_fd(&self) -> io::Result<File> {
         match self.fd()? {
