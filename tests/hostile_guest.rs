@@ -878,3 +878,31 @@ fn nodes_held_by_file_handle_pin_no_descriptors() {
         );
     }
 }
+
+/// A guest user (not root) creating in a directory the daemon holds by file handle: the
+/// directory must be opened before the daemon takes on the user's credentials, which cannot
+/// open by handle (pjdfstest's open/ftruncate/posix_fallocate cases found EPERM here).
+#[test]
+fn a_guest_user_creates_in_a_directory_held_by_file_handle() {
+    let backend = Backend::spawn(env!("CARGO_BIN_EXE_leasefsd"), &["--cache", "coherent"])
+        .expect("starting leasefsd");
+    let dir = backend.share().join("d");
+    fs::create_dir(&dir).unwrap();
+    fs::set_permissions(&dir, std::os::unix::fs::PermissionsExt::from_mode(0o777)).unwrap();
+    let device = Arc::new(Device::connect(backend.socket(), &FrontendConfig::default()).unwrap());
+    let root = FuseClient::new(device.clone());
+    root.init().expect("INIT");
+    let d = root.lookup(ROOT_ID, "d").expect("LOOKUP d").nodeid;
+    let user = root.with_credentials(1000, 1000);
+    for (name, mode) in [("f", 0o600), ("no-permissions", 0o000)] {
+        let (entry, _) = user
+            .create(d, name, libc::O_RDWR | libc::O_CREAT, libc::S_IFREG | mode)
+            .unwrap_or_else(|e| panic!("CREATE {name} as uid 1000: {e:?}\n{}", backend.log()));
+        assert_eq!(entry.attr.uid, 1000);
+    }
+    user.mkdir(d, "sub", 0o755).expect("MKDIR as uid 1000");
+    assert_eq!(
+        fs::metadata(dir.join("no-permissions")).unwrap().uid(),
+        1000
+    );
+}

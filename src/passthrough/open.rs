@@ -123,13 +123,16 @@ impl PassthroughFs {
         })
     }
 
-    /// CREATE and TMPFILE: open `name` in `dir` with `flags` (O_CREAT, O_TMPFILE...) and
-    /// `mode`. Without O_EXCL the name may already lead to a file the guest or the lease
-    /// keeper knows: then that inode passes [`open_for_write`](Self::open_for_write)'s gate
-    /// too. Runs with the caller's credentials, which the caller has set.
+    /// CREATE and TMPFILE: open `name` in `dir` (whose descriptor is `dir_fd`) with `flags`
+    /// (O_CREAT, O_TMPFILE...) and `mode`. Without O_EXCL the name may already lead to a file
+    /// the guest or the lease keeper knows: then that inode passes
+    /// [`open_for_write`](Self::open_for_write)'s gate too. Runs with the caller's
+    /// credentials, which the caller has set: so `dir_fd` is taken before (a node held by
+    /// file handle is opened with CAP_DAC_READ_SEARCH, which the guest's user lacks).
     pub(crate) fn create_for_write(
         &self,
         dir: &InodeData,
+        dir_fd: &impl AsRawFd,
         name: &CStr,
         flags: i32,
         mode: u32,
@@ -141,7 +144,7 @@ impl PassthroughFs {
             self.node_at(dir, name)
                 .and_then(|node| self.inodes.get(node))
         };
-        let dir = dir.fd()?;
+        let dir = dir_fd;
         match existing {
             Some(data) => self.writing(&data, || {
                 if truncates_read_only(flags) && data.mode == libc::S_IFREG {

@@ -87,11 +87,13 @@ impl PassthroughFs {
         // O_EXCL stays: with O_TMPFILE it means "never to be linked".
         let flags =
             self.open_flags(flags) & !(libc::O_CREAT | libc::O_NOFOLLOW | libc::O_DIRECTORY);
+        // Before the guest's credentials: they cannot open a node held by file handle.
+        let dir = p.fd()?;
         let file = {
             let (uid, gid) = self.ids_to_host(ctx.uid, ctx.gid)?;
             let _creds = ScopedCreds::new(uid, gid)?;
             let _umask = ScopedUmask::new(self.create_umask(umask))?;
-            self.create_for_write(&p, c".", flags | libc::O_TMPFILE, mode)?
+            self.create_for_write(&p, &dir, c".", flags | libc::O_TMPFILE, mode)?
         };
         if let Some(context) = take_security_context() {
             self.label_open_file(&file, &context)?;
@@ -662,6 +664,8 @@ impl FileSystem for PassthroughFs {
         self.descriptor_room(2)?;
         let flags = self.open_flags(args.flags) & !libc::O_DIRECTORY;
         let context = take_security_context();
+        // Before the guest's credentials: they cannot open a node held by file handle.
+        let dir = p.fd()?;
         let (file, created) = {
             let (uid, gid) = self.ids_to_host(ctx.uid, ctx.gid)?;
             let _creds = ScopedCreds::new(uid, gid)?;
@@ -673,19 +677,23 @@ impl FileSystem for PassthroughFs {
             // try an exclusive create first to know which.
             match context {
                 Some(_) if flags & libc::O_EXCL == 0 => {
-                    match self.create_for_write(&p, name, flags | libc::O_EXCL, args.mode) {
+                    match self.create_for_write(&p, &dir, name, flags | libc::O_EXCL, args.mode) {
                         Ok(file) => (file, true),
-                        Err(e) if e.raw_os_error() == Some(libc::EEXIST) => {
-                            (self.create_for_write(&p, name, flags, args.mode)?, false)
-                        }
+                        Err(e) if e.raw_os_error() == Some(libc::EEXIST) => (
+                            self.create_for_write(&p, &dir, name, flags, args.mode)?,
+                            false,
+                        ),
                         Err(e) => return Err(e),
                     }
                 }
-                _ => (self.create_for_write(&p, name, flags, args.mode)?, true),
+                _ => (
+                    self.create_for_write(&p, &dir, name, flags, args.mode)?,
+                    true,
+                ),
             }
         };
         if let (Some(context), true) = (&context, created) {
-            self.label_created_file(p.fd()?.as_raw_fd(), name, &file, context)?;
+            self.label_created_file(dir.as_raw_fd(), name, &file, context)?;
         }
         let entry = self.add_inode_of_open_file(&file, &p, Some(name))?;
         let data = self.inode(entry.inode)?;
