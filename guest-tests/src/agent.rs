@@ -409,6 +409,24 @@ impl Server {
                 })?;
                 Ok(hex_encode(reply.as_bytes()))
             }
+            Request::Seq(ms, reqs) => {
+                let mut took = Vec::with_capacity(reqs.len());
+                for (i, r) in reqs.iter().enumerate() {
+                    if i > 0 && *ms > 0 {
+                        std::thread::sleep(Duration::from_millis(*ms));
+                    }
+                    let start = Instant::now();
+                    let ok = self.handle(r).is_ok();
+                    let us = start.elapsed().as_micros();
+                    took.push(if ok { us.to_string() } else { "E".into() });
+                }
+                Ok(took.join(" "))
+            }
+            Request::Append(p, data) => {
+                let fd = self.open_in(p, libc::O_WRONLY | libc::O_APPEND | libc::O_CREAT, 0o644)?;
+                sys::write_all(&fd, data).map_err(en)?;
+                Ok(String::new())
+            }
             Request::Timed(inner) => {
                 let start = Instant::now();
                 let r = self.handle(inner)?;

@@ -277,6 +277,14 @@ impl Agent {
         parse_reply(&line)
     }
 
+    /// [`call`](Self::call) for a request that may take up to `timeout` (a host tool's
+    /// whole run).
+    pub fn call_patient(&mut self, req: &Request, timeout: Duration) -> Result<Reply, String> {
+        self.send_line(&req.encode())?;
+        let line = self.recv_line(timeout)?;
+        parse_reply(&line)
+    }
+
     fn ok(&mut self, req: Request) -> Result<String, String> {
         let what = req.encode();
         let what: String = what.chars().take(80).collect();

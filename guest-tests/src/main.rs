@@ -13,6 +13,7 @@ mod agent;
 mod bench;
 mod client;
 mod harness;
+mod hostcost;
 mod model;
 mod proto;
 mod relay;
@@ -40,6 +41,11 @@ usage:
       16384 bytes): a checked cold pass, then R (default 20) warm passes of
       readdir + stat + open + read + close; prints one JSON line. --create
       makes the tree instead (host side; qemu/bench-tree.sh).
+  guest-tests hostcost [--dir DIR] [--files N] [--label NAME]
+      What caching costs host tools (qemu/host-cost.sh): the host agent rewrites
+      N files in DIR/hostcost in place (guest idle, then reading in a loop),
+      saves them by rename, and appends to a log every 50 ms; prints one
+      HOSTCOST line per workload (host wall time, holds, stale guest reads).
   guest-tests stress [--dir DIR] [--name NAME] [--rounds N] [--seconds N] [--seed S]
                      [--kinds LIST] [--storm N] [--readers N] [--max-wait-ms MS]
                      [--late-ms MS] [--strict-namespace-ms MS] [--agent-path SOCK] [--peer]
@@ -162,6 +168,26 @@ fn main() {
             let share = share.unwrap_or_else(|| die("host-agent needs --share DIR"));
             let listen = listen.unwrap_or_else(|| die("host-agent needs --listen SOCKPATH"));
             agent::main(&share, &listen, qmp, verbose)
+        }
+        "hostcost" => {
+            let mut o = hostcost::Opts {
+                dir: PathBuf::from("/mnt"),
+                files: 200,
+                label: "unnamed".into(),
+            };
+            while let Some(a) = it.next() {
+                match a.as_str() {
+                    "--dir" => o.dir = PathBuf::from(value(a, &mut it)),
+                    "--files" => o.files = positive(a, value(a, &mut it)) as usize,
+                    "--label" => o.label = value(a, &mut it),
+                    "-h" | "--help" => {
+                        print!("{USAGE}");
+                        std::process::exit(0);
+                    }
+                    other => die(&format!("unknown option {other:?}")),
+                }
+            }
+            hostcost::main(o)
         }
         "bench-tree" => {
             let mut o = bench::Opts {

@@ -125,6 +125,12 @@ pub enum Request {
     /// (`cont`) after the milliseconds given (or when the request is done,
     /// if later); replies `OK <hex of the inner reply line>`.
     Pause(u64, Box<Request>),
+    /// Runs the inner requests one after another, as one host tool would, sleeping the
+    /// milliseconds given between them; replies `OK <us>...`, the microseconds each took
+    /// (`E` for one that failed).
+    Seq(u64, Vec<Request>),
+    /// `echo data >> path`: open O_WRONLY|O_APPEND|O_CREAT, write, close.
+    Append(Vec<u8>, Vec<u8>),
 }
 
 impl Request {
@@ -162,6 +168,15 @@ impl Request {
                 s
             }
             Request::Pause(ms, r) => format!("PAUSE {ms} {}", h(r.encode().as_bytes())),
+            Request::Seq(ms, rs) => {
+                let mut s = format!("SEQ {ms}");
+                for r in rs {
+                    s.push(' ');
+                    s.push_str(&h(r.encode().as_bytes()));
+                }
+                s
+            }
+            Request::Append(p, data) => format!("APPEND {} {}", h(p), h(data)),
         }
     }
 
@@ -295,6 +310,21 @@ impl Request {
             "PAUSE" => {
                 want(2)?;
                 Request::Pause(num(args[0], "milliseconds")?, Box::new(inner(args[1])?))
+            }
+            "SEQ" => {
+                if args.is_empty() {
+                    return Err("SEQ takes milliseconds and requests".into());
+                }
+                let rs = args[1..]
+                    .iter()
+                    .map(|a| inner(a))
+                    .collect::<Result<Vec<_>, _>>()?;
+                Request::Seq(num(args[0], "milliseconds")?, rs)
+            }
+            "APPEND" => {
+                want(2)?;
+                let data = hex_decode(args[1]).map_err(|e| format!("bad hex data: {e}"))?;
+                Request::Append(path(args[0])?, data)
             }
             "TIMED" => return Err("TIMED needs a request".into()),
             "" => return Err("empty request".into()),
@@ -493,6 +523,14 @@ mod tests {
             Request::Pause(
                 5000,
                 Box::new(Request::Par(vec![Request::Truncate(b"f".to_vec(), 0)])),
+            ),
+            Request::Seq(0, vec![]),
+            Request::Seq(
+                50,
+                vec![
+                    Request::Append(b"log".to_vec(), b"line\n".to_vec()),
+                    Request::Save(b"f".to_vec(), b"x".to_vec()),
+                ],
             ),
         ];
         for r in reqs {
