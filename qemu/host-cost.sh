@@ -23,7 +23,8 @@
 #   virtiofsd-auto      virtiofsd 1.14 --cache auto
 #   virtiofsd-always    virtiofsd 1.14 --cache always
 #
-# Output: DIR/results.md (a table, also printed) and DIR/logs/ (default
+# Output: DIR/results.md (a table, also printed), DIR/host-cost.svg (the blocked time per
+# workload and configuration, qemu/plot-host-cost.py) and DIR/logs/ (default
 # build/host-cost/<time>/). Run on an otherwise idle machine: a TCG guest is slow and noisy.
 set -euo pipefail
 . "$(dirname "${BASH_SOURCE[0]}")/lib.sh"
@@ -96,5 +97,9 @@ done
     }' "$out/results.txt"
 } > "$out/results.md"
 cat "$out/results.md"
+if command -v python3 >/dev/null 2>&1 && [ -s "$out/results.txt" ]; then
+    python3 "$LEASEFS_QEMU_DIR/plot-host-cost.py" "$out/results.txt" "$out/host-cost.svg" \
+        && log "plot: $out/host-cost.svg"
+fi
 log "results: $out/results.md"
 exit "$failed"
