@@ -92,41 +92,21 @@ pub fn open(options: &Options, root: &Path) -> io::Result<Fs> {
 /// `--inode-file-handles=mandatory` must fail at start-up where file handles do not work,
 /// rather than silently falling back to descriptors.
 pub fn check_file_handles(root: &Path) -> io::Result<()> {
-    use std::ffi::CString;
-    use std::os::unix::ffi::OsStrExt;
+    use std::os::fd::AsRawFd;
+    use std::os::unix::fs::OpenOptionsExt;
 
-    const MAX_HANDLE_SZ: usize = 128;
-    #[repr(C)]
-    struct FileHandle {
-        bytes: u32,
-        kind: i32,
-        data: [u8; MAX_HANDLE_SZ],
-    }
-    let path = CString::new(root.as_os_str().as_bytes())?;
-    let mut handle = FileHandle {
-        bytes: MAX_HANDLE_SZ as u32,
-        kind: 0,
-        data: [0; MAX_HANDLE_SZ],
-    };
-    let mut mount_id = 0;
-    // SAFETY: the handle buffer is MAX_HANDLE_SZ bytes as announced in `bytes`.
-    let rc = unsafe {
-        libc::name_to_handle_at(
-            libc::AT_FDCWD,
-            path.as_ptr(),
-            &mut handle as *mut FileHandle as *mut libc::file_handle,
-            &mut mount_id,
-            0,
-        )
-    };
-    if rc != 0 {
-        let e = io::Error::last_os_error();
-        return Err(io::Error::new(
-            e.kind(),
-            format!("--inode-file-handles=mandatory: the shared directory's filesystem does not support file handles: {e}"),
-        ));
-    }
-    Ok(())
+    std::fs::OpenOptions::new()
+        .read(true)
+        .custom_flags(libc::O_PATH | libc::O_DIRECTORY)
+        .open(root)
+        .and_then(|dir| crate::passthrough::FileHandle::of(dir.as_raw_fd()))
+        .map(drop)
+        .map_err(|e| {
+            io::Error::new(
+                e.kind(),
+                format!("--inode-file-handles=mandatory: the shared directory's filesystem does not support file handles: {e}"),
+            )
+        })
 }
 
 #[cfg(test)]

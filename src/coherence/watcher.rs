@@ -32,7 +32,7 @@ use std::thread;
 use log::{debug, info, warn};
 
 use crate::coherence::notifier::{Notification, Notifier};
-use crate::passthrough::{InodeData, InodeObserver, PassthroughFs};
+use crate::passthrough::{FileHandle, InodeData, InodeObserver, PassthroughFs};
 
 const FAN_CLOEXEC: libc::c_uint = 0x1;
 const FAN_CLASS_NOTIF: libc::c_uint = 0x0;
@@ -66,8 +66,6 @@ const NAMESPACE_EVENTS: u64 = FAN_CREATE
     | FAN_ATTRIB
     | FAN_EVENT_ON_CHILD
     | FAN_ONDIR;
-/// `MAX_HANDLE_SZ` of linux/exportfs.h.
-const MAX_HANDLE_SZ: usize = 128;
 
 /// `struct fanotify_event_metadata`.
 #[repr(C)]
@@ -346,38 +344,12 @@ fn target_fid(record: &[u8], metadata_len: usize) -> Option<Vec<u8>> {
     Some(record_handle(this)?.0)
 }
 
-/// The key [`dfid_name`] and [`target_fid`] report for the inode open as `fd`: handle type and
-/// bytes.
-fn handle_key(fd: RawFd) -> io::Result<Vec<u8>> {
-    let mut buf = [0u8; 8 + MAX_HANDLE_SZ];
-    buf[0..4].copy_from_slice(&(MAX_HANDLE_SZ as u32).to_ne_bytes());
-    let mut mount_id: libc::c_int = 0;
-    // SAFETY: buf is a struct file_handle with room for MAX_HANDLE_SZ bytes; the empty path
-    // with AT_EMPTY_PATH names `fd` itself.
-    let rc = unsafe {
-        libc::syscall(
-            libc::SYS_name_to_handle_at,
-            fd,
-            c"".as_ptr(),
-            buf.as_mut_ptr(),
-            &mut mount_id,
-            libc::AT_EMPTY_PATH,
-        )
-    };
-    if rc < 0 {
-        return Err(io::Error::last_os_error());
-    }
-    let handle_bytes =
-        (u32::from_ne_bytes(buf[0..4].try_into().unwrap()) as usize).min(MAX_HANDLE_SZ);
-    Ok(buf[4..8 + handle_bytes].to_vec())
-}
-
 /// The key fanotify's file-handle records name `data`'s host inode by: its stored handle, or
 /// one asked for now (a node that holds a descriptor).
 fn key_of(data: &InodeData) -> io::Result<Vec<u8>> {
     match data.file.handle() {
         Some(handle) => Ok(handle.key()),
-        None => handle_key(data.fd()?.as_raw_fd()),
+        None => Ok(FileHandle::of(data.fd()?.as_raw_fd())?.key()),
     }
 }
 

@@ -72,6 +72,7 @@ use std::time::Duration;
 use fuse_backend_rs::abi::fuse_abi::{stat64, ATTR_SUBMOUNT};
 use fuse_backend_rs::api::filesystem::{Entry, OpenOptions};
 
+pub(crate) use file_handle::FileHandle;
 pub use file_handle::InodeFd;
 pub use handle::HandleData;
 pub use idmap::IdTranslation;
@@ -117,7 +118,7 @@ pub fn statx_info(data: &InodeData) -> io::Result<stat64> {
     Ok(statx_fd(data.fd()?.as_raw_fd())?.st)
 }
 
-use file_handle::{FileHandle, InodeFile, MountFds};
+use file_handle::{InodeFile, MountFds};
 use handle::HandleTable;
 use inode::{GuestNames, InodeTable};
 use util::{ebadf, einval, fd_name, is_dir, openat, statx_fd};
