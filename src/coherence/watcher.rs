@@ -440,7 +440,7 @@ impl HostWatcher {
         let (deleted, still_linked): (Vec<u64>, Vec<u64>) = if event.mask & FAN_DELETE != 0 {
             self.known_child(record, event.metadata_len as usize)
                 .into_iter()
-                .partition(|&node| !matches!(host_link_count(fs, node), Some(n) if n > 0))
+                .partition(|&node| !still_linked(fs, node))
         } else {
             (Vec::new(), Vec::new())
         };
@@ -586,20 +586,12 @@ impl HostWatcher {
     }
 }
 
-/// How many names the host inode behind node `node` has now; None if it cannot be seen.
-fn host_link_count(fs: &PassthroughFs, node: u64) -> Option<u64> {
-    let data = fs.inode_fd(node)?;
-    // An inode gone from the host has no links (and with a file handle cannot be opened).
-    let Ok(fd) = data.fd() else {
-        return Some(0);
-    };
-    // SAFETY: stat64 is plain data, filled by a successful fstat.
-    let mut st: libc::stat64 = unsafe { std::mem::zeroed() };
-    // SAFETY: a valid descriptor and out pointer.
-    if unsafe { libc::fstat64(fd.as_raw_fd(), &mut st) } < 0 {
-        return None;
-    }
-    Some(st.st_nlink)
+/// Whether the host inode behind node `node` still has a name. One gone from the host (or
+/// that cannot be seen: with a file handle it cannot even be opened) has none.
+fn still_linked(fs: &PassthroughFs, node: u64) -> bool {
+    fs.inode_fd(node)
+        .and_then(|data| crate::passthrough::statx_info(&data).ok())
+        .is_some_and(|st| st.st_nlink > 0)
 }
 
 /// The node ids of `name` in directory node `dir`, if the guest knows that inode.
