@@ -60,16 +60,9 @@ struct Run {
 
 impl Run {
     fn line(&self, label: &str) -> String {
-        let mut h = self.holds_us.clone();
-        h.sort_unstable();
-        let pct = |p: f64| -> f64 {
-            if h.is_empty() {
-                return 0.0;
-            }
-            let rank = ((p / 100.0) * h.len() as f64).ceil() as usize;
-            h[rank.clamp(1, h.len()) - 1] as f64 / 1000.0
-        };
-        let blocked: u64 = h.iter().sum();
+        let ms: Vec<f64> = self.holds_us.iter().map(|&us| us as f64 / 1000.0).collect();
+        let pct = |p: f64| crate::model::pct(&ms, p);
+        let blocked: u64 = self.holds_us.iter().sum();
         format!(
             "HOSTCOST config={label} workload={} host_wall_ms={:.0} blocked_ms={:.0} hold_p50_ms={:.1} hold_p99_ms={:.1} hold_max_ms={:.1} calls={} guest_reads={} stale_reads={}",
             self.name,
@@ -78,7 +71,7 @@ impl Run {
             pct(50.0),
             pct(99.0),
             pct(100.0),
-            h.len(),
+            ms.len(),
             self.reads,
             self.stale
         )

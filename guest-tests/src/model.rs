@@ -1997,7 +1997,8 @@ fn connect(o: &Opts) -> Result<Agent, String> {
     Ok(a)
 }
 
-fn pct(v: &[f64], p: f64) -> f64 {
+/// The `p`th percentile of `v` (nearest rank; 0 for none).
+pub(crate) fn pct(v: &[f64], p: f64) -> f64 {
     if v.is_empty() {
         return 0.0;
     }
