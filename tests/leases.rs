@@ -417,3 +417,84 @@ fn a_host_rewrite_of_a_tree_the_guest_keeps_reading_waits_about_one_lease() {
         totals[1]
     );
 }
+
+/// A counter from the lease table's line the daemon logs on SIGUSR1: the number before
+/// `words` (e.g. "open for writing", "retries deferred").
+fn lease_counter(backend: &Backend, words: &str) -> u64 {
+    let before = backend.log().matches("leases: ").count();
+    // SAFETY: a signal to the daemon we started.
+    unsafe { libc::kill(backend.pid() as i32, libc::SIGUSR1) };
+    let deadline = Instant::now() + Duration::from_secs(5);
+    let log = loop {
+        let log = backend.log();
+        if log.matches("leases: ").count() > before || Instant::now() > deadline {
+            break log;
+        }
+        thread::sleep(Duration::from_millis(10));
+    };
+    let line = log
+        .lines()
+        .rev()
+        .find(|l| l.contains("leases: "))
+        .expect("the lease counters in the daemon log");
+    let at = line
+        .find(words)
+        .unwrap_or_else(|| panic!("no '{words}' in {line}"));
+    line[..at]
+        .split([' ', '(', ','])
+        .rfind(|w| !w.is_empty())
+        .and_then(|w| w.parse().ok())
+        .unwrap_or_else(|| panic!("no count before '{words}' in {line}"))
+}
+
+#[test]
+fn a_host_lease_that_cannot_be_had_is_not_retried_per_request() {
+    let (backend, fuse) = start("0.6");
+    let path = backend.share().join("busy");
+    fs::write(&path, b"log line\n").unwrap();
+    // A host logger keeps the file open for writing: no read lease can be had.
+    let logger = OpenOptions::new().append(true).open(&path).unwrap();
+    let entry = fuse.lookup(ROOT_ID, "busy").expect("LOOKUP");
+    assert_eq!(
+        valid(entry.attr_valid, entry.attr_valid_nsec),
+        Duration::ZERO
+    );
+    let start = Instant::now();
+    const REQUESTS: u64 = 200;
+    for _ in 0..REQUESTS {
+        let attr = fuse.getattr(entry.nodeid).expect("GETATTR");
+        assert_eq!(
+            valid(attr.attr_valid, attr.attr_valid_nsec),
+            Duration::ZERO,
+            "no host lease, no attribute time"
+        );
+    }
+    let elapsed_ms = start.elapsed().as_millis() as u64;
+    let attempts = lease_counter(&backend, "open for writing");
+    let deferred = lease_counter(&backend, "retries deferred");
+    // The first refusal backs off 100 ms, doubling: the LOOKUP's attempt, then at most one
+    // more per 100 ms the GETATTRs took.
+    assert!(
+        attempts >= 1 && attempts <= 2 + elapsed_ms / 100,
+        "{attempts} lease attempts for {REQUESTS} GETATTRs in {elapsed_ms} ms"
+    );
+    assert!(
+        deferred + attempts > REQUESTS,
+        "{deferred} deferred, {attempts} attempts"
+    );
+    // The logger closes: once the back-off has passed, the lease is taken again.
+    drop(logger);
+    let closed = Instant::now();
+    loop {
+        let attr = fuse.getattr(entry.nodeid).expect("GETATTR");
+        if valid(attr.attr_valid, attr.attr_valid_nsec) == LEASE {
+            break;
+        }
+        assert!(
+            closed.elapsed() < Duration::from_secs(6),
+            "no lease 6 s after the writer closed (the back-off is at most 5 s)\n{}",
+            backend.log()
+        );
+        thread::sleep(Duration::from_millis(20));
+    }
+}

@@ -95,6 +95,10 @@ pub struct Adaptive {
     share_until_ns: u64,
     /// Recent (time, directory) of host writes, for share-wide bursts.
     recent: VecDeque<(u64, u64)>,
+    /// No deadline of any entry is later than this: from then on [`Adaptive::withheld`]
+    /// answers `None` for every inode and changes nothing that matters, so callers may skip it
+    /// (and the lock around it) on a clock check. Only moves forward.
+    busy_until_ns: u64,
 }
 
 impl Adaptive {
@@ -105,6 +109,7 @@ impl Adaptive {
             dirs: HashMap::new(),
             share_until_ns: 0,
             recent: VecDeque::new(),
+            busy_until_ns: 0,
         }
     }
 
@@ -135,11 +140,15 @@ impl Adaptive {
             base
         };
         entry.until_ns = entry.until_ns.max(now_ns.saturating_add(entry.period_ns));
+        // The inode's ctime is watched for one more period after its cool-down.
+        let remembered_until = entry.until_ns.saturating_add(entry.period_ns);
+        self.busy_until_ns = self.busy_until_ns.max(remembered_until);
 
         let window = self.cfg.burst_window.as_nanos() as u64;
         for &dir in parents {
             let until = self.dirs.entry(dir).or_default();
             *until = (*until).max(now_ns.saturating_add(window));
+            self.busy_until_ns = self.busy_until_ns.max(*until);
             self.recent.push_back((now_ns, dir));
         }
         while self
@@ -154,6 +163,7 @@ impl Adaptive {
         dirs.dedup();
         if dirs.len() >= self.cfg.burst_dirs.max(1) {
             self.share_until_ns = self.share_until_ns.max(now_ns.saturating_add(window));
+            self.busy_until_ns = self.busy_until_ns.max(self.share_until_ns);
         }
     }
 
@@ -192,6 +202,11 @@ impl Adaptive {
             return Some(Withheld::Share);
         }
         None
+    }
+
+    /// Host time from which nothing is cooling or remembered (see `busy_until_ns`).
+    pub fn busy_until(&self) -> u64 {
+        self.busy_until_ns
     }
 
     /// Forget what is over at `now_ns` (bounded memory: entries live at most two periods or
@@ -330,5 +345,29 @@ mod tests {
         a.expire(10 * S + 200 * S);
         assert_eq!(a.inodes.len(), 0);
         assert_eq!(a.dirs.len(), 0);
+    }
+
+    #[test]
+    fn after_busy_until_nothing_is_withheld_whatever_was_written() {
+        let mut a = adaptive();
+        assert_eq!(a.busy_until(), 0, "a fresh state is idle");
+        for (i, dir) in [1u64, 2, 3, 1].iter().enumerate() {
+            a.host_wrote(10 + i as u64, &[*dir], i as u64 * 100 * MS);
+            a.host_wrote(10 + i as u64, &[*dir], i as u64 * 100 * MS + MS);
+        }
+        let idle = a.busy_until();
+        assert!(idle > 0);
+        // Right before it the last inode written is still watched: a ctime change then is a
+        // host write, which cools it again and moves the idle time on.
+        assert_eq!(a.withheld(13, &[1], 7, idle - 2 * MS), None);
+        assert_eq!(a.withheld(13, &[1], 8, idle - MS), Some(Withheld::Inode));
+        let idle = a.busy_until();
+        assert!(idle > 2 * S);
+        for node in 10..14 {
+            for dir in 1..4 {
+                assert_eq!(a.withheld(node, &[dir], 12345, idle), None);
+            }
+        }
+        assert_eq!(a.counts(idle), AdaptiveCounts::default());
     }
 }

@@ -8,6 +8,7 @@
 
 pub mod adaptive;
 pub mod guest_clock;
+pub mod host_lease;
 pub mod lease;
 pub mod notifier;
 pub mod watcher;
