@@ -3,18 +3,24 @@
 # (target/release/leasefs-bench): same machine, same share directory, one run.
 #
 #   benches/compare.sh [--seconds S] [--threads "1 2"] [--workloads "getattr lookup ..."]
-#                      [--out DIR] [--pin CPUS]
+#                      [--caches "default always"] [--virtiofsd-caches "auto always"]
+#                      [--out DIR] [--pin CPUS] [--leasefsd BIN --bench BIN [--label TEXT]]
 #
-# For every workload x thread count it runs, interleaved (the order rotates per cell):
-#   virtiofsd              (it offers one request queue)
-#   leasefsd  (leasefs-bench --queues 1: as many queues as virtiofsd)
-#   leasefsd  (leasefs-bench --queues T: one queue per thread; only when T > 1)
-# each against a freshly started daemon, and appends the bench's JSON line plus
-# "daemon" and "loadavg" fields to DIR/results.jsonl. benches/report.py then writes
-# DIR/results.md and DIR/results.svg. Run it on an otherwise idle machine: before each cell
-# it waits (up to $WAIT_IDLE seconds, default 600) while rustc, cargo, a linker, QEMU or
-# valgrind is running, and flags runs that overlapped one.
+# For every workload x thread count T it runs, interleaved (the order rotates per cell):
+#   virtiofsd --cache auto and --cache always   (it offers one request queue)
+#   leasefsd (no --cache: coherent, its default) and --cache always,
+#            each with leasefs-bench --queues 1 (as many queues as virtiofsd) and,
+#            when T > 1, --queues T (one queue per thread)
+# each against a freshly started daemon (--sandbox none), and appends the bench's JSON line
+# plus "daemon", "cache" and "loadavg" fields to DIR/results.jsonl. benches/report.py then
+# writes DIR/results.md and DIR/results.svg. Run it on an otherwise idle machine: before each
+# cell it waits (up to $WAIT_IDLE seconds, default 600) while rustc, cargo, a linker, QEMU or
+# valgrind is running, and flags runs that overlapped one. With the defaults (7 workloads,
+# 1 and 2 threads, 5 s) that is 70 runs, about 8 minutes.
 #
+# --caches / --virtiofsd-caches choose the cache modes (leasefsd: default = no --cache flag).
+# --leasefsd and --bench use given binaries instead of building the work tree (--label then
+# names them in the report, e.g. a commit).
 # --pin CPUS runs the daemon and the bench under `taskset -c CPUS`. On a VM whose idle vCPUs
 # are slow to wake (see docs/performance.md), --pin 0 removes the scheduler's random choice
 # of same-CPU or cross-CPU wake-ups, at the cost of measuring on one CPU.
@@ -26,9 +32,14 @@ ALL_WORKLOADS="getattr lookup read4k write4k read1m create-unlink readdirplus"
 WORKLOADS="$ALL_WORKLOADS"
 OUT=""
 PIN=""
+LEASEFSD_CACHES="default always"
+LEASEFSD=""
+BENCH=""
+LABEL=""
+VIRTIOFSD_CACHES="auto always"
 
 usage() {
-    sed -n '2,20p' "$0" | sed 's/^# \{0,1\}//'
+    awk 'NR > 1 && !/^#/ { exit } NR > 1' "$0" | sed 's/^# \{0,1\}//'
 }
 
 while [ $# -gt 0 ]; do
@@ -41,6 +52,16 @@ while [ $# -gt 0 ]; do
         --workloads=*) WORKLOADS="${1#*=}"; shift ;;
         --out) OUT="$2"; shift 2 ;;
         --out=*) OUT="${1#*=}"; shift ;;
+        --caches) LEASEFSD_CACHES="$2"; shift 2 ;;
+        --caches=*) LEASEFSD_CACHES="${1#*=}"; shift ;;
+        --virtiofsd-caches) VIRTIOFSD_CACHES="$2"; shift 2 ;;
+        --virtiofsd-caches=*) VIRTIOFSD_CACHES="${1#*=}"; shift ;;
+        --leasefsd) LEASEFSD="$2"; shift 2 ;;
+        --leasefsd=*) LEASEFSD="${1#*=}"; shift ;;
+        --bench) BENCH="$2"; shift 2 ;;
+        --bench=*) BENCH="${1#*=}"; shift ;;
+        --label) LABEL="$2"; shift 2 ;;
+        --label=*) LABEL="${1#*=}"; shift ;;
         --pin) PIN="$2"; shift 2 ;;
         --pin=*) PIN="${1#*=}"; shift ;;
         -h|--help) usage; exit 0 ;;
@@ -54,6 +75,18 @@ for w in $WORKLOADS; do
         *) echo "compare.sh: unknown workload '$w' (known: $ALL_WORKLOADS)" >&2; exit 2 ;;
     esac
 done
+for c in $LEASEFSD_CACHES; do
+    case "$c" in
+        default|coherent|auto|always|metadata|never) ;;
+        *) echo "compare.sh: bad leasefsd cache mode '$c'" >&2; exit 2 ;;
+    esac
+done
+for c in $VIRTIOFSD_CACHES; do
+    case "$c" in
+        auto|always|metadata|never) ;;
+        *) echo "compare.sh: bad virtiofsd cache mode '$c'" >&2; exit 2 ;;
+    esac
+done
 for t in $THREADS; do
     case "$t" in
         ''|*[!0-9]*|0) echo "compare.sh: bad thread count '$t'" >&2; exit 2 ;;
@@ -62,8 +95,8 @@ done
 
 REPO="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 cd "$REPO"
-TARGET_DIR="${CARGO_TARGET_DIR:-$REPO/target}"
-case "$TARGET_DIR" in /*) ;; *) TARGET_DIR="$REPO/$TARGET_DIR" ;; esac
+# shellcheck source=benches/common.sh
+. "$REPO/benches/common.sh"
 [ -n "$OUT" ] || OUT="$REPO/build/bench/$(date +%Y%m%d-%H%M%S)"
 mkdir -p "$OUT/logs"
 OUT="$(cd "$OUT" && pwd)"
@@ -71,20 +104,10 @@ OUT="$(cd "$OUT" && pwd)"
 log() { echo "compare.sh: $*" >&2; }
 
 # --- build -------------------------------------------------------------------------------
-log "building leasefsd and leasefs-bench (release, target dir $TARGET_DIR)"
-cargo build --release --bin leasefs-bench --bin leasefsd
-LEASEFSD="$TARGET_DIR/release/leasefsd"
-BENCH="$TARGET_DIR/release/leasefs-bench"
+build_binaries
 
 # --- virtiofsd ---------------------------------------------------------------------------
 VIRTIOFSD=""
-find_virtiofsd() {
-    if command -v virtiofsd >/dev/null 2>&1; then
-        VIRTIOFSD="$(command -v virtiofsd)"
-    elif [ -x "$HOME/.cargo/bin/virtiofsd" ]; then
-        VIRTIOFSD="$HOME/.cargo/bin/virtiofsd"
-    fi
-}
 find_virtiofsd
 if [ -z "$VIRTIOFSD" ]; then
     log "virtiofsd not found; installing virtiofsd 1.14.0 with cargo (about a minute)"
@@ -111,14 +134,7 @@ WORK="$(mktemp -d "${TMPDIR:-/tmp}/leasefs-compare.XXXXXX")"
 SHARE="$WORK/share"
 mkdir "$SHARE"
 DAEMON_PID=""
-cleanup() {
-    if [ -n "$DAEMON_PID" ] && kill -0 "$DAEMON_PID" 2>/dev/null; then
-        kill "$DAEMON_PID" 2>/dev/null || true
-        wait "$DAEMON_PID" 2>/dev/null || true
-    fi
-    rm -rf "$WORK"
-}
-trap cleanup EXIT
+trap stop_daemon_and_clean EXIT
 trap 'exit 130' INT TERM
 
 loadavg() { cut -d' ' -f1-3 /proc/loadavg; }
@@ -148,7 +164,6 @@ wait_idle() {
         sleep 2
     fi
 }
-json_str() { python3 -c 'import json,sys; print(json.dumps(sys.argv[1]))' "$1"; }
 
 LOAD_START="$(loadavg)"
 case "$LOAD_START" in
@@ -159,15 +174,7 @@ esac
 # --- machine and versions (report.py reads meta.json) ------------------------------------
 CPU_MODEL="$(sed -n 's/^model name[[:space:]]*: //p' /proc/cpuinfo | head -n1)"
 [ -n "$CPU_MODEL" ] || CPU_MODEL="unknown"
-GIT_REV="$(git rev-parse --short HEAD 2>/dev/null || echo unknown)"
-# An uncommitted tree is named by a hash of its changes, so two runs can be told apart.
-GIT_TREE=""
-if [ -n "$(git status --porcelain -- src Cargo.toml Cargo.lock 2>/dev/null)" ]; then
-    GIT_REV="$GIT_REV+dirty"
-    GIT_TREE="$({ git diff HEAD -- src Cargo.toml Cargo.lock
-                  git ls-files -o --exclude-standard -z -- src | xargs -0 -r cat; } |
-                sha256sum | cut -c1-12)"
-fi
+leasefs_rev
 SHARE_FS="$(findmnt -n -o FSTYPE -T "$SHARE" 2>/dev/null || stat -f -c %T "$SHARE")"
 write_meta() {
     python3 - "$OUT/meta.json" <<EOF
@@ -186,7 +193,9 @@ meta = {
     "leasefs_tree": $(json_str "$GIT_TREE"),
     "virtiofsd_version": $(json_str "$VIRTIOFSD_VERSION"),
     "share_fs": $(json_str "$SHARE_FS"),
-    "daemon_args": "--cache always --sandbox none",
+    "daemon_args": "--sandbox none",
+    "leasefsd_caches": $(json_str "$LEASEFSD_CACHES"),
+    "virtiofsd_caches": $(json_str "$VIRTIOFSD_CACHES"),
     "pin": $(json_str "$PIN"),
 }
 with open(sys.argv[1], "w") as f:
@@ -200,35 +209,26 @@ RESULTS="$OUT/results.jsonl"
 : >"$RESULTS"
 
 # --- one run -----------------------------------------------------------------------------
-# run_one DAEMON WORKLOAD THREADS QUEUES
+# run_one DAEMON CACHE WORKLOAD THREADS QUEUES   (CACHE "default": no --cache flag)
 run_one() {
-    local daemon="$1" workload="$2" threads="$3" queues="$4"
-    local tag="$workload-t$threads-$daemon-q$queues"
+    local daemon="$1" cache="$2" workload="$3" threads="$4" queues="$5"
+    local tag="$workload-t$threads-$daemon-$cache-q$queues"
     local sock="$WORK/$tag.sock"
     local bin
     case "$daemon" in
         leasefsd) bin="$LEASEFSD" ;;
         virtiofsd) bin="$VIRTIOFSD" ;;
     esac
+    local args=(--sandbox none)
+    [ "$cache" = default ] || args+=(--cache "$cache")
     local pin=()
     [ -z "$PIN" ] || pin=(taskset -c "$PIN")
-    rm -f "$sock"
-    ${pin[@]+"${pin[@]}"} "$bin" --socket-path "$sock" --shared-dir "$SHARE" --cache always --sandbox none \
-        >"$OUT/logs/$tag.daemon.log" 2>&1 &
-    DAEMON_PID=$!
-    local i=0
-    while [ ! -S "$sock" ]; do
-        if ! kill -0 "$DAEMON_PID" 2>/dev/null || [ $i -ge 100 ]; then
+    if ! start_daemon "$sock" 100 "$OUT/logs/$tag.daemon.log" \
+        ${pin[@]+"${pin[@]}"} "$bin" --socket-path "$sock" --shared-dir "$SHARE" "${args[@]}"; then
             log "ERROR: $daemon did not create its socket (see $OUT/logs/$tag.daemon.log)"
-            kill "$DAEMON_PID" 2>/dev/null || true
-            wait "$DAEMON_PID" 2>/dev/null || true
-            DAEMON_PID=""
-            echo "{\"daemon\":\"$daemon\",\"workload\":\"$workload\",\"threads\":$threads,\"queues\":$queues,\"error\":\"daemon did not start\"}" >>"$RESULTS"
+            echo "{\"daemon\":\"$daemon\",\"cache\":\"$cache\",\"workload\":\"$workload\",\"threads\":$threads,\"queues\":$queues,\"error\":\"daemon did not start\"}" >>"$RESULTS"
             return 0
-        fi
-        sleep 0.1
-        i=$((i + 1))
-    done
+    fi
 
     local load line status=0 others
     load="$(loadavg)"
@@ -236,32 +236,22 @@ run_one() {
     line="$(${pin[@]+"${pin[@]}"} "$BENCH" --socket "$sock" --workload "$workload" --threads "$threads" \
         --queues "$queues" --seconds "$SECONDS_PER_RUN" --json 2>"$OUT/logs/$tag.bench.log")" || status=$?
 
-    # The daemon exits once the frontend disconnects; give it a moment, then stop it.
-    i=0
-    while kill -0 "$DAEMON_PID" 2>/dev/null && [ $i -lt 50 ]; do
-        sleep 0.1
-        i=$((i + 1))
-    done
-    if kill -0 "$DAEMON_PID" 2>/dev/null; then
-        log "note: $daemon still running after the bench disconnected; sending SIGTERM"
-        kill "$DAEMON_PID" 2>/dev/null || true
-    fi
-    wait "$DAEMON_PID" 2>/dev/null || true
-    DAEMON_PID=""
+    stop_daemon 50 "$daemon"
     rm -f "$sock"
 
     if [ $status -ne 0 ] || [ "${line:0:1}" != "{" ]; then
         local why
         why="$(tail -n1 "$OUT/logs/$tag.bench.log" 2>/dev/null || true)"
         log "ERROR: $tag: leasefs-bench exit status $status: $why"
-        echo "{\"daemon\":\"$daemon\",\"workload\":\"$workload\",\"threads\":$threads,\"queues\":$queues,\"loadavg\":\"$load\",\"error\":$(json_str "exit $status: $why")${line:+,\"partial\":$line}}" >>"$RESULTS"
+        echo "{\"daemon\":\"$daemon\",\"cache\":\"$cache\",\"workload\":\"$workload\",\"threads\":$threads,\"queues\":$queues,\"loadavg\":\"$load\",\"error\":$(json_str "exit $status: $why")${line:+,\"partial\":$line}}" >>"$RESULTS"
         return 0
     fi
     others="$others $(busy)"
+    # shellcheck disable=SC2086 # split on purpose
     others="$(echo $others | tr ' ' '\n' | sort -u | tr '\n' ' ' | sed 's/ $//')"
     [ -z "$others" ] || log "WARNING: $tag: ran while '$others' was running"
-    echo "{\"daemon\":\"$daemon\",\"loadavg\":\"$load\",\"others\":\"$others\",${line:1}" >>"$RESULTS"
-    python3 -c 'import json,sys; r=json.loads(sys.argv[1]); print("compare.sh:   %-10s q%-2s %12.1f ops/s  p50 %8.2f us  p99 %8.2f us" % (sys.argv[2], r["queues"], r["ops_per_sec"], r["p50_us"], r["p99_us"]), file=sys.stderr)' "$line" "$daemon"
+    echo "{\"daemon\":\"$daemon\",\"cache\":\"$cache\",\"loadavg\":\"$load\",\"others\":\"$others\",${line:1}" >>"$RESULTS"
+    python3 -c 'import json,sys; r=json.loads(sys.argv[1]); print("compare.sh:   %-10s %-8s q%-2s %12.1f ops/s  p50 %8.2f us  p99 %8.2f us" % (sys.argv[2], sys.argv[3], r["queues"], r["ops_per_sec"], r["p50_us"], r["p99_us"]), file=sys.stderr)' "$line" "$daemon" "$cache"
 }
 
 # --- the matrix --------------------------------------------------------------------------
@@ -271,17 +261,28 @@ cell=0
 for w in $WORKLOADS; do
     for t in $THREADS; do
         cell=$((cell + 1))
+        # daemon:cache:queues, interleaved so that a drift in the machine's speed during
+        # the cell does not favour one daemon.
         configs=()
-        [ -n "$VIRTIOFSD" ] && configs+=("virtiofsd:1")
-        configs+=("leasefsd:1")
-        [ "$t" -gt 1 ] && configs+=("leasefsd:$t")
-        # Rotate the order per cell so that neither daemon always runs first.
+        for c in $VIRTIOFSD_CACHES; do
+            [ -z "$VIRTIOFSD" ] || configs+=("virtiofsd:$c:1")
+        done
+        for c in $LEASEFSD_CACHES; do
+            configs+=("leasefsd:$c:1")
+        done
+        if [ "$t" -gt 1 ]; then
+            for c in $LEASEFSD_CACHES; do
+                configs+=("leasefsd:$c:$t")
+            done
+        fi
+        # Rotate the order per cell so that no configuration always runs first.
         n=${#configs[@]}
         wait_idle
         log "[$cell/$n_cells] $w, $t thread(s) (load $(loadavg))"
         for ((k = 0; k < n; k++)); do
             c="${configs[$(((k + cell) % n))]}"
-            run_one "${c%%:*}" "$w" "$t" "${c##*:}"
+            IFS=: read -r c_daemon c_cache c_queues <<<"$c"
+            run_one "$c_daemon" "$c_cache" "$w" "$t" "$c_queues"
         done
     done
 done

@@ -3,9 +3,11 @@
 
     benches/report.py DIR
 
-reads DIR/results.jsonl (one leasefs-bench JSON line per run, plus "daemon" and "loadavg")
-and DIR/meta.json (machine and versions, written by compare.sh), and writes DIR/results.md
-and DIR/results.svg (ops/s and p99 latency, one panel per workload). Standard library only.
+reads DIR/results.jsonl (one leasefs-bench JSON line per run, plus "daemon", "cache" and
+"loadavg") and DIR/meta.json (machine and versions, written by compare.sh), and writes
+DIR/results.md (runs, ratios, targets) and DIR/results.svg (ops/s and p99 latency, one panel
+per workload). Results without "cache" (older runs) count as --cache always for both
+daemons. Standard library only.
 """
 
 import json
@@ -15,16 +17,33 @@ import sys
 from xml.sax.saxutils import escape
 
 WORKLOAD_ORDER = ["getattr", "lookup", "read4k", "write4k", "read1m", "create-unlink", "readdirplus"]
-# "Small metadata operations" for the 1.3x multi-queue target.
+# "Small metadata operations" for the 1.3x multi-queue target (issue 3).
 METADATA = {"getattr", "lookup", "create-unlink"}
 MQ_TARGET = 1.3
+# Issue 13: the coherent default within 5% of --cache always on these.
+COHERENT_TARGET = 0.95
+COHERENT_WORKLOADS = {"getattr", "lookup", "read4k"}
 
-COLOURS = {"virtiofsd": "#e6862e", "leasefsd-1q": "#9ecae1", "leasefsd-mq": "#2166ac"}
+# Configurations: virtiofsd-<cache> (one request queue) and leasefsd-<cache>-1q / -mq.
+# Results from before leasefsd's default was measured carry no "cache": both daemons then
+# ran --cache always.
+COLOURS = {
+    "virtiofsd-auto": "#fdb863", "leasefsd-default-1q": "#a6dba0", "leasefsd-default-mq": "#1b7837",
+    "virtiofsd-always": "#e66101", "leasefsd-always-1q": "#92c5de", "leasefsd-always-mq": "#2166ac",
+}
 LEGEND = [
-    ("virtiofsd", "virtiofsd 1.14 (1 request queue)"),
-    ("leasefsd-1q", "leasefsd, 1 request queue"),
-    ("leasefsd-mq", "leasefsd, 1 request queue per thread"),
+    ("virtiofsd-auto", "virtiofsd 1.14 --cache auto"),
+    ("leasefsd-default-1q", "leasefsd default (coherent), 1 queue"),
+    ("leasefsd-default-mq", "leasefsd default, 1 queue per thread"),
+    ("virtiofsd-always", "virtiofsd 1.14 --cache always"),
+    ("leasefsd-always-1q", "leasefsd --cache always, 1 queue"),
+    ("leasefsd-always-mq", "leasefsd --cache always, 1 queue per thread"),
 ]
+# What each leasefsd configuration is set against on the plot (the ratio over its bar).
+PLOT_BASE = {
+    "leasefsd-default-1q": "virtiofsd-auto", "leasefsd-default-mq": "virtiofsd-auto",
+    "leasefsd-always-1q": "virtiofsd-always", "leasefsd-always-mq": "virtiofsd-always",
+}
 
 
 def load(path):
@@ -41,11 +60,22 @@ def load(path):
     return runs
 
 
+def load_meta(d, who):
+    """DIR/meta.json (what the run was: machine, versions, options), or {} with a note."""
+    try:
+        with open(os.path.join(d, "meta.json")) as f:
+            return json.load(f)
+    except (OSError, json.JSONDecodeError) as e:
+        print(f"{who}: no meta.json ({e})", file=sys.stderr)
+        return {}
+
+
 def config_of(run):
-    """virtiofsd / leasefsd-1q / leasefsd-mq."""
+    """virtiofsd-<cache> / leasefsd-<cache>-1q / leasefsd-<cache>-mq."""
+    cache = run.get("cache", "always")
     if run["daemon"] != "leasefsd":
-        return run["daemon"]
-    return "leasefsd-1q" if int(run["queues"]) == 1 else "leasefsd-mq"
+        return f"{run['daemon']}-{cache}"
+    return f"leasefsd-{cache}-" + ("1q" if int(run["queues"]) == 1 else "mq")
 
 
 def workload_key(w):
@@ -55,6 +85,10 @@ def workload_key(w):
 def config_key(c):
     order = [k for k, _ in LEGEND]
     return (order.index(c) if c in order else len(order), c)
+
+
+def label_of(c):
+    return dict(LEGEND).get(c, c)
 
 
 def aggregate(runs):
@@ -81,11 +115,12 @@ def aggregate(runs):
     return out
 
 
-def ratio(cells, w, t, config):
-    a, b = cells.get((w, t, config)), cells.get((w, t, "virtiofsd"))
-    if not a or not b or "error" in a or "error" in b or not b["ops_per_sec"]:
+def ratio(cells, w, t, a, b):
+    """ops/s of configuration a ÷ ops/s of b in the same cell, or None."""
+    ra, rb = cells.get((w, t, a)), cells.get((w, t, b))
+    if not ra or not rb or "error" in ra or "error" in rb or not rb["ops_per_sec"]:
         return None
-    return a["ops_per_sec"] / b["ops_per_sec"]
+    return ra["ops_per_sec"] / rb["ops_per_sec"]
 
 
 def fmt_ops(x):
@@ -105,9 +140,16 @@ def fmt_us(x):
     return f"{x:,.1f}" if x < 1000 else f"{x:,.0f}"
 
 
+def fmt_ratio(x, bold=True):
+    if x is None:
+        return "—"
+    return f"**{x:.2f}×**" if bold else f"{x:.2f}×"
+
+
 def markdown(cells, meta, runs):
     workloads = sorted({k[0] for k in cells}, key=workload_key)
     threads = sorted({k[1] for k in cells})
+    configs = {k[2] for k in cells}
     lines = []
     lines.append("# leasefsd vs virtiofsd (leasefs-bench)")
     lines.append("")
@@ -120,33 +162,36 @@ def markdown(cells, meta, runs):
     if loads:
         load_line += f"; 1-min load before each run {min(loads):.2f} to {max(loads):.2f}"
     lines.append(load_line)
+    modes = ""
+    if m.get("leasefsd_caches") or m.get("virtiofsd_caches"):
+        modes = (f"; leasefsd {', '.join('no --cache (coherent)' if c == 'default' else '--cache ' + c for c in m.get('leasefsd_caches', '').split())}"
+                 f"; virtiofsd {', '.join('--cache ' + c for c in m.get('virtiofsd_caches', '').split())}")
     lines.append(f"- leasefs {m.get('leasefs_rev', '?')}{' (uncommitted tree ' + m['leasefs_tree'] + ')' if m.get('leasefs_tree') else ''}; {m.get('virtiofsd_version', '?')}; "
-                 f"both daemons `{m.get('daemon_args', '')}`")
+                 f"both daemons `{m.get('daemon_args', '')}`{modes}")
     if m.get("pin"):
         lines.append(f"- pinned: daemon and bench ran under `taskset -c {m['pin']}`")
     else:
         lines.append("- not pinned: the scheduler placed the daemon's and the bench's threads")
     lines.append("")
-    lines.append("| workload | threads | daemon | queues | ops/s | p50 µs | p99 µs | vs virtiofsd | max_write |")
-    lines.append("|---|---:|---|---:|---:|---:|---:|---:|---:|")
+    lines.append("| workload | threads | daemon | cache | queues | ops/s | p50 µs | p99 µs | max_write |")
+    lines.append("|---|---:|---|---|---:|---:|---:|---:|---:|")
     for w in workloads:
         for t in threads:
             for c in sorted({k[2] for k in cells if k[0] == w and k[1] == t}, key=config_key):
                 r = cells[(w, t, c)]
                 daemon = r["daemon"]
+                cache = r.get("cache", "always")
                 q = r.get("queues", "?")
                 if "error" in r:
-                    lines.append(f"| {w} | {t} | {daemon} | {q} | failed: {escape(str(r['error']))[:80]} | | | | |")
+                    lines.append(f"| {w} | {t} | {daemon} | {cache} | {q} | failed: {escape(str(r['error']))[:80]} | | | |")
                     continue
-                rt = ratio(cells, w, t, c) if daemon != "virtiofsd" else None
-                rts = f"**{rt:.2f}×**" if rt is not None else ("—" if daemon != "virtiofsd" else "1.00×")
                 note = " †" if r.get("others") else ""
                 if r.get("failed"):
                     note = f" ({r['failed']} of {r['n']} runs failed)"
                 elif r.get("n", 1) > 1:
                     note = f" (median of {r['n']})"
-                lines.append(f"| {w} | {t} | {daemon} | {q} | {fmt_ops(r['ops_per_sec'])}{note} | "
-                             f"{fmt_us(r['p50_us'])} | {fmt_us(r['p99_us'])} | {rts} | {fmt_size(r.get('max_write'))} |")
+                lines.append(f"| {w} | {t} | {daemon} | {cache} | {q} | {fmt_ops(r['ops_per_sec'])}{note} | "
+                             f"{fmt_us(r['p50_us'])} | {fmt_us(r['p99_us'])} | {fmt_size(r.get('max_write'))} |")
     disturbed = sorted({r["others"] for r in cells.values() if r.get("others")})
     if disturbed:
         lines.append("")
@@ -154,33 +199,66 @@ def markdown(cells, meta, runs):
                      "treat it with suspicion.")
     lines.append("")
 
-    if any(k[2] == "virtiofsd" for k in cells):
-        lines.append("## Against the targets")
+    # Ratios: one row per workload, thread count and leasefsd queue count.
+    cols = [("leasefsd-default", "virtiofsd-auto", "default ÷ virtiofsd auto"),
+            ("leasefsd-default", "virtiofsd-always", "default ÷ virtiofsd always"),
+            ("leasefsd-always", "virtiofsd-always", "always ÷ virtiofsd always"),
+            ("leasefsd-default", "leasefsd-always", "default ÷ always")]
+
+    def conf(name, q):
+        return name if name.startswith("virtiofsd") else f"{name}-{q}"
+
+    cols = [c for c in cols if any(k.startswith(c[0]) for k in configs) and any(k.startswith(c[1]) for k in configs)]
+    if cols:
+        lines.append("## Ratios")
         lines.append("")
-        lines.append("Ratio = leasefsd ops/s ÷ virtiofsd ops/s in the same cell. Targets: at least 1.0× on "
-                     "every workload (judged with leasefsd on one request queue, like virtiofsd), and "
-                     f"{MQ_TARGET}× on small metadata operations ({', '.join(sorted(METADATA))}) with one "
-                     "request queue per thread (threads > 1). One run per cell: differences of a few per "
-                     "cent are within run-to-run noise.")
+        lines.append("ops/s ÷ ops/s in the same cell (above 1: the first is faster). virtiofsd always "
+                     "uses one request queue; \"leasefsd queues\" is the queue count of the leasefsd "
+                     "runs in the row (for default ÷ always both use it). One run per cell: a few per "
+                     "cent either way is within run-to-run noise.")
         lines.append("")
-        lines.append("| workload | threads | leasefsd 1 queue | leasefsd 1 queue/thread | target | met |")
-        lines.append("|---|---:|---:|---:|---|---|")
+        lines.append("| workload | threads | leasefsd queues | " + " | ".join(c[2] for c in cols) + " |")
+        lines.append("|---|---:|---:|" + "---:|" * len(cols))
         for w in workloads:
             for t in threads:
-                r1 = ratio(cells, w, t, "leasefsd-1q")
-                rm = ratio(cells, w, t, "leasefsd-mq") if t > 1 else None
+                for q in (["1q", "mq"] if t > 1 else ["1q"]):
+                    vals = [ratio(cells, w, t, conf(a, q), conf(b, q)) for a, b, _ in cols]
+                    if all(v is None for v in vals):
+                        continue
+                    lines.append(f"| {w} | {t} | {1 if q == '1q' else t} | " +
+                                 " | ".join(fmt_ratio(v) for v in vals) + " |")
+        lines.append("")
+
+    if any(k.startswith("virtiofsd") for k in configs) or ("leasefsd-default-1q" in configs and "leasefsd-always-1q" in configs):
+        lines.append("## Against the targets")
+        lines.append("")
+        lines.append("Issue 3: at least 1.0× virtiofsd on every workload (leasefsd on one request queue, "
+                     f"like virtiofsd), and {MQ_TARGET}× on small metadata operations "
+                     f"({', '.join(sorted(METADATA))}) with one request queue per thread (threads > 1); "
+                     "judged for leasefsd --cache always against virtiofsd --cache always and for "
+                     "leasefsd's default against virtiofsd's (--cache auto). Issue 13: leasefsd's "
+                     f"default at least {COHERENT_TARGET}× its --cache always on "
+                     f"{', '.join(sorted(COHERENT_WORKLOADS))} (same queue count).")
+        lines.append("")
+        lines.append("| workload | threads | target | always ÷ virtiofsd always | met | default ÷ virtiofsd auto | met "
+                     f"| default ÷ always (1 queue) | ≥ {COHERENT_TARGET}× |")
+        lines.append("|---|---:|---|---:|---|---:|---|---:|---|")
+        for w in workloads:
+            for t in threads:
                 if w in METADATA and t > 1:
-                    target, got = f"{MQ_TARGET}× (multi-queue)", rm
-                    goal = MQ_TARGET
+                    target, goal, q = f"{MQ_TARGET}× (multi-queue)", MQ_TARGET, "mq"
                 else:
-                    target, got = "1.0×", r1
-                    goal = 1.0
-                met = "?" if got is None else ("yes" if got >= goal else "**no**")
-                f = lambda x: "—" if x is None else f"{x:.2f}×"
-                lines.append(f"| {w} | {t} | {f(r1)} | {f(rm)} | {target} | {met} |")
+                    target, goal, q = "1.0×", 1.0, "1q"
+                ra = ratio(cells, w, t, f"leasefsd-always-{q}", "virtiofsd-always")
+                rd = ratio(cells, w, t, f"leasefsd-default-{q}", "virtiofsd-auto")
+                rc = ratio(cells, w, t, "leasefsd-default-1q", "leasefsd-always-1q")
+                met = lambda x, g: "?" if x is None else ("yes" if x >= g else "**no**")
+                coh = (met(rc, COHERENT_TARGET) if w in COHERENT_WORKLOADS else "") if rc is not None else ""
+                lines.append(f"| {w} | {t} | {target} | {fmt_ratio(ra, False)} | {met(ra, goal)} | "
+                             f"{fmt_ratio(rd, False)} | {met(rd, goal)} | {fmt_ratio(rc, False)} | {coh} |")
         lines.append("")
     else:
-        lines.append("virtiofsd was not available: no ratios.")
+        lines.append("virtiofsd was not available: no ratios against it.")
         lines.append("")
     return "\n".join(lines)
 
@@ -215,12 +293,28 @@ def svg(cells, meta):
     workloads = sorted({k[0] for k in cells}, key=workload_key)
     threads = sorted({k[1] for k in cells})
     rows = [("ops_per_sec", "ops/s (higher is better)"), ("p99_us", "p99 latency, µs (lower is better)")]
-    pw, ph = 190, 230          # panel size
-    left, top = 70, 92         # margins around the grid
-    gap_x, gap_y = 18, 56
+    per_row = min(4, max(len(workloads), 1))     # panels per row; workloads wrap
+    wrows = [workloads[i:i + per_row] for i in range(0, len(workloads), per_row)] or [[]]
+    nbars = max((len({k[2] for k in cells if k[0] == w and k[1] == t}) for w in workloads for t in threads),
+                default=1)
+    pw = max(190, 70 + len(threads) * (nbars * 12 + 14))    # panel size
+    ph = 230
+    left, gap_x, gap_y = 70, 18, 56
     plot_top, plot_bottom, plot_left = 34, 36, 44   # inside a panel
-    width = max(left + len(workloads) * (pw + gap_x) + 10, 980)
-    height = top + len(rows) * (ph + gap_y) + 10
+    width = max(left + per_row * (pw + gap_x) + 10, 900)
+    # The legend: one column per cache family (the default ones, then --cache always and
+    # anything else).
+    present = [(k, label) for k, label in LEGEND if any(c[2] == k for c in cells)]
+    present += [(k, k) for k in sorted({c[2] for c in cells} - {k for k, _ in LEGEND})]
+    family = lambda k: 0 if ("-auto" in k or "-default" in k) else 1
+    placed, used = [], [0, 0]
+    for k, label in present:
+        f = family(k)
+        placed.append((k, label, f, used[f]))
+        used[f] += 1
+    legend_lines = max(used)
+    top = 62 + legend_lines * 16 + 16
+    height = top + len(rows) * len(wrows) * (ph + gap_y) + 10
     o = []
     o.append(f'<svg xmlns="http://www.w3.org/2000/svg" width="{width}" height="{height}" '
              f'viewBox="0 0 {width} {height}" font-family="DejaVu Sans, Helvetica, Arial, sans-serif">')
@@ -231,71 +325,71 @@ def svg(cells, meta):
            f"{meta.get('seconds', '?')} s per run; {'taskset -c ' + meta['pin'] if meta.get('pin') else 'not pinned'}; load {meta.get('load_start', '?')} → {meta.get('load_end', '?')}; "
            f"{meta.get('date', '')}")
     o.append(f'<text x="{left}" y="42" font-size="11" fill="#444">{escape(sub)}</text>')
-    lx, ly = left, 54
-    for key, label in LEGEND:
-        if not any(k[2] == key for k in cells):
-            continue
-        step = 17 + 7 * len(label) + 24
-        if lx + step > width and lx > left:
-            lx, ly = left, ly + 16
-        o.append(f'<rect x="{lx}" y="{ly}" width="12" height="12" fill="{COLOURS[key]}"/>')
+    for key, label, col, row in placed:
+        lx = left + col * 380
+        ly = 54 + row * 16
+        o.append(f'<rect x="{lx}" y="{ly}" width="12" height="12" fill="{COLOURS.get(key, "#999")}"/>')
         o.append(f'<text x="{lx + 17}" y="{ly + 10}" font-size="12">{escape(label)}</text>')
-        lx += step
 
-    for ri, (field, rlabel) in enumerate(rows):
-        y0 = top + ri * (ph + gap_y)
-        cy = y0 + ph / 2
-        o.append(f'<text x="18" y="{cy}" font-size="12" text-anchor="middle" '
-                 f'transform="rotate(-90 18 {cy})">{escape(rlabel)}</text>')
-        for wi, w in enumerate(workloads):
-            x0 = left + wi * (pw + gap_x)
-            px0, px1 = x0 + plot_left, x0 + pw
-            py0, py1 = y0 + plot_top, y0 + ph - plot_bottom
-            vals = [r[field] for (ww, _, _), r in cells.items() if ww == w and "error" not in r]
-            # Headroom above the tallest bar for the rotated ratio labels.
-            ticks = nice_ticks((max(vals) if vals else 1) * (1.2 if field == "ops_per_sec" else 1.0))
-            vmax = ticks[-1] or 1
-            ys = lambda v: py1 - (py1 - py0) * v / vmax
-            o.append(f'<text x="{(px0 + px1) / 2}" y="{y0 + 16}" font-size="13" font-weight="bold" '
-                     f'text-anchor="middle">{escape(w)}</text>')
-            for tv in ticks:
-                ty = ys(tv)
-                o.append(f'<line x1="{px0}" y1="{ty:.1f}" x2="{px1}" y2="{ty:.1f}" stroke="#e3e3e3"/>')
-                o.append(f'<text x="{px0 - 4}" y="{ty + 4:.1f}" font-size="10" text-anchor="end" '
-                         f'fill="#555">{short(tv)}</text>')
-            o.append(f'<line x1="{px0}" y1="{py1}" x2="{px1}" y2="{py1}" stroke="#888"/>')
-            gw = (px1 - px0) / max(len(threads), 1)
-            for ti, t in enumerate(threads):
-                gx = px0 + ti * gw
-                configs = sorted({k[2] for k in cells if k[0] == w and k[1] == t}, key=config_key)
-                bw = min(22, (gw - 12) / 3)
-                start = gx + (gw - bw * len(configs)) / 2
-                for ci, c in enumerate(configs):
-                    r = cells[(w, t, c)]
-                    bx = start + ci * bw
-                    if "error" in r:
-                        o.append(f'<text x="{bx + bw / 2:.1f}" y="{py1 - 4}" font-size="10" '
-                                 f'text-anchor="middle" fill="#c00">✗</text>')
-                        continue
-                    v = r[field]
-                    by = ys(v)
-                    tip = (f"{w}, {t} thread(s), {r['daemon']} {r.get('queues')} queue(s): "
-                           f"{fmt_ops(r['ops_per_sec'])} ops/s, p50 {fmt_us(r['p50_us'])} µs, "
-                           f"p99 {fmt_us(r['p99_us'])} µs")
-                    o.append(f'<rect x="{bx + 1:.1f}" y="{by:.1f}" width="{bw - 2:.1f}" '
-                             f'height="{py1 - by:.1f}" fill="{COLOURS.get(c, "#999")}">'
-                             f'<title>{escape(tip)}</title></rect>')
-                    if field == "ops_per_sec" and c != "virtiofsd":
-                        rt = ratio(cells, w, t, c)
-                        if rt is not None:
-                            tx, ty = bx + bw / 2 + 3, by - 4
-                            colour = "#1a7f1a" if rt >= 1.0 else "#b00020"
-                            o.append(f'<text x="{tx:.1f}" y="{ty:.1f}" font-size="9" fill="{colour}" '
-                                     f'transform="rotate(-90 {tx:.1f} {ty:.1f})">{rt:.2f}×</text>')
-                o.append(f'<text x="{gx + gw / 2:.1f}" y="{py1 + 14}" font-size="11" '
-                         f'text-anchor="middle">{t} thread{"s" if t > 1 else ""}</text>')
+    band = 0
+    for field, rlabel in rows:
+        for wrow in wrows:
+            y0 = top + band * (ph + gap_y)
+            band += 1
+            cy = y0 + ph / 2
+            o.append(f'<text x="18" y="{cy}" font-size="12" text-anchor="middle" '
+                     f'transform="rotate(-90 18 {cy})">{escape(rlabel)}</text>')
+            for wi, w in enumerate(wrow):
+                x0 = left + wi * (pw + gap_x)
+                px0, px1 = x0 + plot_left, x0 + pw
+                py0, py1 = y0 + plot_top, y0 + ph - plot_bottom
+                vals = [r[field] for (ww, _, _), r in cells.items() if ww == w and "error" not in r]
+                # Headroom above the tallest bar for the rotated ratio labels.
+                ticks = nice_ticks((max(vals) if vals else 1) * (1.2 if field == "ops_per_sec" else 1.0))
+                vmax = ticks[-1] or 1
+                ys = lambda v: py1 - (py1 - py0) * v / vmax
+                o.append(f'<text x="{(px0 + px1) / 2}" y="{y0 + 16}" font-size="13" font-weight="bold" '
+                         f'text-anchor="middle">{escape(w)}</text>')
+                for tv in ticks:
+                    ty = ys(tv)
+                    o.append(f'<line x1="{px0}" y1="{ty:.1f}" x2="{px1}" y2="{ty:.1f}" stroke="#e3e3e3"/>')
+                    o.append(f'<text x="{px0 - 4}" y="{ty + 4:.1f}" font-size="10" text-anchor="end" '
+                             f'fill="#555">{short(tv)}</text>')
+                o.append(f'<line x1="{px0}" y1="{py1}" x2="{px1}" y2="{py1}" stroke="#888"/>')
+                gw = (px1 - px0) / max(len(threads), 1)
+                for ti, t in enumerate(threads):
+                    gx = px0 + ti * gw
+                    configs = sorted({k[2] for k in cells if k[0] == w and k[1] == t}, key=config_key)
+                    bw = min(22, (gw - 8) / max(len(configs), 3))
+                    start = gx + (gw - bw * len(configs)) / 2
+                    for ci, c in enumerate(configs):
+                        r = cells[(w, t, c)]
+                        bx = start + ci * bw
+                        if "error" in r:
+                            o.append(f'<text x="{bx + bw / 2:.1f}" y="{py1 - 4}" font-size="10" '
+                                     f'text-anchor="middle" fill="#c00">✗</text>')
+                            continue
+                        v = r[field]
+                        by = ys(v)
+                        tip = (f"{w}, {t} thread(s), {r['daemon']} cache {r.get('cache', 'always')}, "
+                               f"{r.get('queues')} queue(s): "
+                               f"{fmt_ops(r['ops_per_sec'])} ops/s, p50 {fmt_us(r['p50_us'])} µs, "
+                               f"p99 {fmt_us(r['p99_us'])} µs")
+                        o.append(f'<rect x="{bx + 1:.1f}" y="{by:.1f}" width="{max(bw - 2, 1):.1f}" '
+                                 f'height="{py1 - by:.1f}" fill="{COLOURS.get(c, "#999")}">'
+                                 f'<title>{escape(tip)}</title></rect>')
+                        if field == "ops_per_sec" and c in PLOT_BASE:
+                            rt = ratio(cells, w, t, c, PLOT_BASE[c])
+                            if rt is not None:
+                                tx, ty = bx + bw / 2 + 3, by - 4
+                                colour = "#1a7f1a" if rt >= 1.0 else "#b00020"
+                                o.append(f'<text x="{tx:.1f}" y="{ty:.1f}" font-size="9" fill="{colour}" '
+                                         f'transform="rotate(-90 {tx:.1f} {ty:.1f})">{rt:.2f}×</text>')
+                    o.append(f'<text x="{gx + gw / 2:.1f}" y="{py1 + 14}" font-size="11" '
+                             f'text-anchor="middle">{t} thread{"s" if t > 1 else ""}</text>')
     o.append(f'<text x="{width - 10}" y="{height - 4}" font-size="9" fill="#777" text-anchor="end">'
-             f'ratios above the leasefsd bars: leasefsd ops/s ÷ virtiofsd ops/s</text>')
+             f'ratios over the leasefsd bars: ops/s ÷ virtiofsd\'s in the same cache family '
+             f'(default ÷ virtiofsd auto, always ÷ virtiofsd always)</text>')
     o.append("</svg>")
     return "\n".join(o) + "\n"
 
@@ -309,12 +403,7 @@ def main():
     if not runs:
         print(f"report.py: no results in {d}/results.jsonl", file=sys.stderr)
         return 1
-    meta = {}
-    try:
-        with open(os.path.join(d, "meta.json")) as f:
-            meta = json.load(f)
-    except (OSError, json.JSONDecodeError) as e:
-        print(f"report.py: no machine description ({e})", file=sys.stderr)
+    meta = load_meta(d, "report.py")
     cells = aggregate(runs)
     with open(os.path.join(d, "results.md"), "w") as f:
         f.write(markdown(cells, meta, runs))
