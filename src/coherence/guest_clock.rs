@@ -77,11 +77,20 @@ impl GuestClock {
     /// Nanoseconds the guest has been running since the clock was made (pauses excluded).
     /// Never decreases; stands still while paused.
     pub fn running_ns(&self) -> u64 {
+        self.running_and_now_ns().0
+    }
+
+    /// [`GuestClock::running_ns`] and the source time it was computed at
+    /// ([`GuestClock::now_ns`]), from one read of the source.
+    pub fn running_and_now_ns(&self) -> (u64, u64) {
         // The time is read inside the snapshot: a pause or resume that overlaps it makes the
         // reader look again, so no reader counts time a concurrent pause then leaves out.
         let (paused_ns, paused_at, now) = self.snapshot_at(true);
         let end = if paused_at == RUNNING { now } else { paused_at };
-        end.saturating_sub(self.origin_ns).saturating_sub(paused_ns)
+        (
+            end.saturating_sub(self.origin_ns).saturating_sub(paused_ns),
+            now,
+        )
     }
 
     /// [`GuestClock::running_ns`] as a duration.

@@ -50,7 +50,7 @@
 //! flight, acquisitions in flight, refusals) lives in side maps of the shard.
 
 use std::cmp::Reverse;
-use std::collections::{BinaryHeap, HashMap, HashSet};
+use std::collections::BinaryHeap;
 use std::os::fd::{AsRawFd, OwnedFd, RawFd};
 use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard, Weak};
@@ -59,6 +59,7 @@ use std::time::Duration;
 
 use fuse_backend_rs::abi::fuse_abi::stat64;
 use log::{debug, info, warn};
+use rustc_hash::{FxHashMap, FxHashSet};
 
 use crate::coherence::adaptive::{Adaptive, AdaptiveConfig};
 use crate::coherence::guest_clock::GuestClock;
@@ -297,18 +298,20 @@ impl Refusal {
     }
 }
 
-/// One shard: the leases of the nodes that hash to it, and their rarer states.
+/// One shard: the leases of the nodes that hash to it, and their rarer states. Keyed by node
+/// id with FxHash: the daemon hands node ids out, so no guest can choose keys that collide,
+/// and SipHash cost a third of a grant.
 #[derive(Default)]
 struct Shard {
-    leases: HashMap<u64, Lease>,
+    leases: FxHashMap<u64, Lease>,
     /// Host writers waiting, by node. A node with a hold is being broken: it gets no
     /// attribute time, and no new host lease, until the hold ends.
-    holds: HashMap<u64, Hold>,
+    holds: FxHashMap<u64, Hold>,
     /// Our own opens for writing in flight, by node: no host lease is taken meanwhile.
-    own_writers: HashMap<u64, u32>,
+    own_writers: FxHashMap<u64, u32>,
     /// Nodes whose host lease is being taken outside the lock.
-    acquiring: HashSet<u64>,
-    refused: HashMap<u64, Refusal>,
+    acquiring: FxHashSet<u64>,
+    refused: FxHashMap<u64, Refusal>,
 }
 
 /// The deadlines the lease thread serves.
@@ -446,11 +449,10 @@ impl LeaseTable {
 
     /// Whether `data` gets no lease time now because it or its neighbours cool down. One
     /// atomic load while nothing does.
-    fn cooling(&self, data: &InodeData, st: &stat64) -> bool {
+    fn cooling(&self, data: &InodeData, st: &stat64, host_now: u64) -> bool {
         if !self.adapting() {
             return false;
         }
-        let host_now = self.clock.now_ns();
         if host_now >= self.adaptive_busy_until.load(Ordering::Relaxed) {
             return false;
         }
@@ -873,22 +875,26 @@ impl LeaseKeeper for LeaseTable {
             return (granted, granted);
         }
         let node = data.inode;
-        let cooling = self.cooling(data, st);
+        let (now, host_now) = self.clock.running_and_now_ns();
+        let cooling = self.cooling(data, st, host_now);
         if cooling {
             self.stats.cooled_grants.fetch_add(1, Ordering::Relaxed);
         }
-        let now = self.now_ns();
         {
             let mut guard = self.shard(node);
             let s = &mut *guard;
-            let breaking = s.holds.contains_key(&node);
-            if let Some(lease) = s.leases.get_mut(&node) {
-                if lease.file.is_some() && !breaking && !cooling {
-                    extend(lease, now, granted, self.longest_ms);
-                    return (granted, granted);
+            // The side maps are empty nearly always: look before hashing.
+            let breaking = !s.holds.is_empty() && s.holds.contains_key(&node);
+            let has_lease = match s.leases.get_mut(&node) {
+                Some(lease) if lease.file.is_some() => {
+                    if !breaking && !cooling {
+                        extend(lease, now, granted, self.longest_ms);
+                        return (granted, granted);
+                    }
+                    true
                 }
-            }
-            let has_lease = s.leases.get(&node).is_some_and(|l| l.file.is_some());
+                _ => false,
+            };
             if has_lease
                 || !acquire
                 || breaking
@@ -900,7 +906,7 @@ impl LeaseKeeper for LeaseTable {
             }
             if s.refused
                 .get(&node)
-                .is_some_and(|r| self.clock.now_ns() < r.retry_at_ns)
+                .is_some_and(|r| host_now < r.retry_at_ns)
             {
                 self.stats.deferred.fetch_add(1, Ordering::Relaxed);
                 return (Duration::ZERO, granted);
@@ -1009,10 +1015,22 @@ impl InodeObserver for LeaseTable {
             let mut guard = self.shard(node);
             let s = &mut *guard;
             let fd = s.leases.remove(&node).and_then(|l| l.file);
-            s.own_writers.remove(&node);
-            s.acquiring.remove(&node);
-            s.refused.remove(&node);
-            (fd, s.holds.remove(&node))
+            // The side maps are empty nearly always: look before hashing.
+            if !s.own_writers.is_empty() {
+                s.own_writers.remove(&node);
+            }
+            if !s.acquiring.is_empty() {
+                s.acquiring.remove(&node);
+            }
+            if !s.refused.is_empty() {
+                s.refused.remove(&node);
+            }
+            let hold = if s.holds.is_empty() {
+                None
+            } else {
+                s.holds.remove(&node)
+            };
+            (fd, hold)
         };
         if let Some(fd) = fd {
             self.release_host_lease(fd);

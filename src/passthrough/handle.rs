@@ -5,11 +5,12 @@
 //! position) behaves as it would locally. A handle is only honoured together with the inode it
 //! was opened for; anything else is EBADF.
 
-use std::collections::HashMap;
 use std::fs::File;
 use std::os::fd::{AsFd, AsRawFd, BorrowedFd, RawFd};
 use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard, RwLock};
+
+use rustc_hash::FxHashMap;
 
 use super::inode::{InodeData, OpenHandleCount};
 
@@ -43,7 +44,8 @@ impl AsFd for HandleData {
 }
 
 pub(crate) struct HandleTable {
-    map: RwLock<HashMap<u64, Arc<HandleData>>>,
+    /// FxHash: handle numbers are ours, a guest cannot pick colliding keys.
+    map: RwLock<FxHashMap<u64, Arc<HandleData>>>,
     /// How many handles the table holds, readable without its lock.
     size: AtomicUsize,
     next: AtomicU64,
@@ -52,7 +54,7 @@ pub(crate) struct HandleTable {
 impl HandleTable {
     pub(crate) fn new() -> Self {
         HandleTable {
-            map: RwLock::new(HashMap::new()),
+            map: RwLock::new(FxHashMap::default()),
             size: AtomicUsize::new(0),
             // 0 means "no handle" in several FUSE requests, so it is never handed out.
             next: AtomicU64::new(1),

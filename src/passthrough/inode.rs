@@ -16,6 +16,7 @@ use std::sync::atomic::{AtomicBool, AtomicU32, AtomicU64, AtomicUsize, Ordering}
 use std::sync::{Arc, Mutex, RwLock};
 
 use super::file_handle::{InodeFd, InodeFile};
+use rustc_hash::FxHashMap;
 
 /// The FUSE node id of the share's root.
 pub const ROOT_INODE: u64 = 1;
@@ -170,7 +171,8 @@ impl InodeData {
 
 #[derive(Default)]
 struct Maps {
-    by_inode: HashMap<u64, Arc<InodeData>>,
+    /// FxHash: node ids are ours, a guest cannot pick colliding keys.
+    by_inode: FxHashMap<u64, Arc<InodeData>>,
     /// (host inode, node id): usually one node per host inode; more when a name the guest
     /// cached went stale and the inode was looked up again under another name (an alias, see
     /// [`InodeTable::lookup_or_insert`]). Node ids only grow, so the newest alias sorts last.
