@@ -543,10 +543,12 @@ impl PassthroughFs {
         Ok((self.cfg.uids.to_host(uid)?, self.cfg.gids.to_host(gid)?))
     }
 
-    /// Whether an OPEN or OPENDIR may let the guest keep what it cached.
-    fn check_open(&self, data: &InodeData) -> io::Result<bool> {
+    /// Whether an OPEN or OPENDIR may let the guest keep what it cached; `file` is the
+    /// descriptor just opened on `data` (its attributes are the inode's, without reopening a
+    /// file handle).
+    fn check_open(&self, data: &InodeData, file: &File) -> io::Result<bool> {
         match self.leases.get() {
-            Some(keeper) => Ok(keeper.check_open(data, &statx_fd(data.fd()?.as_raw_fd())?.st)),
+            Some(keeper) => Ok(keeper.check_open(data, &statx_fd(file.as_raw_fd())?.st)),
             None => Ok(true),
         }
     }

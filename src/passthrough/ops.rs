@@ -633,7 +633,7 @@ impl FileSystem for PassthroughFs {
                 self.open_read(&data, super::ReadOnly::new(flags)?)?
             }
         };
-        let keep = self.check_open(&data)?;
+        let keep = self.check_open(&data, &file)?;
         let handle = self.handles.insert(&data, file, writes);
         let mut opts = if is_dir(data.mode) {
             self.dir_open_options()
@@ -697,8 +697,11 @@ impl FileSystem for PassthroughFs {
         }
         let entry = self.add_inode_of_open_file(&file, &p, Some(name))?;
         let data = self.inode(entry.inode)?;
-        // The guest's cache of the new file starts as what the host has.
-        self.check_open(&data)?;
+        // The guest's cache of the new file starts as what the host has: the attributes just
+        // read for the entry.
+        if let Some(keeper) = self.leases.get() {
+            keeper.check_open(&data, &entry.attr);
+        }
         let handle = self.handles.insert(&data, file, true);
         Ok((entry, Some(handle), self.file_open_options(), None))
     }
@@ -794,7 +797,8 @@ impl FileSystem for PassthroughFs {
         let h = self.handles.remove(handle, inode).ok_or_else(ebadf)?;
         if h.writable {
             if let (Some(keeper), Ok(data)) = (self.leases.get(), self.inode(inode)) {
-                if let Ok(info) = data.fd().and_then(|fd| statx_fd(fd.as_raw_fd())) {
+                // The handle's own descriptor: the inode as the guest's writes left it.
+                if let Ok(info) = statx_fd(h.as_raw_fd()) {
                     keeper.write_handle_closed(&data, &info.st);
                 }
             }
@@ -869,7 +873,7 @@ impl FileSystem for PassthroughFs {
             libc::O_RDONLY | libc::O_DIRECTORY,
             0,
         )?;
-        let keep = self.check_open(&data)?;
+        let keep = self.check_open(&data, &file)?;
         let handle = self.handles.insert(&data, file, false);
         let mut opts = self.dir_open_options();
         if !keep {
