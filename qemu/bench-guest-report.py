@@ -46,7 +46,8 @@ COLOURS = ["#1b9e77", "#d95f02", "#7570b3", "#e7298a", "#66a61e", "#e6ab02"]
 
 
 def collect(a):
-    base = {"config": a.config, "stack": a.stack, "daemon": a.daemon, "load_before": a.load}
+    base = {"config": a.config, "stack": a.stack, "daemon": a.daemon, "load_before": a.load,
+            "repeat": int(a.repeat)}
     if not os.path.isdir(a.dir):
         sys.exit(f"bench-guest-report: no results directory {a.dir}")
     for name in sorted(os.listdir(a.dir)):
@@ -99,9 +100,30 @@ def fmt(v):
     return f"{v:.2f}"
 
 
+def median(xs):
+    xs = sorted(xs)
+    n = len(xs)
+    return xs[n // 2] if n % 2 else (xs[n // 2 - 1] + xs[n // 2]) / 2
+
+
+def merge(rows):
+    """One row per (config, job): the median of each figure over the repeated runs."""
+    groups = {}
+    for r in rows:
+        groups.setdefault((r["config"], r["job"]), []).append(r)
+    val = {}
+    for key, rs in groups.items():
+        m = dict(rs[0], runs=len(rs))
+        for k in ("mib_s", "iops", "seconds"):
+            if k in m:
+                m[k] = median([r[k] for r in rs])
+        val[key] = m
+    return val
+
+
 def table(rows):
     configs = list(dict.fromkeys(r["config"] for r in rows))
-    val = {(r["config"], r["job"]): r for r in rows}
+    val = merge(rows)
     pairs = [p for p in PAIRS if p[0] in configs and p[1] in configs]
     head = ["job"] + configs + [f"{a} / {b}" for a, b in pairs]
     out = ["| " + " | ".join(head) + " |", "|" + "---|" + "---:|" * (len(head) - 1)]
@@ -221,28 +243,31 @@ def report(a):
     svg(configs, fio_jobs, dev_jobs, val, svg_path)
     text = ["# bench-guest: fio and a developer workload in a TCG guest", ""]
     text += [f"- {m}" for m in meta]
-    text += ["", "MiB/s (IOPS) per fio job, seconds per workload phase; ratios >1 = leasefsd faster.",
+    runs = max(r["runs"] for r in val.values())
+    text += ["", "MiB/s (IOPS) per fio job, seconds per workload phase; ratios >1 = leasefsd faster."
+             + (f" Medians over {runs} runs per configuration." if runs > 1 else ""),
              "", md, ""]
     with open(os.path.join(a.out, "results.md"), "w", encoding="utf-8") as f:
         f.write("\n".join(text))
     if a.update_docs:
-        update_docs(a.update_docs, meta, md, svg_path)
+        update_docs(a.update_docs, meta, md, svg_path, runs)
 
 
-def update_docs(doc, meta, md, svg_path):
+def update_docs(doc, meta, md, svg_path, runs):
     pick = {}
     for m in meta:
         k, _, v = m.partition(": ")
         pick[k] = v
-    gen = [BEGIN, ""]
-    gen.append(f"`qemu/bench-guest.sh`, {pick.get('date', '?')}, leasefs {pick.get('leasefs commit', '?')}, "
-               f"{pick.get('virtiofsd', 'virtiofsd')}.")
-    for k in ("host", "stock QEMU", "notify QEMU", "fio", "tarball"):
+    root = os.path.dirname(os.path.dirname(os.path.abspath(doc))) + "/"
+    gen = [BEGIN, "", f"`qemu/bench-guest.sh`, {pick.get('date', '?')}:", ""]
+    for k in ("leasefs commit", "virtiofsd", "host", "stock QEMU", "notify QEMU", "fio", "tarball",
+              "load at start", "load at end"):
         if k in pick:
-            gen.append(f"{k}: {pick[k]}.")
+            gen.append(f"- {k}: {pick[k].replace(root, '')}")
     gen += ["", "![fio bandwidth and workload phase times per configuration](bench-guest.svg)", "",
             "MiB/s (IOPS) per fio job, seconds per workload phase; ratios >1 = leasefsd faster "
-            "(MiB/s ÷ MiB/s, or the virtiofsd time ÷ the leasefsd time).", "", md, "", END]
+            "(MiB/s ÷ MiB/s, or the virtiofsd time ÷ the leasefsd time)"
+            + (f"; medians over {runs} runs per configuration." if runs > 1 else "."), "", md, "", END]
     with open(doc, encoding="utf-8") as f:
         text = f.read()
     block = "\n".join(gen)
@@ -250,6 +275,12 @@ def update_docs(doc, meta, md, svg_path):
         s = text.index(BEGIN)
         e = text.index(END) + len(END)
         text = text[:s] + block + text[e:]
+    elif "\n## Guest benchmarks\n" in text:
+        # The section without the markers: the block goes at its end.
+        s = text.index("\n## Guest benchmarks\n") + 1
+        nxt = text.find("\n## ", s)
+        e = len(text) if nxt < 0 else nxt + 1
+        text = text[:e].rstrip("\n") + "\n\n" + block + "\n" + ("\n" + text[e:] if nxt >= 0 else "")
     else:
         text = text.rstrip("\n") + "\n\n## Guest benchmarks\n\n" + block + "\n"
     with open(doc, "w", encoding="utf-8") as f:
@@ -264,6 +295,7 @@ def main():
     c = sub.add_parser("collect")
     for k in ("config", "stack", "daemon", "load", "dir"):
         c.add_argument(f"--{k}", required=True)
+    c.add_argument("--repeat", default="1")
     r = sub.add_parser("report")
     for k in ("results", "meta", "out"):
         r.add_argument(f"--{k}", required=True)

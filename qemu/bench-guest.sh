@@ -4,7 +4,7 @@
 #
 # Usage: qemu/bench-guest.sh [--out DIR] [--configs "NAME..."] [--fio-size MIB]
 #                            [--reread-size MIB] [--runtime SECS] [--memory MB]
-#                            [--parts "fio dev"] [--jobs "JOB..."] [--timeout SECS]
+#                            [--parts "fio dev"] [--jobs "JOB..."] [--repeat N] [--timeout SECS]
 #                            [--qemu PATH] [--kernel PATH] [--no-build] [--update-docs]
 #
 # Configurations (all --sandbox none, as in qemu/lib.sh; NAME@notify = the same daemon on
@@ -38,6 +38,9 @@
 #   --memory MB     guest RAM (default 2048: the re-read file fits in the page cache)
 #   --parts LIST    "fio dev" (default), "fio" or "dev"
 #   --jobs LIST     only these fio jobs (e.g. "seqread-psync-1 reread"), default all
+#   --repeat N      run the configuration sequence N times, interleaved (A B C A B C for
+#                   N=2; default 1); the table shows each figure's median over the runs
+#                   and the number of runs, results.jsonl every run
 #   --timeout SECS  per VM (default 1500)
 #   --no-build      do not run cargo build --release --bin leasefsd first
 #   --update-docs   write the table and plot into docs/performance.md ("Guest benchmarks",
@@ -68,6 +71,7 @@ memory=2048
 parts="fio dev"
 jobs=""
 timeout_secs=1500
+repeat=1
 build=1
 update_docs=0
 notify_qemu=${LEASEFS_NOTIFY_QEMU:-$LEASEFS_NOTIFY_DIR/qemu-system-x86_64}
@@ -84,6 +88,7 @@ while [ $# -gt 0 ]; do
         --parts) need "$1" $#; parts=$2; shift ;;
         --jobs) need "$1" $#; jobs=$2; shift ;;
         --timeout) need "$1" $#; timeout_secs=$2; shift ;;
+        --repeat) need "$1" $#; repeat=$2; shift ;;
         --qemu) need "$1" $#; notify_qemu=$2; shift ;;
         --kernel) need "$1" $#; notify_kernel=$2; shift ;;
         --no-build) build=0 ;;
@@ -93,7 +98,7 @@ while [ $# -gt 0 ]; do
     esac
     shift
 done
-for v in fio_size reread_size runtime memory timeout_secs; do
+for v in fio_size reread_size runtime memory timeout_secs repeat; do
     [[ "${!v}" =~ ^[1-9][0-9]*$ ]] || die "--${v//_/-} wants a positive number, got '${!v}'"
 done
 read -r -a config_list <<< "$configs"
@@ -217,7 +222,7 @@ dirty=$(git -C "$LEASEFS_ROOT" status --porcelain -- src Cargo.toml Cargo.lock 2
     [ ! -x "$notify_qemu" ] || echo "notify QEMU: $notify_qemu, kernel: $notify_kernel"
     echo "fio: $("$fio_bin" --version); --fio-size $fio_size MiB per job file, --reread-size $reread_size MiB, --runtime $runtime s"
     echo "tarball: QEMU 7.2 source (qemu_7.2+dfsg.orig) without roms/: $tree_files files, $tree_mib MiB"
-    echo "configs: ${config_list[*]}"
+    echo "configs: ${config_list[*]}, $repeat run(s) each, interleaved"
     echo "load at start: $(cut -d' ' -f1-3 /proc/loadavg)"
 } > "$out/meta.txt"
 cat "$out/meta.txt" >&2
@@ -225,7 +230,12 @@ cat "$out/meta.txt" >&2
 # ------------------------------------------------------------- runs
 : > "$out/results.jsonl"
 failed=()
-for c in "${config_list[@]}"; do
+runs=()
+for ((rep = 1; rep <= repeat; rep++)); do
+    for c in "${config_list[@]}"; do runs+=("$rep $c"); done
+done
+for run in "${runs[@]}"; do
+    read -r rep c <<< "$run"
     base=${c%@*}
     stack=stock
     [[ "$c" != *@* ]] || stack=${c#*@}
@@ -238,6 +248,7 @@ for c in "${config_list[@]}"; do
     dargs=()
     for a in ${cfg_args[$base]}; do dargs+=(--daemon-arg "$a"); done
     tag=${c//@/-}
+    [ "$repeat" -eq 1 ] || tag="$rep-$tag"
 
     # A fresh share: the tools, the fio files (random data, so no layout phase in the
     # guest) and the tarball.
@@ -251,7 +262,7 @@ for c in "${config_list[@]}"; do
     sync
 
     load=$(cut -d' ' -f1-3 /proc/loadavg)
-    log "VM $c: $daemon ${cfg_args[$base]} (stack $stack), waiting for /tmp/leasefs-vm.lock; load $load"
+    log "VM $c (run $rep of $repeat): $daemon ${cfg_args[$base]} (stack $stack), waiting for /tmp/leasefs-vm.lock; load $load"
     status=0
     LEASEFS_LOG_DIR="$out/logs/$tag" flock /tmp/leasefs-vm.lock \
         "$LEASEFS_QEMU_DIR/run-vm.sh" --no-build "${vm_args[@]}" --memory "$memory" \
@@ -265,7 +276,7 @@ for c in "${config_list[@]}"; do
         failed+=("$c (status $status)")
     fi
     python3 "$LEASEFS_QEMU_DIR/bench-guest-report.py" collect --config "$c" --stack "$stack" \
-        --daemon "$(basename "$daemon") ${cfg_args[$base]}" --load "$load" \
+        --daemon "$(basename "$daemon") ${cfg_args[$base]}" --load "$load" --repeat "$rep" \
         --dir "$share/.bench-out" >> "$out/results.jsonl" \
         || failed+=("$c (results unreadable)")
     if [ -s "$share/.bench-out/sha256.txt" ]; then
