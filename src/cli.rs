@@ -3,9 +3,11 @@
 //! A user who swaps `virtiofsd` for `leasefsd` in a launch script must not have to touch the
 //! rest of the line, so every flag here keeps virtiofsd's spelling, defaults and value syntax.
 
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 
 use clap::{ArgAction, Parser, ValueEnum};
+
+use crate::coherence::host_lease;
 
 /// What the guest may cache, with virtiofsd's timeouts and open flags.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, ValueEnum)]
@@ -663,24 +665,35 @@ fn parse_lease_timeout(value: &str) -> Result<f64, String> {
 /// a "leasefs" object (management tools read only "type" and "features") naming the coherence
 /// options: cache modes, the lease flag and its default, the host event sources, and whether
 /// the notification queue is offered.
-pub fn capabilities_json() -> &'static str {
+pub fn capabilities_json() -> String {
     // No "migrate-precopy": leasefsd does not transfer device state, so it must not claim to.
-    concat!(
-        "{\n",
-        "  \"type\": \"fs\",\n",
-        "  \"features\": [\n",
-        "    \"separate-options\"\n",
-        "  ],\n",
-        "  \"leasefs\": {\n",
-        "    \"cache\": [\"coherent\", \"auto\", \"always\", \"metadata\", \"never\"],\n",
-        "    \"default-cache\": \"coherent\",\n",
-        "    \"lease-timeout\": { \"flag\": \"--lease-timeout\", \"default-seconds\": 1.0 },\n",
-        "    \"notify-lease-timeout\": { \"flag\": \"--notify-lease-timeout\", \"default-seconds\": 10.0 },\n",
-        "    \"adaptive-leases\": { \"cooldown\": { \"flag\": \"--lease-cooldown\", \"default-seconds\": 2.0 }, \"cooldown-max\": { \"flag\": \"--lease-cooldown-max\", \"default-seconds\": 60.0 }, \"burst-window\": { \"flag\": \"--lease-burst-window\", \"default-seconds\": 2.0 }, \"burst-dirs\": { \"flag\": \"--lease-burst-dirs\", \"default\": 3 } },\n",
-        "    \"host-events\": [\"file-lease\", \"fanotify-modify\", \"fanotify-dirent\"],\n",
-        "    \"notification-queue\": { \"feature-bit\": 0, \"notify-buf-size\": 512, \"confirmation\": \"FUSE_NOTIFY_REPLY\" }\n",
-        "  }\n",
-        "}"
+    // "host-events" are the pre-modify and change events in use; "delegations" says what this
+    // host kernel offers of Linux 6.19's F_SETDELEG (probed on "/"; not used yet).
+    let delegations = match host_lease::probe_delegations_at(Path::new("/")) {
+        host_lease::Delegations::NotInKernel => "not-in-kernel",
+        host_lease::Delegations::Refused(_) => "in-kernel-refused-on-probe",
+        host_lease::Delegations::OnDirectories => "available-unused",
+    };
+    format!(
+        concat!(
+            "{{\n",
+            "  \"type\": \"fs\",\n",
+            "  \"features\": [\n",
+            "    \"separate-options\"\n",
+            "  ],\n",
+            "  \"leasefs\": {{\n",
+            "    \"cache\": [\"coherent\", \"auto\", \"always\", \"metadata\", \"never\"],\n",
+            "    \"default-cache\": \"coherent\",\n",
+            "    \"lease-timeout\": {{ \"flag\": \"--lease-timeout\", \"default-seconds\": 1.0 }},\n",
+            "    \"notify-lease-timeout\": {{ \"flag\": \"--notify-lease-timeout\", \"default-seconds\": 10.0 }},\n",
+            "    \"adaptive-leases\": {{ \"cooldown\": {{ \"flag\": \"--lease-cooldown\", \"default-seconds\": 2.0 }}, \"cooldown-max\": {{ \"flag\": \"--lease-cooldown-max\", \"default-seconds\": 60.0 }}, \"burst-window\": {{ \"flag\": \"--lease-burst-window\", \"default-seconds\": 2.0 }}, \"burst-dirs\": {{ \"flag\": \"--lease-burst-dirs\", \"default\": 3 }} }},\n",
+            "    \"host-events\": [\"file-lease\", \"fanotify-modify\", \"fanotify-dirent\"],\n",
+            "    \"delegations\": \"{}\",\n",
+            "    \"notification-queue\": {{ \"feature-bit\": 0, \"notify-buf-size\": 512, \"confirmation\": \"FUSE_NOTIFY_REPLY\" }}\n",
+            "  }}\n",
+            "}}"
+        ),
+        delegations
     )
 }
 

@@ -148,6 +148,89 @@ pub fn break_time() -> Option<Duration> {
     s.trim().parse().ok().map(Duration::from_secs)
 }
 
+/// Linux 6.19's delegations (`F_GETDELEG`/`F_SETDELEG`, F_GETDELEG(2const)): leases that
+/// also break on unlink and rename of the file and, on a directory, on creates, deletes and
+/// renames inside it. Not used for leases yet; probed so the log and `--print-capabilities`
+/// say whether this host could give names the same pre-modify hold as file data.
+const F_GETDELEG: libc::c_int = F_SETLEASE + 15;
+const F_SETDELEG: libc::c_int = F_SETLEASE + 16;
+
+/// The argument of `F_GETDELEG`/`F_SETDELEG` (`struct delegation` of <linux/fcntl.h>).
+#[repr(C)]
+#[derive(Default)]
+struct Delegation {
+    d_flags: u32,
+    d_type: u16,
+    pad: u16,
+}
+
+/// What the host kernel and the shared filesystem offer of delegations.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Delegations {
+    /// The kernel has no F_GETDELEG (before Linux 6.19).
+    NotInKernel,
+    /// The kernel has them, but a read delegation on the probed directory was refused (the
+    /// filesystem, or our rights): the errno.
+    Refused(i32),
+    /// A read delegation on the probed directory was granted (and given back at once).
+    OnDirectories,
+}
+
+impl Delegations {
+    pub fn describe(self) -> String {
+        match self {
+            Delegations::NotInKernel => "not offered by this kernel (F_SETDELEG needs Linux 6.19 or later): names are leased by time alone".into(),
+            Delegations::Refused(errno) => format!(
+                "offered by the kernel but refused on the share ({}): names are leased by time alone",
+                io::Error::from_raw_os_error(errno)
+            ),
+            Delegations::OnDirectories => "available on the share's directories (not used yet: names are leased by time alone)".into(),
+        }
+    }
+
+    /// The name in `--print-capabilities`' host-events list, if any.
+    pub fn capability(self) -> Option<&'static str> {
+        match self {
+            Delegations::OnDirectories => Some("directory-delegation-available"),
+            _ => None,
+        }
+    }
+}
+
+/// Probe delegations on `dir` (a directory descriptor opened O_RDONLY): ask for the current
+/// one, then take a read delegation and give it back.
+pub fn probe_delegations(dir: RawFd) -> Delegations {
+    let mut d = Delegation::default();
+    // SAFETY: fcntl with a pointer to a struct we own, of the kernel's layout.
+    if unsafe { libc::fcntl(dir, F_GETDELEG, &mut d as *mut Delegation) } != 0 {
+        return Delegations::NotInKernel;
+    }
+    let mut want = Delegation {
+        d_type: libc::F_RDLCK as u16,
+        ..Delegation::default()
+    };
+    // SAFETY: as above.
+    if unsafe { libc::fcntl(dir, F_SETDELEG, &mut want as *mut Delegation) } != 0 {
+        let errno = io::Error::last_os_error().raw_os_error().unwrap_or(0);
+        return Delegations::Refused(errno);
+    }
+    let mut unlock = Delegation {
+        d_type: libc::F_UNLCK as u16,
+        ..Delegation::default()
+    };
+    // SAFETY: as above.
+    unsafe { libc::fcntl(dir, F_SETDELEG, &mut unlock as *mut Delegation) };
+    Delegations::OnDirectories
+}
+
+/// [`probe_delegations`] on a directory by path.
+pub fn probe_delegations_at(path: &std::path::Path) -> Delegations {
+    match std::fs::File::open(path) {
+        Ok(dir) => probe_delegations(dir.as_raw_fd()),
+        Err(e) => Delegations::Refused(e.raw_os_error().unwrap_or(0)),
+    }
+}
+
 /// What the lease thread hears.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum Signal {
@@ -286,5 +369,24 @@ mod tests {
         })
         .join()
         .unwrap();
+    }
+
+    #[test]
+    fn delegations_are_probed_for_what_the_kernel_offers() {
+        let dir = std::env::temp_dir();
+        let found = probe_delegations_at(&dir);
+        // The running kernel decides; on a kernel with F_GETDELEG the answer is never
+        // "not in kernel", and the reverse. uname tells which this is.
+        let release = std::fs::read_to_string("/proc/sys/kernel/osrelease").unwrap();
+        let mut parts = release.trim().split(['.', '-']);
+        let major: u32 = parts.next().unwrap().parse().unwrap();
+        let minor: u32 = parts.next().unwrap().parse().unwrap();
+        let has_deleg = (major, minor) >= (6, 19);
+        assert_eq!(
+            found != Delegations::NotInKernel,
+            has_deleg,
+            "Linux {major}.{minor}: {found:?}"
+        );
+        assert!(!found.describe().is_empty());
     }
 }

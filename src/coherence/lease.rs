@@ -1108,6 +1108,16 @@ pub fn start(
             None => "not adaptive (--lease-cooldown 0)".to_string(),
         }
     );
+    // Linux 6.19's delegations would give names the pre-modify hold file data has: say
+    // whether this host could.
+    let delegations = crate::passthrough::ReadOnly::new(libc::O_DIRECTORY)
+        .and_then(|flags| fs.reopen_inode(crate::passthrough::ROOT_INODE, flags))
+        .map(|root| host_lease::probe_delegations(root.as_raw_fd()))
+        .unwrap_or_else(|e| host_lease::Delegations::Refused(e.raw_os_error().unwrap_or(0)));
+    info!(
+        "host events: file leases (F_SETLEASE) for file data and attributes; delegations: {}",
+        delegations.describe()
+    );
     Some(table)
 }
 
