@@ -347,11 +347,20 @@ impl FsDevice {
         device_event: u16,
         vrings: &'a [FsVring],
     ) -> Option<(usize, &'a VringRwLock)> {
-        let mask = *self.queues_per_thread().get(thread_id)?;
-        let index = (0..64)
-            .filter(|q| mask & (1 << q) != 0)
-            .nth(device_event as usize)?;
+        let mut mask = self.thread_queues(thread_id)?;
+        for _ in 0..device_event {
+            mask &= mask.checked_sub(1)?; // drop the lowest queue
+        }
+        let index = (mask != 0).then(|| mask.trailing_zeros() as usize)?;
         Some((index, vrings.get(device_event as usize)?.ring()))
+    }
+
+    /// The queues (a bit per virtio queue index) served by worker thread `thread_id`, without
+    /// building [`VhostUserBackend::queues_per_thread`]'s list on every event.
+    fn thread_queues(&self, thread_id: usize) -> Option<u64> {
+        // hiprio alone on thread 0, then one thread per request queue: a slow request on one
+        // queue never delays another queue.
+        (thread_id < self.num_queues()).then(|| 1u64 << thread_id)
     }
 
     fn config_bytes(&self) -> Vec<u8> {
@@ -437,9 +446,9 @@ impl VhostUserBackend for FsDevice {
     }
 
     fn queues_per_thread(&self) -> Vec<u64> {
-        // hiprio alone on thread 0, then one thread per request queue: a slow request on one
-        // queue never delays another queue.
-        (0..self.num_queues()).map(|q| 1u64 << q).collect()
+        (0..self.num_queues())
+            .filter_map(|t| self.thread_queues(t))
+            .collect()
     }
 
     fn exit_event(&self, _thread_index: usize) -> Option<(EventConsumer, EventNotifier)> {
@@ -485,9 +494,9 @@ impl VhostUserBackend for FsDevice {
         }
         let queue = RequestQueue {
             index,
-            vring: vring.clone(),
-            memory,
-            dispatcher: self.dispatcher.clone(),
+            vring,
+            memory: &memory,
+            dispatcher: &self.dispatcher,
             event_idx: self.event_idx.load(Ordering::Relaxed),
         };
         let result = match &self.pool {

@@ -84,6 +84,14 @@ const MODIFYING_OPCODES: &[u32] = &[
     opcode::TMPFILE,
 ];
 
+/// Opcodes [`FuseDispatcher::handle_locally`] answers itself.
+const LOCAL_OPCODES: &[u32] = &[
+    opcode::SYNCFS,
+    opcode::COPY_FILE_RANGE,
+    opcode::SETLKW,
+    opcode::TMPFILE,
+];
+
 /// Routes FUSE requests from any queue to the filesystem.
 pub struct FuseDispatcher {
     server: Server<Arc<Fs>>,
@@ -111,14 +119,30 @@ impl FuseDispatcher {
 
     /// Whether serving this chain may wait on other processes for unbounded time (a blocking
     /// lock request), so it must not run on a queue's own thread.
-    pub fn may_block(&self, mem: &GuestMemoryMmap, chain: &Chain) -> bool {
-        peek_header(mem, chain).is_some_and(|h| h.opcode == opcode::SETLKW)
+    pub fn may_block(header: Option<&InHeader>) -> bool {
+        header.is_some_and(|h| h.opcode == opcode::SETLKW)
+    }
+
+    /// The request's FUSE header, read where it lies without building a [`Reader`] (an
+    /// allocation and a walk of the whole chain) when the first buffer holds it, as a guest
+    /// driver always lays it out; `None` if the chain is too short for one.
+    pub fn peek_header(mem: &GuestMemoryMmap, chain: &Chain) -> Option<InHeader> {
+        use vm_memory::Bytes;
+        if let Some(first) = chain.clone().next() {
+            if !first.is_write_only() && first.len() as usize >= std::mem::size_of::<InHeader>() {
+                return mem.read_obj(first.addr()).ok();
+            }
+        }
+        read_header(mem, chain)
     }
 
     /// Answer a chain with an error without running it (used when too many requests are
     /// already blocked).
     pub fn refuse_chain(&self, mem: &GuestMemoryMmap, chain: Chain, errno: i32) -> u32 {
-        match (peek_header(mem, &chain), VirtioFsWriter::new(mem, chain)) {
+        match (
+            Self::peek_header(mem, &chain),
+            VirtioFsWriter::new(mem, chain),
+        ) {
             (Some(header), Ok(writer)) => reply(writer, header.unique, Err(errno)),
             _ => 0,
         }
@@ -126,7 +150,23 @@ impl FuseDispatcher {
 
     /// Serve one descriptor chain; returns how many bytes were written into it.
     pub fn handle_chain(&self, mem: &GuestMemoryMmap, chain: Chain) -> u32 {
-        let reply_chain = chain.clone();
+        let header = Self::peek_header(mem, &chain);
+        self.handle_request(mem, chain, header)
+    }
+
+    /// Serve one descriptor chain whose header [`Self::peek_header`] has read already.
+    pub fn handle_request(
+        &self,
+        mem: &GuestMemoryMmap,
+        chain: Chain,
+        header: Option<InHeader>,
+    ) -> u32 {
+        let Some(header) = header else {
+            warn!("dropping request: too short for a FUSE header");
+            return 0;
+        };
+        // Only INIT's reply is patched afterwards (agree_init_flags2).
+        let reply_chain = (header.opcode == opcode::INIT).then(|| chain.clone());
         let reader = match Reader::from_descriptor_chain(mem, chain.clone()) {
             Ok(r) => r,
             Err(e) => {
@@ -138,13 +178,6 @@ impl FuseDispatcher {
             Ok(w) => w,
             Err(e) => {
                 warn!("dropping request: bad writable descriptors: {e}");
-                return 0;
-            }
-        };
-        let header: InHeader = match reader.clone().read_obj() {
-            Ok(h) => h,
-            Err(e) => {
-                warn!("dropping request: too short for a FUSE header: {e}");
                 return 0;
             }
         };
@@ -192,8 +225,8 @@ impl FuseDispatcher {
         });
         match served {
             Ok(len) => {
-                if init_flags2 != 0 {
-                    agree_init_flags2(mem, &reply_chain, len, init_flags2);
+                if let (true, Some(reply_chain)) = (init_flags2 != 0, &reply_chain) {
+                    agree_init_flags2(mem, reply_chain, len, init_flags2);
                 }
                 len as u32
             }
@@ -252,6 +285,10 @@ impl FuseDispatcher {
     fn handle_locally(&self, header: &InHeader, request: &Reader<'_, ()>) -> Option<LocalReply> {
         if self.readonly && refused_on_readonly(header, request.clone()) {
             return Some(Err(libc::EROFS));
+        }
+        if !LOCAL_OPCODES.contains(&header.opcode) {
+            // Most requests: no copy of the reader's buffer list.
+            return None;
         }
         let mut body = request.clone();
         let _ = body.read_obj::<InHeader>();
@@ -404,7 +441,8 @@ fn reply_bytes(
     false
 }
 
-fn peek_header(mem: &GuestMemoryMmap, chain: &Chain) -> Option<InHeader> {
+/// The header through a [`Reader`]: for a header split across buffers.
+fn read_header(mem: &GuestMemoryMmap, chain: &Chain) -> Option<InHeader> {
     Reader::from_descriptor_chain(mem, chain.clone())
         .ok()?
         .read_obj()
