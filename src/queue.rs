@@ -12,8 +12,8 @@ use std::thread;
 
 use log::warn;
 use vhost_user_backend::{VringRwLock, VringT};
-use virtio_queue::QueueOwnedT;
-use vm_memory::GuestAddressSpace;
+use virtio_queue::{QueueOwnedT, QueueT};
+use vm_memory::{GuestAddressSpace, GuestMemoryMmap};
 
 use crate::device::GuestMemory;
 use crate::fuse::FuseDispatcher;
@@ -38,7 +38,7 @@ impl RequestQueue<'_> {
             }
             let head = chain.head_index();
             let len = self.dispatcher.handle_request(mem, chain, header);
-            complete(self.vring, self.index, head, len)
+            complete(self.vring, mem, self.index, head, len)
         })
     }
 
@@ -49,7 +49,7 @@ impl RequestQueue<'_> {
         let head = chain.head_index();
         let Some(slot) = BlockedSlot::take() else {
             let len = self.dispatcher.refuse_chain(mem, chain, libc::ENOLCK);
-            return complete(self.vring, self.index, head, len);
+            return complete(self.vring, mem, self.index, head, len);
         };
         let mem = mem.clone();
         let vring = self.vring.clone();
@@ -60,7 +60,7 @@ impl RequestQueue<'_> {
             .spawn(move || {
                 let len = dispatcher.handle_chain(&mem, chain);
                 drop(slot);
-                if let Err(e) = complete(&vring, index, head, len) {
+                if let Err(e) = complete(&vring, &mem, index, head, len) {
                     warn!("queue {index}: {e}");
                 }
             })
@@ -82,7 +82,7 @@ impl RequestQueue<'_> {
             pool.submit(Box::new(move || {
                 let head = chain.head_index();
                 let len = dispatcher.handle_request(&mem, chain, header);
-                if let Err(e) = complete(&vring, index, head, len) {
+                if let Err(e) = complete(&vring, &mem, index, head, len) {
                     warn!("queue {index}: {e}");
                 }
             }))
@@ -137,11 +137,19 @@ pub type MemoryGuard = vm_memory::atomic::GuestMemoryLoadGuard<vm_memory::GuestM
 pub type Chain = virtio_queue::DescriptorChain<MemoryGuard>;
 
 /// Put chain `head` in the used ring and signal the driver now if it asked to be told (with
-/// EVENT_IDX: its `used_event` has been passed), under one lock of the ring.
-fn complete(vring: &VringRwLock, index: usize, head: u16, len: u32) -> io::Result<()> {
+/// EVENT_IDX: its `used_event` has been passed), under one lock of the ring and with the
+/// caller's view of guest memory (the ring's own would be loaded once per call).
+fn complete(
+    vring: &VringRwLock,
+    mem: &GuestMemoryMmap,
+    index: usize,
+    head: u16,
+    len: u32,
+) -> io::Result<()> {
     let mut state = vring.get_mut();
-    state.add_used(head, len).map_err(queue_error)?;
-    if state.needs_notification().map_err(queue_error)? {
+    let queue = state.get_queue_mut();
+    queue.add_used(mem, head, len).map_err(queue_error)?;
+    if queue.needs_notification(mem).map_err(queue_error)? {
         state.signal_used_queue().map_err(|e| {
             io::Error::new(
                 e.kind(),
@@ -330,14 +338,14 @@ mod tests {
         ring.offer_requests(0..3);
         let (vring, memory) = (ring.vring.clone(), ring.memory.clone());
         let mut served = Vec::new();
-        drain_vring(&vring, &memory, true, |_, chain| {
+        drain_vring(&vring, &memory, true, |mem, chain| {
             let head = chain.head_index();
             if served.is_empty() {
                 // The other thread's request arrives while this one is served.
                 ring.offer_requests(3..4);
             }
             served.push(head);
-            complete(&vring, 0, head, 16)
+            complete(&vring, mem, 0, head, 16)
         })
         .unwrap();
         assert_eq!(served, [0, 2, 4, 6]);
@@ -354,9 +362,9 @@ mod tests {
         ring.offer_requests(0..3);
         let (vring, memory) = (ring.vring.clone(), ring.memory.clone());
         let mut signals = Vec::new();
-        drain_vring(&vring, &memory, true, |_, chain| {
+        drain_vring(&vring, &memory, true, |mem, chain| {
             ring.set_used_event(ring.used_idx());
-            complete(&vring, 0, chain.head_index(), 16)?;
+            complete(&vring, mem, 0, chain.head_index(), 16)?;
             signals.push(ring.signals());
             Ok(())
         })
@@ -367,8 +375,8 @@ mod tests {
         // signalled once, for that entry, however many complete after it.
         ring.set_used_event(3);
         ring.offer_requests(3..6);
-        drain_vring(&vring, &memory, true, |_, chain| {
-            complete(&vring, 0, chain.head_index(), 16)
+        drain_vring(&vring, &memory, true, |mem, chain| {
+            complete(&vring, mem, 0, chain.head_index(), 16)
         })
         .unwrap();
         assert_eq!(ring.used_idx(), 6);
@@ -400,7 +408,7 @@ mod tests {
         drain_vring(&vring, &memory, true, |mem, chain| {
             let got = FuseDispatcher::peek_header(mem, &chain);
             seen.push(got.map(|h| (h.opcode, h.unique, h.nodeid)));
-            complete(&vring, 0, chain.head_index(), 0)
+            complete(&vring, mem, 0, chain.head_index(), 0)
         })
         .unwrap();
         let want = Some((crate::fuse::opcode::GETATTR, 77, 5));
