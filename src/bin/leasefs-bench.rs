@@ -10,6 +10,15 @@
 //! time, each submitting one request at a time on request queue `thread % Q` (Q defaults to
 //! min(N, the request queues the daemon offers)). Each operation's latency is the time from
 //! submitting its chain to seeing it in the used ring. Prints one JSON line on stdout.
+//!
+//! `--workload revoke` measures revocation throughput instead (see [`revoke`]): a
+//! notify-capable client learns `--files` files, host threads change them all, and the
+//! client confirms every revocation.
+//!
+//! ```text
+//! leasefs-bench --daemon target/release/leasefsd --workload revoke --files 100000 [--change open|chmod]
+//! leasefs-bench --socket PATH --share DIR --workload revoke ...   (a daemon started by hand)
+//! ```
 
 use std::process::ExitCode;
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -20,6 +29,9 @@ use std::time::{Duration, Instant};
 use clap::{Parser, ValueEnum};
 
 use leasefs::frontend::{Device, FrontendConfig, FuseClient, FuseError, ROOT_ID};
+
+#[path = "leasefs-bench/revoke.rs"]
+mod revoke;
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
 enum Workload {
@@ -37,6 +49,9 @@ enum Workload {
     CreateUnlink,
     /// READDIRPLUS of a 100-entry directory from offset 0 (one request of up to 64 KiB).
     Readdirplus,
+    /// Revocation throughput: host changes to `--files` files the client knows, each
+    /// revoked through the notification queue (not a timed loop; see `revoke`).
+    Revoke,
 }
 
 impl Workload {
@@ -49,6 +64,7 @@ impl Workload {
             Workload::Read1m => "read1m",
             Workload::CreateUnlink => "create-unlink",
             Workload::Readdirplus => "readdirplus",
+            Workload::Revoke => "revoke",
         }
     }
 }
@@ -56,9 +72,9 @@ impl Workload {
 #[derive(Debug, Parser)]
 #[command(about = "Benchmark a vhost-user virtio-fs daemon without a VM")]
 struct Args {
-    /// The daemon's vhost-user socket.
-    #[arg(long)]
-    socket: String,
+    /// The daemon's vhost-user socket (or `--daemon`).
+    #[arg(long, required_unless_present = "daemon")]
+    socket: Option<String>,
     #[arg(long, value_enum)]
     workload: Workload,
     #[arg(long, default_value_t = 1)]
@@ -78,6 +94,8 @@ struct Args {
     /// Guest memory in MiB.
     #[arg(long, default_value_t = 256)]
     memory_mib: u64,
+    #[command(flatten)]
+    revoke: revoke::RevokeArgs,
 }
 
 const FILE_SIZE: usize = 1 << 20;
@@ -104,6 +122,12 @@ fn main() -> ExitCode {
 }
 
 fn run(args: &Args) -> Result<(), String> {
+    if args.workload == Workload::Revoke {
+        return revoke::run(args);
+    }
+    let Some(socket) = &args.socket else {
+        return Err("--socket is needed (--daemon serves only --workload revoke)".into());
+    };
     if args.threads == 0 {
         return Err("--threads must be at least 1".into());
     }
@@ -113,7 +137,7 @@ fn run(args: &Args) -> Result<(), String> {
         request_queues: Some(wanted_queues),
         ..Default::default()
     };
-    let device = Device::connect(&args.socket, &config).map_err(|e| e.to_string())?;
+    let device = Device::connect(socket, &config).map_err(|e| e.to_string())?;
     let queues = device.request_queues().len();
     let offered = device.negotiated().backend_request_queues;
     for q in device.request_queues() {
@@ -298,6 +322,7 @@ fn one_op(
             let entries = fuse.readdirplus(target.dir, target.dir_fh, 0, 65536)?;
             check_len(entries.len().min(DIR_ENTRIES), DIR_ENTRIES)
         }
+        Workload::Revoke => unreachable!("revoke has its own driver"),
     }
 }
 

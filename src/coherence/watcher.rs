@@ -205,7 +205,7 @@ impl HostWatcher {
                 .name("leasefs-names".into())
                 .spawn(move || {
                     let group = watcher.names.as_ref().map(|g| g.as_raw_fd()).unwrap();
-                    read_events(group, |event, record| {
+                    read_events(group, &watcher.notifier, |event, record| {
                         watcher.handle_namespace(&fs, event, record)
                     })
                 })?;
@@ -213,7 +213,7 @@ impl HostWatcher {
         thread::Builder::new()
             .name("leasefs-watcher".into())
             .spawn(move || {
-                read_events(self.fanotify.as_raw_fd(), |event, _| {
+                read_events(self.fanotify.as_raw_fd(), &self.notifier, |event, _| {
                     self.handle(&fs, event, own_pid())
                 })
             })
@@ -262,8 +262,10 @@ fn own_pid() -> i32 {
 }
 
 /// Read events from fanotify group `group` until it fails, calling `handle` with each event's
-/// metadata and its whole record (metadata and information records).
-fn read_events(group: RawFd, mut handle: impl FnMut(&EventMetadata, &[u8])) {
+/// metadata and its whole record (metadata and information records). The revocations of all
+/// the events one `read(2)` returned (up to 64 KiB of them: hundreds) reach the guest in one
+/// delivery ([`Notifier::batch`]).
+fn read_events(group: RawFd, notifier: &Notifier, mut handle: impl FnMut(&EventMetadata, &[u8])) {
     let mut buf = vec![0u8; 64 * 1024];
     loop {
         // SAFETY: buf is valid for its length.
@@ -278,6 +280,7 @@ fn read_events(group: RawFd, mut handle: impl FnMut(&EventMetadata, &[u8])) {
         }
         let mut offset = 0usize;
         let n = n as usize;
+        let _batch = notifier.batch();
         while offset + std::mem::size_of::<EventMetadata>() <= n {
             // SAFETY: the kernel wrote a whole metadata record at this offset; read it
             // unaligned since the buffer is bytes.

@@ -449,6 +449,64 @@ impl FuseClient {
             .map(|_| ())
     }
 
+    /// Confirm many notifications at once, as a guest's notification work item does after a
+    /// batch: every FUSE_NOTIFY_REPLY (`(unique, nodeid, error)`) is made available on the
+    /// hiprio queue before one kick decision, then each completion is awaited. One round
+    /// trip for the batch instead of one per message; more than the queue's free descriptors
+    /// go in several rounds.
+    pub fn confirm_notifications(&self, confirmations: &[(u64, u64, i32)]) -> FuseResult<()> {
+        let queue = self.device.hiprio();
+        let ram = self.device.ram();
+        let transport = |e: std::io::Error| FuseError::Transport(e.to_string());
+        let mut rest = confirmations;
+        while !rest.is_empty() {
+            let room = queue.free_descriptors().clamp(1, rest.len());
+            let (now, later) = rest.split_at(room);
+            rest = later;
+            let mut buffers = Vec::with_capacity(now.len());
+            let release = |buffers: &[super::memory::Buffer]| {
+                buffers.iter().for_each(|b| queue.free(*b));
+            };
+            for &(unique, nodeid, error) in now {
+                let mut header = self.in_header(opcode::NOTIFY_REPLY, nodeid, 8);
+                header.unique = unique;
+                let mut request = header.as_slice().to_vec();
+                request.extend_from_slice(&error.to_le_bytes());
+                request.extend_from_slice(&0u32.to_le_bytes());
+                let Some(buf) = queue.alloc(request.len() as u32) else {
+                    release(&buffers);
+                    return Err(FuseError::Transport("guest memory exhausted".into()));
+                };
+                buffers.push(buf);
+                if let Err(e) = ram.write(buf.addr, &request) {
+                    release(&buffers);
+                    return Err(transport(e));
+                }
+            }
+            let chains: Vec<[Segment; 1]> =
+                buffers.iter().map(|b| [Segment::readable(*b)]).collect();
+            let chains: Vec<&[Segment]> = chains.iter().map(|c| &c[..]).collect();
+            let heads = match queue.submit_many(&chains) {
+                Ok(heads) => heads,
+                Err(e) => {
+                    release(&buffers);
+                    return Err(transport(e));
+                }
+            };
+            for (head, buf) in heads.into_iter().zip(buffers) {
+                match queue.wait(head, self.timeout) {
+                    Ok(_) => queue.free(buf),
+                    // The device may still read the buffer: leave it allocated.
+                    Err(WaitError::Timeout) => return Err(FuseError::Timeout),
+                    Err(WaitError::Unknown) => {
+                        return Err(FuseError::Transport("chain vanished".into()));
+                    }
+                }
+            }
+        }
+        Ok(())
+    }
+
     pub fn getattr(&self, nodeid: u64) -> FuseResult<AttrOut> {
         self.call_obj(opcode::GETATTR, nodeid, &[GetattrIn::default().as_slice()])
     }

@@ -311,6 +311,12 @@ impl Device {
         self.notification.is_some()
     }
 
+    /// The notification queue (virtqueue 1), if negotiated: for its kick and signal counts
+    /// and [`Virtqueue::wait_for_completions`].
+    pub fn notification_queue(&self) -> Option<&Arc<Virtqueue>> {
+        self.notification.as_ref()
+    }
+
     /// Run `f` on the vhost-user connection (for tests that send their own messages).
     ///
     /// # Panics

@@ -151,6 +151,8 @@ pub struct Virtqueue {
     /// Kicks written, and kicks `avail_event` told us to leave out.
     kicks: AtomicU64,
     kicks_suppressed: AtomicU64,
+    /// Signals (interrupts) the device wrote to the call eventfd that we have read.
+    signals: AtomicU64,
 }
 
 /// `vring_need_event()` of the virtio spec: whether moving an index from `old` to `new`
@@ -201,6 +203,7 @@ impl Virtqueue {
             event_idx: AtomicBool::new(false),
             kicks: AtomicU64::new(0),
             kicks_suppressed: AtomicU64::new(0),
+            signals: AtomicU64::new(0),
         })
     }
 
@@ -221,6 +224,20 @@ impl Virtqueue {
             self.kicks.load(Ordering::Relaxed),
             self.kicks_suppressed.load(Ordering::Relaxed),
         )
+    }
+
+    /// Signals the device has sent on the call eventfd so far (each eventfd write counts once,
+    /// as an interrupt would; signals not read yet are read now).
+    pub fn signals_received(&self) -> u64 {
+        self.count_signals();
+        self.signals.load(Ordering::Relaxed)
+    }
+
+    /// Read the call eventfd without waiting, counting what it held.
+    fn count_signals(&self) {
+        if let Ok(n) = self.call.read() {
+            self.signals.fetch_add(n, Ordering::Relaxed);
+        }
     }
 
     /// Forget everything in flight and start from zeroed rings, as a freshly loaded driver
@@ -513,7 +530,27 @@ impl Virtqueue {
         let ms = timeout.as_millis().clamp(1, i32::MAX as u128) as i32;
         // SAFETY: one valid pollfd, for the duration of the call.
         unsafe { libc::poll(&mut pfd, 1, ms) };
-        let _ = self.call.read();
+        self.count_signals();
+    }
+
+    /// Wait until the device has returned chains nobody has claimed yet (or `timeout`
+    /// passes), sleeping on the call eventfd as a driver waits for its interrupt: with
+    /// EVENT_IDX `used_event` is published first, so the device signals its next used entry.
+    /// Whether completions are there to take ([`Virtqueue::take_completions`]).
+    pub fn wait_for_completions(&self, timeout: Duration) -> bool {
+        let mut state = self.lock();
+        self.harvest(&mut state);
+        if !state.completed.is_empty() {
+            return true;
+        }
+        let seen = state.last_used;
+        drop(state);
+        if !self.spin_for_used(seen) {
+            self.sleep_on_call(timeout);
+        }
+        let mut state = self.lock();
+        self.harvest(&mut state);
+        !state.completed.is_empty()
     }
 
     /// Busy-poll until the used index moves past `seen` or the spin time is up; whether it
