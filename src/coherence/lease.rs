@@ -809,6 +809,8 @@ impl LeaseTable {
                 wait = Some(wait.map_or(BREAK_RETRY, |w| w.min(BREAK_RETRY)));
             }
             let signals = signals.wait(wait);
+            // A burst of host writers: their revocations go to the guest in one delivery.
+            let _batch = self.notifier.as_ref().map(|n| n.batch());
             for (fd, tries) in std::mem::take(&mut retry) {
                 if self.on_break(fd) == BreakFound::NotYet {
                     if tries < BREAK_RETRIES {
