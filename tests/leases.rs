@@ -421,22 +421,7 @@ fn a_host_rewrite_of_a_tree_the_guest_keeps_reading_waits_about_one_lease() {
 /// A counter from the lease table's line the daemon logs on SIGUSR1: the number before
 /// `words` (e.g. "open for writing", "retries deferred").
 fn lease_counter(backend: &Backend, words: &str) -> u64 {
-    let before = backend.log().matches("leases: ").count();
-    // SAFETY: a signal to the daemon we started.
-    unsafe { libc::kill(backend.pid() as i32, libc::SIGUSR1) };
-    let deadline = Instant::now() + Duration::from_secs(5);
-    let log = loop {
-        let log = backend.log();
-        if log.matches("leases: ").count() > before || Instant::now() > deadline {
-            break log;
-        }
-        thread::sleep(Duration::from_millis(10));
-    };
-    let line = log
-        .lines()
-        .rev()
-        .find(|l| l.contains("leases: "))
-        .expect("the lease counters in the daemon log");
+    let line = backend.counters_line("leases: ");
     let at = line
         .find(words)
         .unwrap_or_else(|| panic!("no '{words}' in {line}"));

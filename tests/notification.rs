@@ -151,22 +151,7 @@ struct Counters {
 }
 
 fn counters(backend: &Backend) -> Counters {
-    let before = backend.log().matches("notifications: ").count();
-    // SAFETY: a signal to the daemon we started.
-    unsafe { libc::kill(backend.pid() as i32, libc::SIGUSR1) };
-    let deadline = Instant::now() + Duration::from_secs(5);
-    let log = loop {
-        let log = backend.log();
-        if log.matches("notifications: ").count() > before || Instant::now() > deadline {
-            break log;
-        }
-        std::thread::sleep(Duration::from_millis(10));
-    };
-    let line = log
-        .lines()
-        .rev()
-        .find(|l| l.contains("notifications: "))
-        .unwrap_or_else(|| panic!("no counters in the daemon log:\n{log}"));
+    let line = backend.counters_line("notifications: ");
     let words: Vec<&str> = line
         .split([' ', ',', ';', '(', ')'])
         .filter(|w| !w.is_empty())

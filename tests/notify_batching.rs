@@ -40,20 +40,7 @@ fn start() -> (Backend, Arc<Device>, FuseClient) {
 
 /// `(sent, queued)` from the notifier's counters, logged on SIGUSR1.
 fn sent_and_queued(backend: &Backend) -> (u64, u64) {
-    let before = backend.log().matches("notifications: ").count();
-    // SAFETY: a signal to the daemon we started.
-    unsafe { libc::kill(backend.pid() as i32, libc::SIGUSR1) };
-    let deadline = Instant::now() + Duration::from_secs(5);
-    while backend.log().matches("notifications: ").count() == before {
-        assert!(Instant::now() < deadline, "no counters:\n{}", backend.log());
-        thread::sleep(Duration::from_millis(10));
-    }
-    let log = backend.log();
-    let line = log
-        .lines()
-        .rev()
-        .find(|l| l.contains("notifications: "))
-        .unwrap();
+    let line = backend.counters_line("notifications: ");
     let words: Vec<&str> = line
         .split([' ', ',', ';'])
         .filter(|w| !w.is_empty())

@@ -502,23 +502,7 @@ fn a_host_process_touching_100000_cached_files_gets_all_revoked_and_memory_retur
 
 /// The notifier's counters, from the line the daemon logs on SIGUSR1.
 fn notify_counters(backend: &Backend) -> HashMap<&'static str, u64> {
-    let before = backend.log().matches("notifications: ").count();
-    // SAFETY: a signal to the daemon we started.
-    unsafe { libc::kill(backend.pid() as i32, libc::SIGUSR1) };
-    let deadline = Instant::now() + Duration::from_secs(5);
-    let log = loop {
-        let log = backend.log();
-        if log.matches("notifications: ").count() > before || Instant::now() > deadline {
-            break log;
-        }
-        thread::sleep(Duration::from_millis(10));
-    };
-    let line = log
-        .lines()
-        .rev()
-        .find(|l| l.contains("notifications: "))
-        .expect("counters in the daemon log")
-        .to_string();
+    let line = backend.counters_line("notifications: ");
     let words: Vec<&str> = line
         .split([' ', ',', ';', '(', ')'])
         .filter(|w| !w.is_empty())

@@ -116,6 +116,28 @@ impl Backend {
         self.child.as_ref().map_or(0, |c| c.id())
     }
 
+    /// Ask the daemon for its counters (SIGUSR1) and return the newest logged line that holds
+    /// `marker` ("leases: ", "notifications: ") once one more such line has appeared; panics
+    /// with the log if none does within 5 s.
+    pub fn counters_line(&self, marker: &str) -> String {
+        let before = self.log().matches(marker).count();
+        // SAFETY: a signal to the daemon we started.
+        unsafe { libc::kill(self.pid() as i32, libc::SIGUSR1) };
+        let deadline = Instant::now() + Duration::from_secs(5);
+        loop {
+            let log = self.log();
+            if log.matches(marker).count() > before {
+                let line = log.lines().rev().find(|l| l.contains(marker));
+                return line.unwrap_or_default().to_string();
+            }
+            assert!(
+                Instant::now() < deadline,
+                "no '{marker}' counters in the daemon log after SIGUSR1:\n{log}"
+            );
+            std::thread::sleep(Duration::from_millis(10));
+        }
+    }
+
     /// A field of /proc/<pid>/status in kB (e.g. "VmRSS", "RssAnon").
     pub fn status_kb(&self, field: &str) -> io::Result<u64> {
         let status = fs::read_to_string(format!("/proc/{}/status", self.pid()))?;
