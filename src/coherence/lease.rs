@@ -725,11 +725,7 @@ impl LeaseTable {
         if let Some(fd) = fd {
             self.release_host_lease(fd);
         }
-        if let (Some(n), Some(h)) = (&self.notifier, hold) {
-            if h.notification != 0 {
-                n.cancel(h.notification);
-            }
-        }
+        self.stop_awaiting(hold);
         let held_us = self.clock.now_ns().saturating_sub(since_ns) / 1000;
         self.stats.held.fetch_add(1, Ordering::Relaxed);
         self.stats
@@ -737,6 +733,15 @@ impl LeaseTable {
             .fetch_add(held_us, Ordering::Relaxed);
         self.stats.hold_us.record(held_us);
         true
+    }
+
+    /// Stop waiting for the confirmation of an ended hold's notification, if it had one.
+    fn stop_awaiting(&self, hold: Option<Hold>) {
+        if let (Some(n), Some(h)) = (&self.notifier, hold) {
+            if h.notification != 0 {
+                n.cancel(h.notification);
+            }
+        }
     }
 
     /// End the holds that are due; how long until the next one (None: none pending).
@@ -1037,11 +1042,7 @@ impl InodeObserver for LeaseTable {
         if let Some(fd) = fd {
             self.release_host_lease(fd);
         }
-        if let (Some(n), Some(h)) = (&self.notifier, hold) {
-            if h.notification != 0 {
-                n.cancel(h.notification);
-            }
-        }
+        self.stop_awaiting(hold);
         if let Some(mut adaptive) = self.adaptive() {
             adaptive.forget(node);
         }
