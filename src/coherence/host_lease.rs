@@ -131,15 +131,7 @@ pub fn identity(fd: RawFd) -> Option<(u64, u64)> {
 /// How many host leases we may hold: half the descriptor limit, so leases never starve the
 /// guest's own opens.
 pub fn budget() -> usize {
-    let mut limit = libc::rlimit {
-        rlim_cur: 0,
-        rlim_max: 0,
-    };
-    // SAFETY: getrlimit fills the struct we own.
-    if unsafe { libc::getrlimit(libc::RLIMIT_NOFILE, &mut limit) } != 0 {
-        return 512;
-    }
-    (limit.rlim_cur / 2).min(usize::MAX as u64) as usize
+    crate::passthrough::descriptor_limit() / 2
 }
 
 /// /proc/sys/fs/lease-break-time: after it the kernel takes a lease back whatever we do.
