@@ -595,11 +595,6 @@ impl LeaseTable {
     /// A host writer is breaking `node`'s lease on `fd`: hold it until the guest's lease has
     /// run out (plus the margin), or until a notify-capable guest confirms it dropped its copy.
     fn host_break(self: &Arc<Self>, node: u64, fd: RawFd) -> BreakFound {
-        let parents = if self.adapting() {
-            self.parents_of(node)
-        } else {
-            Vec::new()
-        };
         let now = self.now_ns();
         let host_now = self.clock.now_ns();
         let remaining_ms = {
@@ -642,6 +637,8 @@ impl LeaseTable {
             self.stats.unheld_breaks.fetch_add(1, Ordering::Relaxed);
         }
         if self.adapting() {
+            // Read with no lock of ours held, and only for a break that starts a hold.
+            let parents = self.parents_of(node);
             if let Some(mut adaptive) = self.adaptive() {
                 adaptive.expire(host_now);
                 adaptive.host_wrote(node, &parents, host_now);
