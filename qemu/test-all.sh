@@ -50,6 +50,10 @@
 # Burst (qemu/burst.sh, notify stack): 300 and 5,000 cached names, each removed on the host
 #   burst-notify       in one burst (chmod + unlink: 600 and 10,000 changes); fails if a
 #                      name is still seen 50 ms (300) or 1 s (5,000) after the host finished
+# Newer host kernel (qemu/host-vm.sh): Debian's cloud 7.3 kernel from trixie-backports booted
+#   host-7.3           as the host (TCG, no virtio-fs): static leasefsd and the cargo test
+#                      binaries tests/leases.rs, names.rs, and delegations.rs once it exists,
+#                      run inside it (Linux 6.19's F_SETDELEG delegations); fails if any does
 # --no-notify leaves out the notify stack (its build and every run on it).
 # If virtiofsd is on PATH or in ~/.cargo/bin, guest-tests also runs against
 # it on the stock stack once, for information only (not counted). The
@@ -296,6 +300,18 @@ if [ "$build_ok" -eq 1 ]; then
             --no-build --timeout "$timeout_secs" || status=$?
         count burst-notify "$status"
     fi
+fi
+
+# The cargo integration tests on a Linux 7.3 host kernel (qemu/host-vm.sh): leasefsd and the
+# test binaries built static and run inside a VM booting Debian's 7.3 cloud kernel.
+if [ "$build_ok" -eq 1 ]; then
+    status=0
+    section "host-7.3: qemu/host-vm.sh (cargo integration tests on a Linux 7.3 host kernel)"
+    host_vm=()
+    [ "$build" -eq 1 ] || host_vm+=(--no-build)
+    LEASEFS_LOG_DIR="$logs/host-7.3" LEASEFS_HOST_KERNEL_SERIES=7.3 \
+        "$LEASEFS_QEMU_DIR/host-vm.sh" "${host_vm[@]}" --timeout "$timeout_secs" || status=$?
+    count host-7.3 "$status"
 fi
 
 # libvirt starts leasefsd itself (qemu/libvirt.sh: virsh start with <binary path>, with
