@@ -7,12 +7,14 @@
 # no nested QEMU. Made for Linux 6.19's delegations (F_SETDELEG), which this
 # machine's kernel does not have.
 #
-# Usage: qemu/host-vm.sh [--test NAME]... [--filter STR] [--timeout SECS] [--no-build]
+# Usage: qemu/host-vm.sh [--test NAME]... [--lib] [--filter STR] [--timeout SECS] [--no-build]
 #                        [--tmpdir tmpfs|ext4] [--guest-cmd CODE] [--add FILE]...
 #                        [--memory MB] [--refresh]
 #
 #   --test NAME       a tests/NAME.rs binary, repeatable (default: leases names, and
 #                     delegations when tests/delegations.rs exists)
+#   --lib             also the library's unit tests (cargo test --lib), as test "lib";
+#                     with --filter, e.g. --lib --filter host_lease
 #   --filter STR      passed to every test binary (libtest's name filter)
 #   --timeout SECS    kill the VM after SECS (default 900)
 #   --no-build        no cargo: use the newest static test binaries and leasefsd
@@ -53,6 +55,7 @@ SUITE=trixie-backports
 KDIR="$LEASEFS_VM_DIR/host-kernel"
 
 tests=()
+lib=0
 filter=""
 timeout_secs=900
 build=1
@@ -67,6 +70,7 @@ while [ $# -gt 0 ]; do
     case "$1" in
         --test) need_arg "$1" $#; tests+=("$2"); shift ;;
         --test=*) tests+=("${1#*=}") ;;
+        --lib) lib=1 ;;
         --filter) need_arg "$1" $#; filter=$2; shift ;;
         --filter=*) filter=${1#*=} ;;
         --timeout) need_arg "$1" $#; timeout_secs=$2; shift ;;
@@ -92,7 +96,7 @@ case "$tmpdir_fs" in tmpfs|ext4) ;; *) die "--tmpdir is tmpfs or ext4, not '$tmp
 for f in "${adds[@]}"; do [ -f "$f" ] || die "--add: no such file: $f"; done
 
 cd "$LEASEFS_ROOT"
-if [ "${#tests[@]}" -eq 0 ]; then
+if [ "${#tests[@]}" -eq 0 ] && [ "$lib" -eq 0 ]; then
     tests=(leases names)
     # Picked up as soon as it exists.
     [ -f tests/delegations.rs ] && tests+=(delegations)
@@ -101,6 +105,10 @@ for t in "${tests[@]}"; do
     [[ "$t" =~ ^[A-Za-z0-9_-]+$ ]] || die "--test wants a test target name, got '$t'"
     [ -f "tests/$t.rs" ] || [ -f "tests/$t/main.rs" ] || die "no integration test tests/$t.rs"
 done
+# The crate's name, which its unit-test binary is called by (deps/<crate>-<hash>).
+crate=$(sed -n '/^\[package\]/,/^\[/ s/^name *= *"\([^"]*\)".*/\1/p' Cargo.toml | head -n 1)
+all=("${tests[@]}")
+[ "$lib" -eq 0 ] || all+=(lib)
 
 ensure_vm_tools
 missing=()
@@ -188,7 +196,8 @@ if [ "$build" -eq 1 ]; then
     require_cargo
     targs=()
     for t in "${tests[@]}"; do targs+=(--test "$t"); done
-    log "building leasefsd and ${tests[*]} (static, $triple)"
+    [ "$lib" -eq 0 ] || targs+=(--lib)
+    log "building leasefsd and ${all[*]} (static, $triple)"
     start=$SECONDS
     json=$(RUSTFLAGS="${RUSTFLAGS:+$RUSTFLAGS }-C target-feature=+crt-static" \
         cargo test --release --target "$triple" "${targs[@]}" --no-run --message-format=json) \
@@ -201,6 +210,12 @@ if [ "$build" -eq 1 ]; then
             | sed -n 's/.*"executable":"\([^"]*\)".*/\1/p' | tail -n 1)
         [ -n "${test_bin[$t]}" ] || die "cargo named no executable for test $t"
     done
+    if [ "$lib" -eq 1 ]; then
+        test_bin[lib]=$(grep -F '"reason":"compiler-artifact"' <<< "$json" \
+            | grep -F '"kind":["lib"]' | grep -F '"test":true' \
+            | sed -n 's/.*"executable":"\([^"]*\)".*/\1/p' | tail -n 1)
+        [ -n "${test_bin[lib]}" ] || die "cargo named no executable for the unit tests (--lib)"
+    fi
     exe=$(grep -F '"kind":["bin"]' <<< "$json" | grep -F '"name":"leasefsd"' \
         | sed -n 's/.*"executable":"\([^"]*\)".*/\1/p' | tail -n 1)
     [ -z "$exe" ] || leasefsd=$exe
@@ -211,6 +226,11 @@ else
             -printf '%T@ %p\n' 2>/dev/null | sort -rn | head -n 1 | cut -d' ' -f2-)
         [ -n "${test_bin[$t]}" ] || die "no static build of test $t in $reldir/deps (run without --no-build)"
     done
+    if [ "$lib" -eq 1 ]; then
+        test_bin[lib]=$(find "$reldir/deps" -maxdepth 1 -type f -perm -u+x -regex ".*/${crate//-/_}-[0-9a-f]+" \
+            -printf '%T@ %p\n' 2>/dev/null | sort -rn | head -n 1 | cut -d' ' -f2-)
+        [ -n "${test_bin[lib]}" ] || die "no static build of the unit tests in $reldir/deps (run without --no-build)"
+    fi
 fi
 [ -x "$leasefsd" ] || die "leasefsd not found: $leasefsd"
 case "$leasefsd" in /*) ;; *) die "leasefsd path is not absolute: $leasefsd" ;; esac
@@ -278,7 +298,7 @@ case "$leasefsd" in
     *) put_bin "$leasefsd" "$root$leasefsd" ;;
 esac
 ln -sf "$leasefsd" "$root/bin/leasefsd"
-for t in "${tests[@]}"; do
+for t in "${all[@]}"; do
     put_bin "${test_bin[$t]}" "$root/tests/$t"
     printf '%s\n' "$t" >> "$root/etc/host-vm/tests"
 done
@@ -289,7 +309,7 @@ printf '%s\n' "$tmpdir_fs" > "$root/etc/host-vm/tmpdir"
 # gzip -1: the VM unpacks it under TCG; speed matters more than size.
 (cd "$root" && find . -mindepth 1 | LC_ALL=C sort | cpio --quiet -o -H newc --owner=0:0) \
     | gzip -1 > "$RUN_TMP/initrd.gz"
-log "initramfs: $(du -h "$RUN_TMP/initrd.gz" | cut -f1) (leasefsd at $leasefsd; tests: ${tests[*]})"
+log "initramfs: $(du -h "$RUN_TMP/initrd.gz" | cut -f1) (leasefsd at $leasefsd; tests: ${all[*]})"
 
 # ---------------------------------------------------------------- QEMU
 accel=${LEASEFS_ACCEL:-tcg}
@@ -339,7 +359,7 @@ echo "===== host-vm summary ($((elapsed)) s in the VM, logs $LOG_DIR)"
 echo "kernel inside the VM: ${uname_in:-(never reported)}"
 echo "leasefsd --print-capabilities, delegations: ${caps#HOST-VM-CAPS }"
 status=0
-for t in "${tests[@]}"; do
+for t in "${all[@]}"; do
     r=$(marker "HOST-VM-RESULT $t " | tail -n 1)
     if [ -z "$r" ]; then
         echo "FAIL  $t (no result: the VM stopped first)"
