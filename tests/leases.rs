@@ -28,16 +28,8 @@ fn start(lease: &str) -> (Backend, FuseClient) {
         ],
     )
     .expect("starting leasefsd");
-    let config = FrontendConfig {
-        want_notification: false,
-        ..FrontendConfig::default()
-    };
-    let device = Arc::new(
-        Device::connect(backend.socket(), &config)
-            .unwrap_or_else(|e| panic!("connecting: {e}\ndaemon log:\n{}", backend.log())),
-    );
-    let fuse = FuseClient::new(device);
-    fuse.init().expect("INIT");
+    // A stock guest: no notification queue (the default).
+    let fuse = backend.client(&FrontendConfig::default());
     (backend, fuse)
 }
 

@@ -9,12 +9,11 @@ use std::fs::{self, OpenOptions};
 use std::io::Write;
 use std::os::unix::fs::{MetadataExt, PermissionsExt};
 use std::path::Path;
-use std::sync::Arc;
 use std::thread;
 use std::time::{Duration, Instant};
 
 use leasefs::frontend::process::Backend;
-use leasefs::frontend::{Device, FrontendConfig, FuseClient, ROOT_ID};
+use leasefs::frontend::{FrontendConfig, FuseClient, ROOT_ID};
 
 const FOPEN_KEEP_CACHE: u32 = 1 << 1;
 const FUSE_GETLK: u32 = 31;
@@ -24,16 +23,8 @@ fn start(args: &[&str]) -> (Backend, FuseClient) {
     let mut all = vec!["--log-level", "debug"];
     all.extend_from_slice(args);
     let backend = Backend::spawn(env!("CARGO_BIN_EXE_leasefsd"), &all).expect("starting leasefsd");
-    let config = FrontendConfig {
-        want_notification: false,
-        ..FrontendConfig::default()
-    };
-    let device = Arc::new(
-        Device::connect(backend.socket(), &config)
-            .unwrap_or_else(|e| panic!("connecting: {e}\ndaemon log:\n{}", backend.log())),
-    );
-    let fuse = FuseClient::new(device);
-    fuse.init().expect("INIT");
+    // A stock guest: no notification queue (the default).
+    let fuse = backend.client(&FrontendConfig::default());
     (backend, fuse)
 }
 

@@ -53,6 +53,17 @@ pub struct Backend {
     _scratch: ScratchDir,
 }
 
+/// Whether `binary` (leasefsd) uses host delegations on this host (`--print-capabilities`
+/// says `"delegations": "in-use"`: Linux 6.19 or later): tests whose guarantee depends on the
+/// host kernel check the one that applies.
+pub fn delegations_in_use(binary: impl AsRef<Path>) -> bool {
+    Command::new(binary.as_ref())
+        .arg("--print-capabilities")
+        .output()
+        .map(|out| String::from_utf8_lossy(&out.stdout).contains("\"delegations\": \"in-use\""))
+        .unwrap_or(false)
+}
+
 impl Backend {
     /// Start `binary --socket-path S --shared-dir D --sandbox none --cache always` plus
     /// `extra` arguments, and wait (up to 10 s) for its socket to appear.
@@ -97,6 +108,16 @@ impl Backend {
             std::thread::sleep(Duration::from_millis(10));
         }
         Ok(backend)
+    }
+
+    /// A FUSE client of this daemon through its socket, with `config`, INIT done. Panics with
+    /// the daemon's log if it cannot connect: a test helper.
+    pub fn client(&self, config: &super::FrontendConfig) -> super::FuseClient {
+        let device = super::Device::connect(self.socket(), config)
+            .unwrap_or_else(|e| panic!("connecting: {e}\ndaemon log:\n{}", self.log()));
+        let fuse = super::FuseClient::new(std::sync::Arc::new(device));
+        fuse.init().expect("INIT");
+        fuse
     }
 
     pub fn socket(&self) -> &Path {
