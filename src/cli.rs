@@ -668,11 +668,12 @@ fn parse_lease_timeout(value: &str) -> Result<f64, String> {
 pub fn capabilities_json() -> String {
     // No "migrate-precopy": leasefsd does not transfer device state, so it must not claim to.
     // "host-events" are the pre-modify and change events in use; "delegations" says what this
-    // host kernel offers of Linux 6.19's F_SETDELEG (probed on "/"; not used yet).
+    // host kernel offers of Linux 6.19's F_SETDELEG (probed on "/"; "in-use" where the daemon
+    // leases names under directory delegations, see docs/coherency.md).
     let delegations = match host_lease::probe_delegations_at(Path::new("/")) {
         host_lease::Delegations::NotInKernel => "not-in-kernel",
         host_lease::Delegations::Refused(_) => "in-kernel-refused-on-probe",
-        host_lease::Delegations::OnDirectories => "available-unused",
+        host_lease::Delegations::OnDirectories => "in-use",
     };
     format!(
         concat!(

@@ -83,37 +83,66 @@ impl Refused {
 }
 
 /// Take a read lease on `data` (a regular file): a new O_RDONLY descriptor whose open file
-/// description carries the lease; closing it (see [`release`]) gives the lease up.
-pub fn take(fs: &PassthroughFs, data: &InodeData) -> Result<OwnedFd, Refused> {
-    let reopen = |flags| {
-        ReadOnly::new(flags)
-            .and_then(|f| fs.reopen_data(data, f))
-            .map(OwnedFd::from)
-    };
+/// description carries the lease; closing it (see [`release`]) gives the lease up. With
+/// `delegation` (hosts with F_SETDELEG) a read delegation instead: it breaks on everything a
+/// lease breaks on, and also before a chmod, chown, utimes, xattr change, link, unlink or
+/// rename of the file, and before a truncating `open(O_RDONLY|O_TRUNC)`.
+pub fn take(fs: &PassthroughFs, data: &InodeData, delegation: bool) -> Result<OwnedFd, Refused> {
     // O_NOATIME when we own the file (else EPERM): our reopen is not a guest read.
-    let fd = reopen(libc::O_NONBLOCK | libc::O_NOATIME)
-        .or_else(|_| reopen(libc::O_NONBLOCK))
+    let fd = reopen(fs, data, libc::O_NONBLOCK | libc::O_NOATIME)
+        .or_else(|_| reopen(fs, data, libc::O_NONBLOCK))?;
+    set(&fd, data, delegation)?;
+    Ok(fd)
+}
+
+/// Take a read delegation on the directory `data`: a new O_RDONLY descriptor whose open file
+/// description carries it. The kernel breaks it before any create, delete or rename of a
+/// name in the directory (and a rename of the directory itself), the changer waiting like a
+/// lease breaker; the break arrives as the same signal as a lease break.
+pub fn take_delegation(fs: &PassthroughFs, data: &InodeData) -> Result<OwnedFd, Refused> {
+    let fd = reopen(fs, data, libc::O_NONBLOCK | libc::O_DIRECTORY)?;
+    set(&fd, data, true)?;
+    Ok(fd)
+}
+
+fn reopen(fs: &PassthroughFs, data: &InodeData, flags: i32) -> Result<OwnedFd, Refused> {
+    ReadOnly::new(flags)
+        .and_then(|f| fs.reopen_data(data, f))
+        .map(OwnedFd::from)
         .map_err(|e| {
             debug!("no host lease on node {}: reopen: {e}", data.inode);
             Refused::Unreachable
-        })?;
-    // SAFETY: fcntl on a descriptor we own; results checked.
+        })
+}
+
+/// Ask for the break signal on `fd`, then a read lease or (`delegation`) a read delegation.
+fn set(fd: &OwnedFd, data: &InodeData, delegation: bool) -> Result<(), Refused> {
+    let mut want = Delegation {
+        d_type: libc::F_RDLCK as u16,
+        ..Delegation::default()
+    };
+    // SAFETY: fcntl on a descriptor we own (with a struct of the kernel's layout); checked.
     let ok = unsafe {
         libc::fcntl(fd.as_raw_fd(), F_SETSIG, lease_signal()) == 0
-            && libc::fcntl(fd.as_raw_fd(), F_SETLEASE, libc::F_RDLCK) == 0
+            && if delegation {
+                libc::fcntl(fd.as_raw_fd(), F_SETDELEG, &mut want as *mut Delegation) == 0
+            } else {
+                libc::fcntl(fd.as_raw_fd(), F_SETLEASE, libc::F_RDLCK) == 0
+            }
     };
     if !ok {
         let e = io::Error::last_os_error();
         debug!("no host lease on node {}: {e}", data.inode);
         return Err(Refused::of_setlease(&e));
     }
-    Ok(fd)
+    Ok(())
 }
 
-/// Give a lease up: the breaker (if any) goes on.
+/// Give a lease or a delegation up: the breaker (if any) goes on.
 pub fn release(fd: OwnedFd) {
-    // SAFETY: fcntl on a descriptor we own. Closing it would release the lease too; the
-    // explicit unlock says so where a reader of strace looks.
+    // SAFETY: fcntl on a descriptor we own. Closing it releases either kind too; the explicit
+    // unlock says so where a reader of strace looks (F_SETLEASE refuses directories, whose
+    // delegation the close gives back).
     unsafe { libc::fcntl(fd.as_raw_fd(), F_SETLEASE, libc::F_UNLCK) };
     drop(fd);
 }
@@ -142,8 +171,8 @@ pub fn break_time() -> Option<Duration> {
 
 /// Linux 6.19's delegations (`F_GETDELEG`/`F_SETDELEG`, F_GETDELEG(2const)): leases that
 /// also break on unlink and rename of the file and, on a directory, on creates, deletes and
-/// renames inside it. Not used for leases yet; probed so the log and `--print-capabilities`
-/// say whether this host could give names the same pre-modify hold as file data.
+/// renames inside it. Where the share's directories take them, a directory's names are leased
+/// to a stock guest only while we hold a read delegation on it ([`take_delegation`]).
 const F_GETDELEG: libc::c_int = F_SETLEASE + 15;
 const F_SETDELEG: libc::c_int = F_SETLEASE + 16;
 
@@ -176,14 +205,14 @@ impl Delegations {
                 "offered by the kernel but refused on the share ({}): names are leased by time alone",
                 io::Error::from_raw_os_error(errno)
             ),
-            Delegations::OnDirectories => "available on the share's directories (not used yet: names are leased by time alone)".into(),
+            Delegations::OnDirectories => "directory delegations (F_SETDELEG) for names: a stock guest's names in a directory are leased only while the daemon holds a delegation on it, and host creates, unlinks and renames there wait for the guest's lease".into(),
         }
     }
 
     /// The name in `--print-capabilities`' host-events list, if any.
     pub fn capability(self) -> Option<&'static str> {
         match self {
-            Delegations::OnDirectories => Some("directory-delegation-available"),
+            Delegations::OnDirectories => Some("directory-delegation"),
             _ => None,
         }
     }

@@ -141,6 +141,10 @@ pub struct LeaseStats {
     /// through at once because the guest's lease had already run out (holds avoided).
     pub cooled_grants: AtomicU64,
     pub unheld_breaks: AtomicU64,
+    /// Directory delegations taken for names (hosts with F_SETDELEG), and delegations given up
+    /// before the guest's own creates, unlinks, renames and attribute changes.
+    pub delegations: AtomicU64,
+    pub own_changes: AtomicU64,
 }
 
 impl LeaseStats {
@@ -159,7 +163,7 @@ impl LeaseStats {
         let g = |c: &AtomicU64| c.load(Ordering::Relaxed);
         let held = g(&self.held);
         format!(
-            "leases: {entries} inodes tracked, {} file leases taken, {} refused ({} open for writing, {} unsupported, {} not permitted, {} unreachable, {} over the descriptor budget; {} retries deferred by back-off), {} broken by host writers, {} given up for guest writes; {held} host writers held, mean {} us, max {} us ({}); {} revocations sent, {} holds ended by confirmation; {} requests answered ESTALE for a stale guest name, {} cache drops at open; {} holds ended by the pause bound while the guest was paused; adaptive: {} grants without lease time while cooling, {} host writers not held (the guest's lease had run out), {cooling}",
+            "leases: {entries} inodes tracked, {} file leases taken, {} refused ({} open for writing, {} unsupported, {} not permitted, {} unreachable, {} over the descriptor budget; {} retries deferred by back-off), {} broken by host writers, {} given up for guest writes; {held} host writers held, mean {} us, max {} us ({}); {} revocations sent, {} holds ended by confirmation; {} requests answered ESTALE for a stale guest name, {} cache drops at open; {} holds ended by the pause bound while the guest was paused; adaptive: {} grants without lease time while cooling, {} host writers not held (the guest's lease had run out), {cooling}; names: {} directory delegations taken; {} leases or delegations given up for the guest's own name and attribute changes",
             g(&self.acquired),
             g(&self.refused),
             g(&self.refused_open_for_write),
@@ -180,6 +184,8 @@ impl LeaseStats {
             g(&self.pause_bound_ended),
             g(&self.cooled_grants),
             g(&self.unheld_breaks),
+            g(&self.delegations),
+            g(&self.own_changes),
         )
     }
 }
@@ -354,6 +360,9 @@ pub struct LeaseTable {
     fs: Weak<PassthroughFs>,
     notifier: Option<Arc<Notifier>>,
     max_host_leases: usize,
+    /// The host kernel and filesystem take directory delegations: a stock guest's names are
+    /// then leased only under one ([`LeaseTable::grant_names`]).
+    delegations: bool,
     pub stats: LeaseStats,
 }
 
@@ -407,6 +416,7 @@ impl LeaseTable {
             fs,
             notifier,
             max_host_leases: host_lease::budget(),
+            delegations: false,
             stats: LeaseStats::default(),
         }
     }
@@ -433,6 +443,19 @@ impl LeaseTable {
     pub fn with_adaptive(mut self, cfg: Option<AdaptiveConfig>) -> Self {
         self.adaptive = cfg.map(|c| Mutex::new(Adaptive::new(c)));
         self
+    }
+
+    /// Lease names under directory delegations (`true`: the host offers them, see
+    /// [`host_lease::probe_delegations`]) instead of by time alone.
+    pub fn with_delegations(mut self, on: bool) -> Self {
+        self.delegations = on;
+        self
+    }
+
+    /// Whether names are leased under delegations now: for a stock guest only. A notify-capable
+    /// guest is told of each host name change by the watcher instead (no host op waits).
+    fn delegating_names(&self) -> bool {
+        self.delegations && !self.notifier.as_ref().is_some_and(|n| n.active())
     }
 
     /// Adaptive leases apply to stock guests only: a notify-capable guest is told at once, so
@@ -468,12 +491,14 @@ impl LeaseTable {
         withheld
     }
 
-    fn parents_of(&self, node: u64) -> Vec<u64> {
-        self.fs
-            .upgrade()
-            .and_then(|fs| fs.inode_fd(node))
-            .map(|data| data.parent_nodes())
-            .unwrap_or_default()
+    /// The directories a host change of `node` was in, for adaptive leases: a file's parents;
+    /// for a directory (its delegation broke: a name in it changed), the directory itself.
+    fn written_dirs(&self, node: u64) -> Vec<u64> {
+        match self.fs.upgrade().and_then(|fs| fs.inode_fd(node)) {
+            Some(data) if data.mode & libc::S_IFMT == libc::S_IFDIR => vec![node],
+            Some(data) => data.parent_nodes(),
+            None => Vec::new(),
+        }
     }
 
     /// The guest's running time: what its lease timers count.
@@ -520,15 +545,44 @@ impl LeaseTable {
     /// remembered) or the node no longer wants one. On success `st` is read again under the
     /// lease, so the guest is told what the lease covers.
     fn acquire(&self, data: &InodeData, st: &mut stat64, now: u64, granted: Duration) -> Duration {
-        let node = data.inode;
         let taken = match self.fs.upgrade() {
-            Some(fs) => host_lease::take(&fs, data),
+            Some(fs) => host_lease::take(&fs, data, self.delegations),
             None => Err(Refused::Unreachable),
         };
         let fresh = match &taken {
             Ok(_) => crate::passthrough::statx_info(data).ok(),
             Err(_) => None,
         };
+        // No attributes read under the lease: grant nothing this time.
+        let extend_by = if fresh.is_some() {
+            granted
+        } else {
+            Duration::ZERO
+        };
+        if !self.install(data.inode, taken, now, extend_by) {
+            return Duration::ZERO;
+        }
+        self.stats.acquired.fetch_add(1, Ordering::Relaxed);
+        match fresh {
+            Some(info) => {
+                *st = info;
+                granted
+            }
+            None => Duration::ZERO,
+        }
+    }
+
+    /// Put what [`host_lease::take`] or [`host_lease::take_delegation`] gave for `node` (which
+    /// the caller marked acquiring) into the table, extending it by `granted` from `now`, or
+    /// remember the refusal. Whether it was installed: not if the guest forgot the node
+    /// meanwhile, or a writer (ours or the host's) came first.
+    fn install(
+        &self,
+        node: u64,
+        taken: Result<OwnedFd, Refused>,
+        now: u64,
+        granted: Duration,
+    ) -> bool {
         let host_now = self.clock.now_ns();
         let mut guard = self.shard(node);
         let s = &mut *guard;
@@ -540,19 +594,14 @@ impl LeaseTable {
                 {
                     drop(guard);
                     host_lease::release(fd);
-                    return Duration::ZERO;
+                    return false;
                 }
                 s.refused.remove(&node);
                 let lease = s.leases.entry(node).or_default();
                 lease.file = Some(fd);
                 self.host_leases.fetch_add(1, Ordering::Relaxed);
-                self.stats.acquired.fetch_add(1, Ordering::Relaxed);
-                let Some(info) = fresh else {
-                    return Duration::ZERO; // No attributes read under the lease.
-                };
-                *st = info;
                 extend(lease, now, granted, self.longest_ms);
-                granted
+                true
             }
             Err(why) => {
                 if still_known {
@@ -567,9 +616,111 @@ impl LeaseTable {
                         .insert(node, Refusal::next(previous, why, host_now));
                 }
                 self.stats.refused_as(why);
-                Duration::ZERO
+                false
             }
         }
+    }
+
+    /// The entry time for a name in directory `dir` while names are leased under delegations:
+    /// `granted` while we hold a delegation on `dir` that no host change is breaking (taking
+    /// one if need be), else 0 (the guest looks the name up again at every use). The
+    /// delegation's lease end then covers the name, so a host create, unlink or rename in
+    /// `dir` waits until the guest stopped trusting it.
+    fn grant_names(&self, dir: u64, granted: Duration) -> Duration {
+        let (now, host_now) = self.clock.running_and_now_ns();
+        if self.names_cooling(dir, host_now) {
+            self.stats.cooled_grants.fetch_add(1, Ordering::Relaxed);
+            return Duration::ZERO;
+        }
+        {
+            let mut guard = self.shard(dir);
+            let s = &mut *guard;
+            let breaking = !s.holds.is_empty() && s.holds.contains_key(&dir);
+            if let Some(lease) = s.leases.get_mut(&dir).filter(|l| l.file.is_some()) {
+                if breaking {
+                    return Duration::ZERO;
+                }
+                extend(lease, now, granted, self.longest_ms);
+                return granted;
+            }
+            if breaking || s.own_writers.contains_key(&dir) || s.acquiring.contains(&dir) {
+                return Duration::ZERO;
+            }
+            if s.refused
+                .get(&dir)
+                .is_some_and(|r| host_now < r.retry_at_ns)
+            {
+                self.stats.deferred.fetch_add(1, Ordering::Relaxed);
+                return Duration::ZERO;
+            }
+            if !self.within_budget() {
+                self.stats.refused.fetch_add(1, Ordering::Relaxed);
+                self.stats.refused_budget.fetch_add(1, Ordering::Relaxed);
+                return Duration::ZERO;
+            }
+            s.acquiring.insert(dir);
+        }
+        if self.delegate(dir, now, granted) {
+            granted
+        } else {
+            Duration::ZERO
+        }
+    }
+
+    /// Take a delegation on directory `dir` (marked acquiring) with no lock held and install
+    /// it, extended by `granted` from `now`. Whether it was.
+    fn delegate(&self, dir: u64, now: u64, granted: Duration) -> bool {
+        let taken = match self.fs.upgrade() {
+            Some(fs) => match fs.inode_fd(dir) {
+                Some(data) => host_lease::take_delegation(&fs, &data),
+                None => Err(Refused::Unreachable),
+            },
+            None => Err(Refused::Unreachable),
+        };
+        let installed = self.install(dir, taken, now, granted);
+        if installed {
+            self.stats.delegations.fetch_add(1, Ordering::Relaxed);
+        }
+        installed
+    }
+
+    /// Take `node`'s delegation (a directory's, or a file's) again after the guest's own
+    /// change, with no lock held; `node` is marked acquiring. The lease end is kept.
+    fn retake(&self, node: u64, now: u64) {
+        let data = self.fs.upgrade().and_then(|fs| fs.inode_fd(node));
+        match data {
+            Some(d) if d.mode & libc::S_IFMT == libc::S_IFDIR => {
+                self.delegate(node, now, Duration::ZERO);
+            }
+            Some(d) if is_reg(d.mode) => {
+                let taken = match self.fs.upgrade() {
+                    Some(fs) => host_lease::take(&fs, &d, self.delegations),
+                    None => Err(Refused::Unreachable),
+                };
+                if self.install(node, taken, now, Duration::ZERO) {
+                    self.stats.acquired.fetch_add(1, Ordering::Relaxed);
+                }
+            }
+            _ => {
+                self.shard(node).acquiring.remove(&node);
+            }
+        }
+    }
+
+    /// Whether names in `dir` get no lease time now because the host changed the directory
+    /// lately (adaptive leases: a host `rm -rf` or `git checkout` is held once, not per name).
+    fn names_cooling(&self, dir: u64, host_now: u64) -> bool {
+        if !self.adapting() || host_now >= self.adaptive_busy_until.load(Ordering::Relaxed) {
+            return false;
+        }
+        let Some(mut adaptive) = self.adaptive() else {
+            return false;
+        };
+        // The directory's own cool-down and burst window; its ctime is not tracked here.
+        let withheld = adaptive.withheld(dir, &[dir], 0, host_now).is_some();
+        self.adaptive_busy_until
+            .fetch_max(adaptive.busy_until(), Ordering::Relaxed);
+        withheld
     }
 
     /// A break signal named `fd`: find the node whose lease it is (the descriptor's inode,
@@ -638,7 +789,7 @@ impl LeaseTable {
         }
         if self.adapting() {
             // Read with no lock of ours held, and only for a break that starts a hold.
-            let parents = self.parents_of(node);
+            let parents = self.written_dirs(node);
             if let Some(mut adaptive) = self.adaptive() {
                 adaptive.expire(host_now);
                 adaptive.host_wrote(node, &parents, host_now);
@@ -857,23 +1008,30 @@ impl LeaseTable {
     }
 }
 
-impl LeaseKeeper for LeaseTable {
-    fn descriptors(&self) -> usize {
-        self.host_leases.load(Ordering::Relaxed)
+impl LeaseTable {
+    /// The guest is about to change `node` itself (open it for writing, or change its names or
+    /// attributes): give up our host lease or delegation on it, which that change would break
+    /// (its own cache sees its own change), and take none until it is done. Counted in
+    /// `counter`. If a host writer is already held on it, keep it: the guest's change waits
+    /// behind that writer like any other, and the hold ends it as usual.
+    fn give_up_for_own_change(&self, node: u64, counter: &AtomicU64) {
+        let fd = {
+            let mut guard = self.shard(node);
+            let s = &mut *guard;
+            *s.own_writers.entry(node).or_default() += 1;
+            if s.holds.contains_key(&node) {
+                return;
+            }
+            s.leases.get_mut(&node).and_then(|l| l.file.take())
+        };
+        if let Some(fd) = fd {
+            counter.fetch_add(1, Ordering::Relaxed);
+            self.release_host_lease(fd);
+        }
     }
 
-    /// Full lease time for a regular file only while we hold a host lease on it that no
-    /// writer is breaking, and it is not cooling down; else 0 s (the guest revalidates).
-    /// Entries (names) always get the lease duration: no kernel event precedes a rename or
-    /// unlink (see the module docs for how OPEN closes that gap). Other inode types get the
-    /// lease duration for their attributes too: no host lease exists for them.
-    fn grant(
-        &self,
-        data: &InodeData,
-        st: &mut stat64,
-        _entry: bool,
-        acquire: bool,
-    ) -> (Duration, Duration) {
+    /// The attribute part of [`LeaseKeeper::grant`], and the lease the reply may carry.
+    fn grant_attr(&self, data: &InodeData, st: &mut stat64, acquire: bool) -> (Duration, Duration) {
         let granted = self.granted_lease(data);
         if !is_reg(data.mode) {
             return (granted, granted);
@@ -924,6 +1082,75 @@ impl LeaseKeeper for LeaseTable {
         }
         (self.acquire(data, st, now, granted), granted)
     }
+}
+
+impl LeaseKeeper for LeaseTable {
+    fn descriptors(&self) -> usize {
+        self.host_leases.load(Ordering::Relaxed)
+    }
+
+    /// Attributes: full lease time for a regular file only while we hold a host lease on it
+    /// that no writer is breaking, and it is not cooling down; else 0 s (the guest
+    /// revalidates). Other inode types get the lease duration: no host lease exists for them.
+    /// Names: where the host offers directory delegations, a stock guest's name in `parent`
+    /// gets lease time only under a delegation on `parent` ([`LeaseTable::grant_names`]);
+    /// elsewhere the lease duration, as no kernel event precedes a rename or unlink there (see
+    /// the module docs for how OPEN closes that gap).
+    fn grant(
+        &self,
+        data: &InodeData,
+        st: &mut stat64,
+        entry: bool,
+        parent: Option<u64>,
+        acquire: bool,
+    ) -> (Duration, Duration) {
+        let (attr, granted) = self.grant_attr(data, st, acquire);
+        match parent {
+            Some(dir) if entry && self.delegating_names() => (attr, self.grant_names(dir, granted)),
+            _ => (attr, granted),
+        }
+    }
+
+    fn begin_change(&self, node: u64) {
+        // Without delegations nothing of ours breaks on a metadata change (file leases
+        // break on opens for writing and truncation only, which `begin_write` covers).
+        if self.delegations {
+            self.give_up_for_own_change(node, &self.stats.own_changes);
+        }
+    }
+
+    fn end_change(&self, node: u64) {
+        if !self.delegations {
+            return;
+        }
+        let now = self.now_ns();
+        {
+            let mut guard = self.shard(node);
+            let s = &mut *guard;
+            let Some(n) = s.own_writers.get_mut(&node) else {
+                return;
+            };
+            *n -= 1;
+            if *n > 0 {
+                return;
+            }
+            s.own_writers.remove(&node);
+            // The guest still trusts what it was given under the delegation we gave up: cover
+            // it again at once, so only a host change racing the guest's own system call goes
+            // unheld.
+            let outstanding = s.leases.get(&node).is_some_and(|l| {
+                l.file.is_none()
+                    && l.attr_until
+                        .remaining(Tick::now(now), self.longest_ms)
+                        .is_some()
+            });
+            if !outstanding || s.acquiring.contains(&node) || s.holds.contains_key(&node) {
+                return;
+            }
+            s.acquiring.insert(node);
+        }
+        self.retake(node, now);
+    }
 
     fn check_open(&self, data: &InodeData, st: &stat64) -> bool {
         let ctime = ctime_ns(st);
@@ -949,22 +1176,7 @@ impl LeaseKeeper for LeaseTable {
     }
 
     fn begin_write(&self, data: &InodeData) {
-        let node = data.inode;
-        let fd = {
-            let mut guard = self.shard(node);
-            let s = &mut *guard;
-            *s.own_writers.entry(node).or_default() += 1;
-            if s.holds.contains_key(&node) {
-                // A host writer is already waiting on this lease: the guest's write waits
-                // behind it like any opener, and the hold ends it as usual.
-                return;
-            }
-            s.leases.get_mut(&node).and_then(|l| l.file.take())
-        };
-        if let Some(fd) = fd {
-            self.stats.own_writes.fetch_add(1, Ordering::Relaxed);
-            self.release_host_lease(fd);
-        }
+        self.give_up_for_own_change(data.inode, &self.stats.own_writes);
     }
 
     fn write_handle_closed(&self, data: &InodeData, st: &stat64) {
@@ -1075,6 +1287,12 @@ pub fn start(
         let longest = lease.max(notify_lease) + GRANT_MARGIN;
         pause_bound = pause_bound.min(max.saturating_sub(longest + Duration::from_secs(1)));
     }
+    // Linux 6.19's delegations give names the pre-modify hold file data has, where the
+    // share's filesystem takes them (probed on its root).
+    let delegations = crate::passthrough::ReadOnly::new(libc::O_DIRECTORY)
+        .and_then(|flags| fs.reopen_inode(crate::passthrough::ROOT_INODE, flags))
+        .map(|root| host_lease::probe_delegations(root.as_raw_fd()))
+        .unwrap_or_else(|e| host_lease::Delegations::Refused(e.raw_os_error().unwrap_or(0)));
     let table = Arc::new(
         LeaseTable::new(
             lease,
@@ -1084,7 +1302,8 @@ pub fn start(
             clock,
             pause_bound,
         )
-        .with_adaptive(adaptive),
+        .with_adaptive(adaptive)
+        .with_delegations(delegations == host_lease::Delegations::OnDirectories),
     );
     if let Err(e) = table.spawn() {
         warn!("leases unavailable ({e}); guests revalidate every access");
@@ -1108,12 +1327,6 @@ pub fn start(
             None => "not adaptive (--lease-cooldown 0)".to_string(),
         }
     );
-    // Linux 6.19's delegations would give names the pre-modify hold file data has: say
-    // whether this host could.
-    let delegations = crate::passthrough::ReadOnly::new(libc::O_DIRECTORY)
-        .and_then(|flags| fs.reopen_inode(crate::passthrough::ROOT_INODE, flags))
-        .map(|root| host_lease::probe_delegations(root.as_raw_fd()))
-        .unwrap_or_else(|e| host_lease::Delegations::Refused(e.raw_os_error().unwrap_or(0)));
     info!(
         "host events: file leases (F_SETLEASE) for file data and attributes; delegations: {}",
         delegations.describe()
@@ -1316,6 +1529,79 @@ mod tests {
     fn held(table: &LeaseTable) -> bool {
         table.release_due();
         table.shard(7).holds.contains_key(&7)
+    }
+
+    /// `table_with_one_lease`'s node 7 as a directory whose names the guest was given until
+    /// `expires`, under a delegation (the descriptor stands in for it).
+    fn table_with_one_delegation(
+        expires: Duration,
+    ) -> (Arc<LeaseTable>, Arc<AtomicU64>, Arc<GuestClock>, RawFd) {
+        let (table, host_ns, clock, fd) = table_with_one_lease(expires, Duration::from_secs(30));
+        let mut table = Arc::into_inner(table).expect("the only reference");
+        table.delegations = true;
+        (Arc::new(table), host_ns, clock, fd)
+    }
+
+    #[test]
+    fn names_under_a_delegation_get_lease_time_until_a_host_change_breaks_it() {
+        let (table, host_ns, _clock, fd) = table_with_one_delegation(Duration::from_millis(200));
+        assert!(table.delegating_names(), "a stock guest");
+        let lease = Duration::from_secs(1);
+        assert_eq!(table.grant_names(7, lease), lease);
+        advance(&host_ns, Duration::from_millis(500));
+        assert_eq!(table.grant_names(7, lease), lease, "renewed");
+        // A host unlink in the directory: held until the last name granted (at 0.5 s, for
+        // 1 s) has run out, plus the margin.
+        assert_eq!(table.host_break(7, fd), BreakFound::Handled);
+        assert_eq!(
+            table.grant_names(7, lease),
+            Duration::ZERO,
+            "no name time while a host change waits"
+        );
+        advance(&host_ns, Duration::from_millis(1_000));
+        assert!(held(&table), "the name granted at 0.5 s is still trusted");
+        advance(&host_ns, Duration::from_millis(110));
+        assert!(
+            !held(&table),
+            "names and margin are over: the host change goes on"
+        );
+        assert_eq!(table.descriptors(), 0, "the delegation is given up");
+    }
+
+    #[test]
+    fn without_a_delegation_names_get_no_lease_time_and_no_retry_per_request() {
+        let (table, _host_ns, _clock, _fd) = table_with_one_delegation(Duration::ZERO);
+        let lease = Duration::from_secs(1);
+        // Node 5 is not in the (absent) filesystem: no delegation can be had.
+        assert_eq!(table.grant_names(5, lease), Duration::ZERO);
+        assert_eq!(table.stats.refused.load(Ordering::Relaxed), 1);
+        assert_eq!(table.grant_names(5, lease), Duration::ZERO);
+        assert_eq!(
+            table.stats.deferred.load(Ordering::Relaxed),
+            1,
+            "backed off"
+        );
+        assert_eq!(table.stats.delegations.load(Ordering::Relaxed), 0);
+    }
+
+    #[test]
+    fn the_guests_own_name_change_gives_the_delegation_up_first() {
+        let (table, _host_ns, _clock, _fd) = table_with_one_delegation(Duration::from_secs(1));
+        table.begin_change(7);
+        assert_eq!(table.descriptors(), 0, "given up before the guest's change");
+        assert_eq!(table.stats.own_changes.load(Ordering::Relaxed), 1);
+        assert_eq!(
+            table.grant_names(7, Duration::from_secs(1)),
+            Duration::ZERO,
+            "no name time while the guest's own change runs"
+        );
+        table.end_change(7);
+        let s = table.shard(7);
+        assert!(!s.own_writers.contains_key(&7));
+        // It tried to take a new delegation at once for the names granted before (here the
+        // node is in no filesystem: nothing to take, nothing left marked).
+        assert!(!s.acquiring.contains(&7));
+        assert!(s.leases.get(&7).is_some_and(|l| l.file.is_none()));
     }
 
     #[test]

@@ -85,16 +85,25 @@ pub use xattrmap::XattrMap;
 /// the configured timeouts and cache policy apply as they are.
 pub trait LeaseKeeper: Send + Sync {
     /// The (attribute, entry) timeouts for a reply describing `data` with attributes `st`;
-    /// `entry` when the reply names it (LOOKUP, CREATE, READDIRPLUS...). `acquire`: whether
-    /// the keeper may take new host resources for it (not for every READDIRPLUS entry). May
-    /// refresh `st`, which is then what the guest is told.
+    /// `entry` when the reply names it (LOOKUP, CREATE, READDIRPLUS...), `parent` the
+    /// directory node the guest will hold that name in. `acquire`: whether the keeper may take
+    /// new host resources for the inode (not for every READDIRPLUS entry). May refresh `st`,
+    /// which is then what the guest is told.
     fn grant(
         &self,
         data: &InodeData,
         st: &mut stat64,
         entry: bool,
+        parent: Option<u64>,
         acquire: bool,
     ) -> (Duration, Duration);
+    /// The daemon is about to change names in directory node `node`, or the names or
+    /// attributes of node `node` itself (unlink, rename, link, chmod, chown, utimes, xattrs),
+    /// for the guest, and has finished doing so: the metadata choke point
+    /// ([`PassthroughFs::changing`]) calls both, so the keeper can give up what the guest's
+    /// own change would break.
+    fn begin_change(&self, _node: u64) {}
+    fn end_change(&self, _node: u64) {}
     /// At OPEN or OPENDIR, with the inode's current attributes: whether the guest may keep
     /// the pages or listing it cached. From here on the guest's cache is what the host has.
     fn check_open(&self, data: &InodeData, st: &stat64) -> bool;
@@ -491,11 +500,14 @@ impl PassthroughFs {
         }
     }
 
+    /// The entry for `data`; `parent` the directory's identity (submount check), `named_in`
+    /// the directory node the guest holds the name in.
     fn entry(
         &self,
         data: &InodeData,
         mut st: stat64,
         parent: Option<&InodeId>,
+        named_in: Option<u64>,
         acquire: bool,
     ) -> Entry {
         let crosses_mount =
@@ -507,7 +519,7 @@ impl PassthroughFs {
                 0
             };
         let (attr_timeout, entry_timeout) = match self.leases.get() {
-            Some(keeper) => keeper.grant(data, &mut st, true, acquire),
+            Some(keeper) => keeper.grant(data, &mut st, true, named_in, acquire),
             None => (self.cfg.attr_timeout, self.cfg.entry_timeout),
         };
         self.ids_to_guest(&mut st);
@@ -524,7 +536,7 @@ impl PassthroughFs {
     /// The attribute timeout for a GETATTR or SETATTR reply carrying `st`.
     fn attr_reply(&self, data: &InodeData, mut st: stat64) -> (stat64, Duration) {
         let timeout = match self.leases.get() {
-            Some(keeper) => keeper.grant(data, &mut st, false, true).0,
+            Some(keeper) => keeper.grant(data, &mut st, false, None, true).0,
             None => self.cfg.attr_timeout,
         };
         self.ids_to_guest(&mut st);
@@ -807,6 +819,29 @@ impl PassthroughFs {
         r
     }
 
+    /// Run `f`, which changes on the guest's behalf the names in the directory nodes among
+    /// `nodes`, or the names or attributes of the nodes themselves: the metadata choke point.
+    /// Where the keeper holds delegations (hosts with F_SETDELEG), our own change would break
+    /// our own delegation and wait for it like a host change; the keeper gives it up first,
+    /// since the guest's cache sees its own change. Every create, link, unlink, rmdir, rename,
+    /// SETATTR and xattr change passes here (opens for writing pass [`Self::writing`]).
+    fn changing<T>(&self, nodes: &[u64], f: impl FnOnce() -> T) -> T {
+        let Some(keeper) = self.leases.get() else {
+            return f();
+        };
+        let mut distinct: Vec<u64> = nodes.to_vec();
+        distinct.sort_unstable();
+        distinct.dedup();
+        for &node in &distinct {
+            keeper.begin_change(node);
+        }
+        let r = f();
+        for &node in &distinct {
+            keeper.end_change(node);
+        }
+        r
+    }
+
     /// Resolve one name below `parent` and count a guest lookup of the result.
     fn do_lookup(&self, parent: &InodeData, name: &CStr) -> io::Result<Entry> {
         self.lookups.fetch_add(1, Ordering::SeqCst);
@@ -820,7 +855,7 @@ impl PassthroughFs {
             // The root's parent is not part of the share: ".." there is the root again.
             let st = statx_fd(parent.fd()?.as_raw_fd())?.st;
             let data = self.inodes.add_ref(parent.inode).ok_or_else(ebadf)?;
-            return Ok(self.entry(&data, st, None, acquire));
+            return Ok(self.entry(&data, st, None, None, acquire));
         }
         if b.is_empty() || b.contains(&b'/') {
             return Err(einval());
@@ -892,7 +927,7 @@ impl PassthroughFs {
                 .unwrap_or_else(|e| e.into_inner())
                 .remember(dir, name);
         }
-        Ok(self.entry(&data, info.st, parent, acquire))
+        Ok(self.entry(&data, info.st, parent, named.map(|(dir, _)| dir), acquire))
     }
 
     /// Whether the host watcher reports changes of `data` and of every directory the guest

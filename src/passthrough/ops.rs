@@ -139,15 +139,16 @@ impl PassthroughFs {
         // Refused before anything is created: the node it needs may not fit afterwards.
         self.descriptor_room(1)?;
         let dir = p.fd()?;
-        {
-            let (uid, gid) = self.ids_to_host(ctx.uid, ctx.gid)?;
+        let (uid, gid) = self.ids_to_host(ctx.uid, ctx.gid)?;
+        // The keeper's part runs with our own credentials (a delegation needs CAP_LEASE).
+        self.changing(&[parent], || {
             let _creds = ScopedCreds::new(uid, gid)?;
             let _umask = match umask {
                 Some(m) => Some(ScopedUmask::new(self.create_umask(m))?),
                 None => None,
             };
-            f(dir.as_raw_fd())?;
-        }
+            f(dir.as_raw_fd())
+        })?;
         if let Some(context) = take_security_context() {
             self.label_created_node(dir.as_raw_fd(), name, &context)?;
         }
@@ -338,110 +339,113 @@ impl FileSystem for PassthroughFs {
         };
         let proc_name = fd_name(fd.as_raw_fd());
 
-        if valid.contains(SetattrValid::MODE) {
-            // SAFETY (both): plain system calls on descriptors we own; no memory is passed.
-            let r = match &h {
-                Some(h) => unsafe { libc::fchmod(h.as_raw_fd(), attr.st_mode) },
-                None => unsafe {
-                    libc::fchmodat(
-                        self.proc_self_fd.as_raw_fd(),
-                        proc_name.as_ptr(),
-                        attr.st_mode,
-                        0,
-                    )
-                },
-            };
-            check(r)?;
-        }
+        self.changing(&[inode], || -> io::Result<()> {
+            if valid.contains(SetattrValid::MODE) {
+                // SAFETY (both): plain system calls on descriptors we own; no memory is passed.
+                let r = match &h {
+                    Some(h) => unsafe { libc::fchmod(h.as_raw_fd(), attr.st_mode) },
+                    None => unsafe {
+                        libc::fchmodat(
+                            self.proc_self_fd.as_raw_fd(),
+                            proc_name.as_ptr(),
+                            attr.st_mode,
+                            0,
+                        )
+                    },
+                };
+                check(r)?;
+            }
 
-        if valid.intersects(SetattrValid::UID | SetattrValid::GID) {
-            let uid = if valid.contains(SetattrValid::UID) {
-                self.cfg.uids.to_host(attr.st_uid)?
-            } else {
-                u32::MAX
-            };
-            let gid = if valid.contains(SetattrValid::GID) {
-                self.cfg.gids.to_host(attr.st_gid)?
-            } else {
-                u32::MAX
-            };
-            // SAFETY: the empty path is NUL-terminated; AT_EMPTY_PATH acts on the inode itself.
-            check(unsafe {
-                libc::fchownat(
-                    fd.as_raw_fd(),
-                    util::EMPTY.as_ptr(),
-                    uid,
-                    gid,
-                    libc::AT_EMPTY_PATH | libc::AT_SYMLINK_NOFOLLOW,
-                )
-            })?;
-        }
-
-        if valid.contains(SetattrValid::SIZE) {
-            let size = to_i64(attr.st_size as u64)?;
-            let _kill = if valid.contains(SetattrValid::KILL_SUIDGID) {
-                Some(ScopedNoFsetid::new()?)
-            } else {
-                None
-            };
-            // SAFETY (both): ftruncate on descriptors we own.
-            match &h {
-                Some(h) => check(unsafe { libc::ftruncate64(h.as_raw_fd(), size) })?,
-                None => {
-                    let f = self.open_for_write(&data, libc::O_WRONLY)?;
-                    check(unsafe { libc::ftruncate64(f.as_raw_fd(), size) })?
-                }
-            };
-        }
-
-        if valid.intersects(SetattrValid::ATIME | SetattrValid::MTIME) {
-            let time = |set: SetattrValid, now: SetattrValid, sec: i64, nsec: i64| {
-                if valid.contains(now) {
-                    libc::timespec {
-                        tv_sec: 0,
-                        tv_nsec: libc::UTIME_NOW,
-                    }
-                } else if valid.contains(set) {
-                    libc::timespec {
-                        tv_sec: sec,
-                        tv_nsec: nsec,
-                    }
+            if valid.intersects(SetattrValid::UID | SetattrValid::GID) {
+                let uid = if valid.contains(SetattrValid::UID) {
+                    self.cfg.uids.to_host(attr.st_uid)?
                 } else {
-                    libc::timespec {
-                        tv_sec: 0,
-                        tv_nsec: libc::UTIME_OMIT,
-                    }
-                }
-            };
-            let times = [
-                time(
-                    SetattrValid::ATIME,
-                    SetattrValid::ATIME_NOW,
-                    attr.st_atime,
-                    attr.st_atime_nsec,
-                ),
-                time(
-                    SetattrValid::MTIME,
-                    SetattrValid::MTIME_NOW,
-                    attr.st_mtime,
-                    attr.st_mtime_nsec,
-                ),
-            ];
-            // SAFETY (both): `times` is a two-element array as utimensat requires. Through
-            // /proc the magic link resolves to the inode itself, symlinks included.
-            let r = match &h {
-                Some(h) => unsafe { libc::futimens(h.as_raw_fd(), times.as_ptr()) },
-                None => unsafe {
-                    libc::utimensat(
-                        self.proc_self_fd.as_raw_fd(),
-                        proc_name.as_ptr(),
-                        times.as_ptr(),
-                        0,
+                    u32::MAX
+                };
+                let gid = if valid.contains(SetattrValid::GID) {
+                    self.cfg.gids.to_host(attr.st_gid)?
+                } else {
+                    u32::MAX
+                };
+                // SAFETY: the empty path is NUL-terminated; AT_EMPTY_PATH acts on the inode itself.
+                check(unsafe {
+                    libc::fchownat(
+                        fd.as_raw_fd(),
+                        util::EMPTY.as_ptr(),
+                        uid,
+                        gid,
+                        libc::AT_EMPTY_PATH | libc::AT_SYMLINK_NOFOLLOW,
                     )
-                },
-            };
-            check(r)?;
-        }
+                })?;
+            }
+
+            if valid.contains(SetattrValid::SIZE) {
+                let size = to_i64(attr.st_size as u64)?;
+                let _kill = if valid.contains(SetattrValid::KILL_SUIDGID) {
+                    Some(ScopedNoFsetid::new()?)
+                } else {
+                    None
+                };
+                // SAFETY (both): ftruncate on descriptors we own.
+                match &h {
+                    Some(h) => check(unsafe { libc::ftruncate64(h.as_raw_fd(), size) })?,
+                    None => {
+                        let f = self.open_for_write(&data, libc::O_WRONLY)?;
+                        check(unsafe { libc::ftruncate64(f.as_raw_fd(), size) })?
+                    }
+                };
+            }
+
+            if valid.intersects(SetattrValid::ATIME | SetattrValid::MTIME) {
+                let time = |set: SetattrValid, now: SetattrValid, sec: i64, nsec: i64| {
+                    if valid.contains(now) {
+                        libc::timespec {
+                            tv_sec: 0,
+                            tv_nsec: libc::UTIME_NOW,
+                        }
+                    } else if valid.contains(set) {
+                        libc::timespec {
+                            tv_sec: sec,
+                            tv_nsec: nsec,
+                        }
+                    } else {
+                        libc::timespec {
+                            tv_sec: 0,
+                            tv_nsec: libc::UTIME_OMIT,
+                        }
+                    }
+                };
+                let times = [
+                    time(
+                        SetattrValid::ATIME,
+                        SetattrValid::ATIME_NOW,
+                        attr.st_atime,
+                        attr.st_atime_nsec,
+                    ),
+                    time(
+                        SetattrValid::MTIME,
+                        SetattrValid::MTIME_NOW,
+                        attr.st_mtime,
+                        attr.st_mtime_nsec,
+                    ),
+                ];
+                // SAFETY (both): `times` is a two-element array as utimensat requires. Through
+                // /proc the magic link resolves to the inode itself, symlinks included.
+                let r = match &h {
+                    Some(h) => unsafe { libc::futimens(h.as_raw_fd(), times.as_ptr()) },
+                    None => unsafe {
+                        libc::utimensat(
+                            self.proc_self_fd.as_raw_fd(),
+                            proc_name.as_ptr(),
+                            times.as_ptr(),
+                            0,
+                        )
+                    },
+                };
+                check(r)?;
+            }
+            Ok(())
+        })?;
 
         let st = statx_fd(fd.as_raw_fd())?.st;
         Ok(self.attr_reply(&data, st))
@@ -499,8 +503,13 @@ impl FileSystem for PassthroughFs {
         let p = self.inode(parent)?;
         self.check_names(&p)?;
         let id = self.id_at(&p, name);
+        let dir = p.fd()?;
+        let mut nodes = vec![parent];
+        nodes.extend(id.as_ref().and_then(|id| self.inodes.find(id)));
         // SAFETY: `name` is NUL-terminated.
-        check(unsafe { libc::unlinkat(p.fd()?.as_raw_fd(), name.as_ptr(), 0) })?;
+        self.changing(&nodes, || {
+            check(unsafe { libc::unlinkat(dir.as_raw_fd(), name.as_ptr(), 0) })
+        })?;
         if let Some(id) = id {
             self.guest_moved_name(&id, (parent, name.to_bytes()), None);
         }
@@ -512,8 +521,11 @@ impl FileSystem for PassthroughFs {
         let p = self.inode(parent)?;
         self.check_names(&p)?;
         let id = self.id_at(&p, name);
+        let dir = p.fd()?;
         // SAFETY: `name` is NUL-terminated.
-        check(unsafe { libc::unlinkat(p.fd()?.as_raw_fd(), name.as_ptr(), libc::AT_REMOVEDIR) })?;
+        self.changing(&[parent], || {
+            check(unsafe { libc::unlinkat(dir.as_raw_fd(), name.as_ptr(), libc::AT_REMOVEDIR) })
+        })?;
         if let Some(id) = id {
             self.guest_moved_name(&id, (parent, name.to_bytes()), None);
         }
@@ -545,7 +557,16 @@ impl FileSystem for PassthroughFs {
         // SAFETY: both names are NUL-terminated. The raw system call avoids depending on the
         // C library's renameat2 wrapper.
         let (old_fd, new_fd) = (old.fd()?, new.fd()?);
-        let r = unsafe {
+        // A directory moved (or exchanged) carries its own delegation along.
+        let mut dirs = vec![olddir, newdir];
+        // The inodes moved or replaced carry delegations of their own.
+        dirs.extend(
+            moved
+                .iter()
+                .chain(&target)
+                .filter_map(|id| self.inodes.find(id)),
+        );
+        let r = self.changing(&dirs, || unsafe {
             libc::syscall(
                 libc::SYS_renameat2,
                 old_fd.as_raw_fd(),
@@ -554,7 +575,7 @@ impl FileSystem for PassthroughFs {
                 newname.as_ptr(),
                 flags,
             )
-        };
+        });
         if r < 0 {
             return Err(io::Error::last_os_error());
         }
@@ -590,15 +611,20 @@ impl FileSystem for PassthroughFs {
         self.descriptor_room(1)?;
         // Linking through the /proc magic link needs no CAP_DAC_READ_SEARCH (unlike
         // AT_EMPTY_PATH) and links the inode itself, even a symlink or an O_TMPFILE file.
+        // Both descriptors stay open across the call (a node held by file handle opens one).
+        let (src, dir) = (data.fd()?, p.fd()?);
+        let from = fd_name(src.as_raw_fd());
         // SAFETY: both names are NUL-terminated.
-        check(unsafe {
-            libc::linkat(
-                self.proc_self_fd.as_raw_fd(),
-                fd_name(data.fd()?.as_raw_fd()).as_ptr(),
-                p.fd()?.as_raw_fd(),
-                newname.as_ptr(),
-                libc::AT_SYMLINK_FOLLOW,
-            )
+        self.changing(&[newparent, inode], || {
+            check(unsafe {
+                libc::linkat(
+                    self.proc_self_fd.as_raw_fd(),
+                    from.as_ptr(),
+                    dir.as_raw_fd(),
+                    newname.as_ptr(),
+                    libc::AT_SYMLINK_FOLLOW,
+                )
+            })
         })?;
         self.do_lookup(&p, newname)
     }
@@ -666,8 +692,9 @@ impl FileSystem for PassthroughFs {
         let context = take_security_context();
         // Before the guest's credentials: they cannot open a node held by file handle.
         let dir = p.fd()?;
-        let (file, created) = {
-            let (uid, gid) = self.ids_to_host(ctx.uid, ctx.gid)?;
+        let (uid, gid) = self.ids_to_host(ctx.uid, ctx.gid)?;
+        // The keeper's part runs with our own credentials (a delegation needs CAP_LEASE).
+        let (file, created) = self.changing(&[parent], || {
             let _creds = ScopedCreds::new(uid, gid)?;
             let _umask = ScopedUmask::new(self.create_umask(args.umask))?;
             // O_NOFOLLOW: should a symlink appear under the name meanwhile, fail instead of
@@ -678,20 +705,20 @@ impl FileSystem for PassthroughFs {
             match context {
                 Some(_) if flags & libc::O_EXCL == 0 => {
                     match self.create_for_write(&p, &dir, name, flags | libc::O_EXCL, args.mode) {
-                        Ok(file) => (file, true),
-                        Err(e) if e.raw_os_error() == Some(libc::EEXIST) => (
+                        Ok(file) => Ok((file, true)),
+                        Err(e) if e.raw_os_error() == Some(libc::EEXIST) => Ok((
                             self.create_for_write(&p, &dir, name, flags, args.mode)?,
                             false,
-                        ),
-                        Err(e) => return Err(e),
+                        )),
+                        Err(e) => Err(e),
                     }
                 }
-                _ => (
+                _ => Ok((
                     self.create_for_write(&p, &dir, name, flags, args.mode)?,
                     true,
-                ),
+                )),
             }
-        };
+        })?;
         if let (Some(context), true) = (&context, created) {
             self.label_created_file(dir.as_raw_fd(), name, &file, context)?;
         }
@@ -832,7 +859,7 @@ impl FileSystem for PassthroughFs {
         flags: u32,
     ) -> io::Result<()> {
         self.check_names_unless_open(&*self.inode(inode)?)?;
-        self.do_setxattr(inode, name, value, flags)
+        self.changing(&[inode], || self.do_setxattr(inode, name, value, flags))
     }
 
     fn getxattr(
@@ -851,7 +878,7 @@ impl FileSystem for PassthroughFs {
 
     fn removexattr(&self, _ctx: &Context, inode: u64, name: &CStr) -> io::Result<()> {
         self.check_names_unless_open(&*self.inode(inode)?)?;
-        self.do_removexattr(inode, name)
+        self.changing(&[inode], || self.do_removexattr(inode, name))
     }
 
     fn opendir(
