@@ -32,10 +32,17 @@ hostname leasefs-host-vm
 
 conf=/etc/host-vm
 failed=0
+# The descriptor limit the tests would have on the machine that ran host-vm.sh.
+nofile=$(cat "$conf/nofile" 2>/dev/null)
+# shellcheck disable=SC3045  # busybox ash has ulimit -n
+if [ -n "$nofile" ] && ! ulimit -n "$nofile"; then
+    echo "host-vm: warning: cannot set the descriptor limit to $nofile"
+fi
 echo "HOST-VM-UNAME=$(uname -r)"
 echo "host-vm: $(uname -a)"
+# shellcheck disable=SC3045
 echo "host-vm: / is $(stat -f -c %T /), /tmp is $(stat -f -c %T /tmp)," \
-     "lease-break-time $(cat /proc/sys/fs/lease-break-time) s, $(nproc) CPUs," \
+     "lease-break-time $(cat /proc/sys/fs/lease-break-time) s, $(nproc) CPUs, ulimit -n $(ulimit -n)," \
      "$(awk '/MemTotal/ { print int($2 / 1024) " MiB" }' /proc/meminfo)"
 
 export TMPDIR=/tmp
