@@ -670,10 +670,15 @@ pub fn capabilities_json() -> String {
     // "host-events" are the pre-modify and change events in use; "delegations" says what this
     // host kernel offers of Linux 6.19's F_SETDELEG (probed on "/"; "in-use" where the daemon
     // leases names under directory delegations, see docs/coherency.md).
-    let delegations = match host_lease::probe_delegations_at(Path::new("/")) {
+    let probed = host_lease::probe_delegations_at(Path::new("/"));
+    let delegations = match probed {
         host_lease::Delegations::NotInKernel => "not-in-kernel",
         host_lease::Delegations::Refused(_) => "in-kernel-refused-on-probe",
         host_lease::Delegations::OnDirectories => "in-use",
+    };
+    let pre_modify = match probed {
+        host_lease::Delegations::OnDirectories => r#""file-delegation", "directory-delegation""#,
+        _ => r#""file-lease""#,
     };
     format!(
         concat!(
@@ -688,12 +693,13 @@ pub fn capabilities_json() -> String {
             "    \"lease-timeout\": {{ \"flag\": \"--lease-timeout\", \"default-seconds\": 1.0 }},\n",
             "    \"notify-lease-timeout\": {{ \"flag\": \"--notify-lease-timeout\", \"default-seconds\": 10.0 }},\n",
             "    \"adaptive-leases\": {{ \"cooldown\": {{ \"flag\": \"--lease-cooldown\", \"default-seconds\": 2.0 }}, \"cooldown-max\": {{ \"flag\": \"--lease-cooldown-max\", \"default-seconds\": 60.0 }}, \"burst-window\": {{ \"flag\": \"--lease-burst-window\", \"default-seconds\": 2.0 }}, \"burst-dirs\": {{ \"flag\": \"--lease-burst-dirs\", \"default\": 3 }} }},\n",
-            "    \"host-events\": [\"file-lease\", \"fanotify-modify\", \"fanotify-dirent\"],\n",
+            "    \"host-events\": [{}, \"fanotify-modify\", \"fanotify-dirent\"],\n",
             "    \"delegations\": \"{}\",\n",
             "    \"notification-queue\": {{ \"feature-bit\": 0, \"notify-buf-size\": 512, \"confirmation\": \"FUSE_NOTIFY_REPLY\" }}\n",
             "  }}\n",
             "}}"
         ),
+        pre_modify,
         delegations
     )
 }

@@ -56,16 +56,32 @@ fn lookup_until_long_lease(fuse: &FuseClient, name: &str, long: Duration) {
     }
 }
 
-/// Host truncation through a read-only open: `open(path, O_RDONLY | O_TRUNC)`.
+/// Host truncation through a read-only open: `open(path, O_RDONLY | O_TRUNC)`. Where the
+/// daemon holds a file delegation (a stock guest on Linux 6.19 and later) the kernel cannot
+/// wait in that path: it starts the break and fails the open with EAGAIN, and a retry goes
+/// through once the delegation is given back. How long until the truncate happened.
 fn host_read_only_truncate(path: &std::path::Path) -> Duration {
     let started = Instant::now();
-    let f = OpenOptions::new()
-        .read(true)
-        .custom_flags(libc::O_TRUNC)
-        .open(path)
-        .expect("host open(O_RDONLY | O_TRUNC)");
-    drop(f);
-    started.elapsed()
+    loop {
+        match OpenOptions::new()
+            .read(true)
+            .custom_flags(libc::O_TRUNC)
+            .open(path)
+        {
+            Ok(f) => {
+                drop(f);
+                return started.elapsed();
+            }
+            Err(e) if e.raw_os_error() == Some(libc::EAGAIN) => {
+                assert!(
+                    started.elapsed() < Duration::from_secs(5),
+                    "host open(O_RDONLY | O_TRUNC) still refused after 5 s"
+                );
+                thread::sleep(Duration::from_millis(10));
+            }
+            Err(e) => panic!("host open(O_RDONLY | O_TRUNC): {e}"),
+        }
+    }
 }
 
 #[test]

@@ -135,6 +135,12 @@ fn open_of_a_replaced_or_renamed_file_answers_estale_once() {
     fs::write(share.join("moved"), b"will move").unwrap();
     let doc = fuse.lookup(ROOT_ID, "doc").expect("LOOKUP doc");
     let moved = fuse.lookup(ROOT_ID, "moved").expect("LOOKUP moved");
+    // A guest process keeps both open (what /proc/self/fd/N below opens again): that keeps
+    // the replaced inode alive on the host, which a node held by file handle does not.
+    let kept: Vec<u64> = [doc.nodeid, moved.nodeid]
+        .iter()
+        .map(|&n| fuse.open(n, libc::O_RDONLY).expect("OPEN").fh)
+        .collect();
 
     // An editor's save: write a new file, rename it over the old one.
     fs::write(share.join("doc.tmp"), b"version 2").unwrap();
@@ -150,6 +156,9 @@ fn open_of_a_replaced_or_renamed_file_answers_estale_once() {
         // /proc/self/fd), the second OPEN goes through.
         let again = fuse.open(node, libc::O_RDONLY);
         assert!(again.is_ok(), "{what}: second OPEN: {again:?}");
+    }
+    for (node, fh) in [doc.nodeid, moved.nodeid].into_iter().zip(kept) {
+        fuse.release(node, fh, libc::O_RDONLY).unwrap();
     }
     let fresh = fuse.lookup(ROOT_ID, "doc").expect("LOOKUP after the save");
     assert_ne!(

@@ -452,9 +452,11 @@ impl LeaseTable {
         self
     }
 
-    /// Whether names are leased under delegations now: for a stock guest only. A notify-capable
-    /// guest is told of each host name change by the watcher instead (no host op waits).
-    fn delegating_names(&self) -> bool {
+    /// Whether delegations are used now: for a stock guest only, where they close what time
+    /// alone leaves open (names, and attribute changes of files). A notify-capable guest is
+    /// told of each host name and attribute change by the watcher instead, without making the
+    /// host wait, and keeps file leases for data.
+    fn delegating(&self) -> bool {
         self.delegations && !self.notifier.as_ref().is_some_and(|n| n.active())
     }
 
@@ -546,7 +548,7 @@ impl LeaseTable {
     /// lease, so the guest is told what the lease covers.
     fn acquire(&self, data: &InodeData, st: &mut stat64, now: u64, granted: Duration) -> Duration {
         let taken = match self.fs.upgrade() {
-            Some(fs) => host_lease::take(&fs, data, self.delegations),
+            Some(fs) => host_lease::take(&fs, data, self.delegating()),
             None => Err(Refused::Unreachable),
         };
         let fresh = match &taken {
@@ -694,7 +696,7 @@ impl LeaseTable {
             }
             Some(d) if is_reg(d.mode) => {
                 let taken = match self.fs.upgrade() {
-                    Some(fs) => host_lease::take(&fs, &d, self.delegations),
+                    Some(fs) => host_lease::take(&fs, &d, self.delegating()),
                     None => Err(Refused::Unreachable),
                 };
                 if self.install(node, taken, now, Duration::ZERO) {
@@ -1106,7 +1108,7 @@ impl LeaseKeeper for LeaseTable {
     ) -> (Duration, Duration) {
         let (attr, granted) = self.grant_attr(data, st, acquire);
         match parent {
-            Some(dir) if entry && self.delegating_names() => (attr, self.grant_names(dir, granted)),
+            Some(dir) if entry && self.delegating() => (attr, self.grant_names(dir, granted)),
             _ => (attr, granted),
         }
     }
@@ -1328,7 +1330,12 @@ pub fn start(
         }
     );
     info!(
-        "host events: file leases (F_SETLEASE) for file data and attributes; delegations: {}",
+        "host events: {}; delegations: {}",
+        if delegations == host_lease::Delegations::OnDirectories {
+            "file delegations (F_SETDELEG) for file data, attributes and the file's names"
+        } else {
+            "file leases (F_SETLEASE) for file data and attributes"
+        },
         delegations.describe()
     );
     Some(table)
@@ -1545,7 +1552,7 @@ mod tests {
     #[test]
     fn names_under_a_delegation_get_lease_time_until_a_host_change_breaks_it() {
         let (table, host_ns, _clock, fd) = table_with_one_delegation(Duration::from_millis(200));
-        assert!(table.delegating_names(), "a stock guest");
+        assert!(table.delegating(), "a stock guest");
         let lease = Duration::from_secs(1);
         assert_eq!(table.grant_names(7, lease), lease);
         advance(&host_ns, Duration::from_millis(500));
