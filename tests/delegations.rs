@@ -32,8 +32,13 @@ fn delegations_in_use() -> bool {
 }
 
 fn start() -> (Backend, FuseClient) {
-    let backend = Backend::spawn(LEASEFSD, &["--log-level", "info", "--cache", "coherent"])
-        .expect("starting leasefsd");
+    start_with(&[])
+}
+
+fn start_with(args: &[&str]) -> (Backend, FuseClient) {
+    let mut all = vec!["--log-level", "info", "--cache", "coherent"];
+    all.extend_from_slice(args);
+    let backend = Backend::spawn(LEASEFSD, &all).expect("starting leasefsd");
     // A stock guest: no notification queue (the default).
     let fuse = backend.client(&FrontendConfig::default());
     (backend, fuse)
@@ -60,6 +65,20 @@ fn look(fuse: &FuseClient, parent: u64, name: &str) -> Given {
     }
 }
 
+/// The attributes the guest was given for `name`, and until when it may trust them.
+fn look_attr(fuse: &FuseClient, parent: u64, name: &str) -> Given {
+    let e = fuse
+        .lookup(parent, name)
+        .unwrap_or_else(|err| panic!("LOOKUP {name}: {err:?}"));
+    let timeout = Duration::new(e.attr_valid, e.attr_valid_nsec);
+    Given {
+        nodeid: e.nodeid,
+        ino: e.attr.ino,
+        until: Instant::now() + timeout,
+        timeout,
+    }
+}
+
 /// One host change after the guest looked: how long the change took, and whether it returned
 /// while the guest could still trust a name it changed.
 struct Outcome {
@@ -76,6 +95,36 @@ fn host_change(given: &[&Given], change: impl FnOnce()) -> Outcome {
         took: done - start,
         stale: given.iter().any(|g| !g.timeout.is_zero() && done < g.until),
         granted: given.iter().map(|g| g.timeout).max().unwrap_or_default(),
+    }
+}
+
+/// How a run of the causal checks judges each host change.
+struct Judge {
+    /// The host has delegations: the guarantee is exact.
+    delegating: bool,
+    /// Adaptive leases are off, so every name looked up gets lease time: each change must be
+    /// held, not just find nothing to hold.
+    every_name_cached: bool,
+    stale: Vec<String>,
+}
+
+impl Judge {
+    fn new(delegating: bool, every_name_cached: bool) -> Self {
+        Judge {
+            delegating,
+            every_name_cached,
+            stale: Vec::new(),
+        }
+    }
+
+    fn check(&mut self, what: &str, o: &Outcome) {
+        judge(what, o, self.delegating, &mut self.stale);
+        if self.every_name_cached {
+            assert!(
+                !o.granted.is_zero(),
+                "{what}: the guest was given no lease time to hold"
+            );
+        }
     }
 }
 
@@ -104,27 +153,41 @@ fn judge(what: &str, o: &Outcome, delegating: bool, stale: &mut Vec<String>) {
     }
 }
 
+/// Every kind of host name change, each in a directory the guest looked into just before,
+/// and host attribute changes of a file whose attributes it caches.
 #[test]
 fn host_name_changes_after_the_guest_looked_give_no_stale_answer() {
     let delegating = delegations_in_use();
-    let (backend, fuse) = start();
+    // Adaptive leases off: every change finds names to hold (the hold path, each kind).
+    causal_checks(&["--lease-cooldown", "0"], Judge::new(delegating, true));
+    // The defaults: a changed directory cools down, so later changes there find little or
+    // nothing cached; still never stale.
+    causal_checks(&[], Judge::new(delegating, false));
+}
+
+fn causal_checks(args: &[&str], mut judge: Judge) {
+    let delegating = judge.delegating;
+    let (backend, fuse) = start_with(args);
     let share = backend.share().to_path_buf();
-    let mut stale = Vec::new();
     for round in 0..3 {
         let d = share.join(format!("d{round}"));
         let e = share.join(format!("e{round}"));
         fs::create_dir(&d).unwrap();
         fs::create_dir(&e).unwrap();
-        for f in ["unlinked", "renamed", "moved", "other"] {
+        for f in [
+            "unlinked", "renamed", "moved", "other", "doc", "doc.tmp", "attrs",
+        ] {
             fs::write(d.join(f), f).unwrap();
         }
         fs::create_dir(d.join("removed")).unwrap();
+        fs::create_dir(d.join("subdir")).unwrap();
+        fs::write(d.join("subdir/inner"), b"i").unwrap();
         let dn = look(&fuse, ROOT_ID, &format!("d{round}")).nodeid;
         let en = look(&fuse, ROOT_ID, &format!("e{round}")).nodeid;
 
         let g = look(&fuse, dn, "unlinked");
         let o = host_change(&[&g], || fs::remove_file(d.join("unlinked")).unwrap());
-        judge("unlink", &o, delegating, &mut stale);
+        judge.check("unlink", &o);
         assert_eq!(
             fuse.lookup(dn, "unlinked").unwrap_err().errno(),
             Some(libc::ENOENT)
@@ -134,7 +197,7 @@ fn host_name_changes_after_the_guest_looked_give_no_stale_answer() {
         let o = host_change(&[&g], || {
             fs::rename(d.join("renamed"), d.join("renamed.new")).unwrap()
         });
-        judge("rename within the directory", &o, delegating, &mut stale);
+        judge.check("rename within the directory", &o);
         assert_eq!(
             fuse.lookup(dn, "renamed").unwrap_err().errno(),
             Some(libc::ENOENT)
@@ -144,16 +207,60 @@ fn host_name_changes_after_the_guest_looked_give_no_stale_answer() {
         let o = host_change(&[&g], || {
             fs::rename(d.join("moved"), e.join("moved")).unwrap()
         });
-        judge("rename to another directory", &o, delegating, &mut stale);
+        judge.check("rename to another directory", &o);
         assert_eq!(look(&fuse, en, "moved").ino, g.ino, "the same inode, moved");
 
         let g = look(&fuse, dn, "removed");
         let o = host_change(&[&g], || fs::remove_dir(d.join("removed")).unwrap());
-        judge("rmdir", &o, delegating, &mut stale);
+        judge.check("rmdir", &o);
         assert_eq!(
             fuse.lookup(dn, "removed").unwrap_err().errno(),
             Some(libc::ENOENT)
         );
+
+        // An editor's save: a new file renamed over the name the guest holds.
+        let g = look(&fuse, dn, "doc");
+        let o = host_change(&[&g], || {
+            fs::rename(d.join("doc.tmp"), d.join("doc")).unwrap()
+        });
+        judge.check("rename over a name", &o);
+        assert_ne!(
+            look(&fuse, dn, "doc").ino,
+            g.ino,
+            "the name leads to the new file"
+        );
+
+        // A directory renamed: its name (the names inside it stay right, and a walk through
+        // its old name revalidates that name first).
+        let sub = look(&fuse, dn, "subdir");
+        look(&fuse, sub.nodeid, "inner");
+        let o = host_change(&[&sub], || {
+            fs::rename(d.join("subdir"), d.join("subdir.new")).unwrap()
+        });
+        judge.check("rename of a directory", &o);
+        assert_eq!(
+            fuse.lookup(dn, "subdir").unwrap_err().errno(),
+            Some(libc::ENOENT)
+        );
+
+        // Attributes: a host chmod and utimes of a file whose attributes the guest caches.
+        for (what, mode) in [("chmod", Some(0o600)), ("utimes", None)] {
+            let a = look_attr(&fuse, dn, "attrs");
+            let o = host_change(&[&a], || match mode {
+                Some(m) => {
+                    use std::os::unix::fs::PermissionsExt;
+                    fs::set_permissions(d.join("attrs"), fs::Permissions::from_mode(m)).unwrap()
+                }
+                None => fs::File::options()
+                    .write(false)
+                    .read(true)
+                    .open(d.join("attrs"))
+                    .unwrap()
+                    .set_modified(std::time::SystemTime::UNIX_EPOCH)
+                    .unwrap(),
+            });
+            judge.check(what, &o);
+        }
 
         // Creates: the guest asked for the name (no such name: FUSE caches no error) and
         // holds a neighbour; afterwards the name is there at once.
@@ -170,15 +277,15 @@ fn host_name_changes_after_the_guest_looked_give_no_stale_answer() {
                     fs::write(d.join(name), b"new").unwrap()
                 }
             });
-            judge(what, &o, delegating, &mut stale);
+            judge.check(what, &o);
             fuse.lookup(dn, name)
                 .unwrap_or_else(|err| panic!("{what}: the new name is not seen: {err:?}"));
         }
     }
     assert!(
-        stale.is_empty(),
-        "stale answers on a host with delegations:\n{}\n{}",
-        stale.join("\n"),
+        judge.stale.is_empty(),
+        "stale answers on a host with delegations ({args:?}):\n{}\n{}",
+        judge.stale.join("\n"),
         backend.log()
     );
     let line = backend.counters_line("leases: ");
