@@ -9,7 +9,7 @@
 //! Lookup-count changes and insertions happen under the table's write lock, so a forget that
 //! brings the count to zero cannot race with a lookup that revives the same inode.
 
-use std::collections::{BTreeSet, HashMap};
+use std::collections::HashMap;
 use std::fs::File;
 use std::io;
 use std::sync::atomic::{AtomicBool, AtomicU32, AtomicU64, AtomicUsize, Ordering};
@@ -173,14 +173,46 @@ impl InodeData {
 struct Maps {
     /// FxHash: node ids are ours, a guest cannot pick colliding keys.
     by_inode: FxHashMap<u64, Arc<InodeData>>,
-    /// (host inode, node id): usually one node per host inode; more when a name the guest
-    /// cached went stale and the inode was looked up again under another name (an alias, see
-    /// [`InodeTable::lookup_or_insert`]). Node ids only grow, so the newest alias sorts last.
-    by_id: BTreeSet<(InodeId, u64)>,
+    /// Host inode (device, inode number) -> its nodes as (mount id, node id): usually one;
+    /// more when a name the guest cached went stale and the inode was looked up again under
+    /// another name (an alias, see [`InodeTable::lookup_or_insert`]), or when it was seen
+    /// through another mount. Node ids only grow, so each list is oldest first. FxHash: the
+    /// host assigns inode numbers, a guest cannot pick colliding keys. A hash lookup per
+    /// LOOKUP instead of two B-tree range walks.
+    by_id: FxHashMap<(u64, u64), Vec<(u64, u64)>>,
 }
 
-fn id_range(id: &InodeId) -> std::ops::RangeInclusive<(InodeId, u64)> {
-    (*id, 0)..=(*id, u64::MAX)
+impl Maps {
+    /// The node ids of host inode `id` (this mount), oldest first.
+    fn nodes(&self, id: &InodeId) -> impl DoubleEndedIterator<Item = u64> + '_ {
+        let mnt = id.mnt_id;
+        self.by_id
+            .get(&(id.dev, id.ino))
+            .into_iter()
+            .flatten()
+            .filter(move |&&(m, _)| m == mnt)
+            .map(|&(_, n)| n)
+    }
+
+    fn newest(&self, id: &InodeId) -> Option<u64> {
+        self.nodes(id).next_back()
+    }
+
+    fn insert_id(&mut self, id: &InodeId, node: u64) {
+        self.by_id
+            .entry((id.dev, id.ino))
+            .or_default()
+            .push((id.mnt_id, node));
+    }
+
+    fn remove_id(&mut self, id: &InodeId, node: u64) {
+        if let Some(list) = self.by_id.get_mut(&(id.dev, id.ino)) {
+            list.retain(|&(m, n)| !(m == id.mnt_id && n == node));
+            if list.is_empty() {
+                self.by_id.remove(&(id.dev, id.ino));
+            }
+        }
+    }
 }
 
 /// Told when an inode enters the table (the guest learned its node id and may now cache its
@@ -238,38 +270,21 @@ impl InodeTable {
 
     /// The newest node id of host inode `id`.
     pub(crate) fn find(&self, id: &InodeId) -> Option<u64> {
-        self.read()
-            .by_id
-            .range(id_range(id))
-            .next_back()
-            .map(|&(_, n)| n)
+        self.read().newest(id)
     }
 
     /// Every node id of host inode `id` (the newest last).
     pub(crate) fn nodes_of(&self, id: &InodeId) -> Vec<u64> {
-        self.read()
-            .by_id
-            .range(id_range(id))
-            .map(|&(_, n)| n)
-            .collect()
+        self.read().nodes(id).collect()
     }
 
     /// Every node id for host inode (dev, ino), whatever mount it was seen through.
     pub(crate) fn find_dev_ino(&self, dev: u64, ino: u64) -> Vec<u64> {
-        let lo = InodeId {
-            dev,
-            ino,
-            mnt_id: 0,
-        };
-        let hi = InodeId {
-            mnt_id: u64::MAX,
-            ..lo
-        };
         self.read()
             .by_id
-            .range((lo, 0)..=(hi, u64::MAX))
-            .map(|&(_, i)| i)
-            .collect()
+            .get(&(dev, ino))
+            .map(|list| list.iter().map(|&(_, n)| n).collect())
+            .unwrap_or_default()
     }
 
     pub(crate) fn len(&self) -> usize {
@@ -313,7 +328,7 @@ impl InodeTable {
         });
         let mut m = self.write();
         self.count_descriptor(&data, true);
-        m.by_id.insert((id, ROOT_INODE));
+        m.insert_id(&id, ROOT_INODE);
         m.by_inode.insert(ROOT_INODE, data);
         self.size.store(m.by_inode.len(), Ordering::Relaxed);
     }
@@ -336,7 +351,7 @@ impl InodeTable {
         avoid: Option<u64>,
     ) -> Arc<InodeData> {
         let mut m = self.write();
-        let newest = m.by_id.range(id_range(&id)).next_back().map(|&(_, n)| n);
+        let newest = m.newest(&id);
         let checked = newest == decided || mode & libc::S_IFMT == libc::S_IFDIR;
         if let Some(data) = newest
             .filter(|&n| Some(n) != avoid && checked)
@@ -359,7 +374,7 @@ impl InodeTable {
             estale_at: AtomicU64::new(0),
         });
         self.count_descriptor(&data, true);
-        m.by_id.insert((id, inode));
+        m.insert_id(&id, inode);
         m.by_inode.insert(inode, data.clone());
         self.size.store(m.by_inode.len(), Ordering::Relaxed);
         self.each_observer(|o| o.added(&data));
@@ -388,7 +403,7 @@ impl InodeTable {
             self.each_observer(|o| o.removed(data));
             self.count_descriptor(data, false);
             m.by_inode.remove(&inode);
-            m.by_id.remove(&(id, inode));
+            m.remove_id(&id, inode);
             self.size.store(m.by_inode.len(), Ordering::Relaxed);
         }
     }
@@ -403,7 +418,10 @@ impl InodeTable {
             }
             i == ROOT_INODE
         });
-        m.by_id.retain(|&(_, i)| i == ROOT_INODE);
+        m.by_id.retain(|_, list| {
+            list.retain(|&(_, n)| n == ROOT_INODE);
+            !list.is_empty()
+        });
         self.size.store(m.by_inode.len(), Ordering::Relaxed);
     }
 
