@@ -79,7 +79,9 @@ case "$stack" in
     7.2)
         PATCH_DIR="$LEASEFS_QEMU_DIR/patches/qemu-7.2"
         CACHE="${LEASEFS_NOTIFY_QEMU_CACHE:-$LEASEFS_ROOT/build/notify-qemu}"
-        SOURCE=qemu            # apt-get source argument: bookworm's
+        # apt-get source argument: bookworm's, by name, so that deb-src entries for newer
+        # suites (the current stack adds trixie's) cannot make it pick another version.
+        SOURCE=qemu/bookworm
         DSC_GLOB='qemu_7.2*.dsc'
         CONFIGURE_ARGS+=(--meson=meson --with-git-submodules=ignore)
         BUILD_DEPS+=(meson)
