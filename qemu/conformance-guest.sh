@@ -1,7 +1,11 @@
 # Run inside a guest by qemu/conformance.sh (busybox sh; the share is /mnt, the tools are in
 # /mnt/.conformance/). Runs pjdfstest on a directory of the share, then fsx on a file of it,
 # and prints the results between markers the host script parses:
-#   PJDFSTEST-BEGIN ... PJDFSTEST-END   pjdfstest's own lines ("<test> ok|FAILED|skipped")
+#   PJDFSTEST-BEGIN ... PJDFSTEST-END   pjdfstest's own lines ("<test> ok|FAILED|skipped"), a
+#                                       failure's message on the tab-indented line after it
+#   PJDFSTEST-RERUN <test> ok|FAILED    each failed case run twice more on its own, so that the
+#                                       host tells a case that fails every time from one that
+#                                       failed once (its message is kept either way)
 #   FSX-EXIT=<status>                   fsx's exit status (0: every read matched)
 # The guest's exit status is 0 when both ran; the verdict is the host script's.
 set -u
@@ -32,8 +36,21 @@ EOF
 mkdir -p /mnt/pjd /tmp/pjd-secondary
 echo "conformance: pjdfstest 0.2.2 in /mnt/pjd (second filesystem for EXDEV: /tmp)"
 echo PJDFSTEST-BEGIN
-"$tools/pjdfstest" -c "$tools/pjdfstest.toml" -p /mnt/pjd -s /tmp/pjd-secondary 2>&1 | sed 's/\x1b\[[0-9;]*m//g'
+"$tools/pjdfstest" -c "$tools/pjdfstest.toml" -p /mnt/pjd -s /tmp/pjd-secondary 2>&1 \
+    | sed 's/\x1b\[[0-9;]*m//g' | tee /tmp/pjd.log
 echo PJDFSTEST-END
+for case in $(awk '$NF == "FAILED" { print $1 }' /tmp/pjd.log); do
+    for _ in 1 2; do
+        "$tools/pjdfstest" -c "$tools/pjdfstest.toml" -p /mnt/pjd -s /tmp/pjd-secondary -e "pjdfstest::tests::$case" \
+            2>&1 | sed 's/\x1b\[[0-9;]*m//g' > /tmp/pjd-rerun.log
+        if grep -q "^$case  *ok\$" /tmp/pjd-rerun.log; then
+            echo "PJDFSTEST-RERUN $case ok"
+        else
+            echo "PJDFSTEST-RERUN $case FAILED"
+            grep -A3 "FAILED\$" /tmp/pjd-rerun.log
+        fi
+    done
+done
 cd / || exit 2
 
 seed=${1:-20261206}

@@ -13,7 +13,9 @@
 # Verdict: fails if any pjdfstest case passes on virtiofsd and fails on a leasefsd
 # configuration, if pjdfstest did not run to its summary, or if fsx reports any failure
 # (--fsx-ops operations, default 20,000, mmap included, fixed seed, default 20261206). Cases
-# failing on both are listed, not failed. The EXDEV cases use the guest's /tmp (tmpfs) as the
+# failing on both are listed, not failed. A failed case runs twice more on its own in the same
+# guest: it counts as failed if it fails again, and is listed as flaky (with its message) if
+# both reruns pass; every failure's message is printed. The EXDEV cases use the guest's /tmp (tmpfs) as the
 # second filesystem; the erofs cases (they remount the share read-only) are skipped.
 #
 # Tools: pjdfstest 0.2.2 and fsx 0.3.2 from crates.io, built static into build/tools/ once
@@ -110,10 +112,19 @@ run() {
         --share "$share" --daemon "$daemon" "${args[@]}" --timeout "$timeout_secs" \
         -- "sh /mnt/.conformance/guest.sh $seed $fsx_ops" > "$out/$name.out" 2>&1 || status=$?
     rm -rf "$share"
-    # pjdfstest's lines: "<case> ok", "<case> FAILED", "<case> skipped".
+    # pjdfstest's lines: "<case> ok", "<case> FAILED", "<case> skipped". A case that failed
+    # goes to the reruns: FAILED if it failed again in either, else "flaky" (it failed once).
     sed -n '/PJDFSTEST-BEGIN/,/PJDFSTEST-END/p' "$out/$name.out" | tr -d '\r' \
         | awk '$NF == "ok" || $NF == "FAILED" || $NF == "skipped" { print $1, $NF }' \
-        | sort -u > "$out/$name.pjd"
+        | sort -u > "$out/$name.first"
+    tr -d '\r' < "$out/$name.out" | awk '$1 == "PJDFSTEST-RERUN" { print $2, $3 }' \
+        > "$out/$name.reruns"
+    awk 'FILENAME == ARGV[1] { seen[$1] = 1; if ($2 == "FAILED") again[$1] = 1; next }
+         $2 == "FAILED" && seen[$1] && !again[$1] { print $1, "flaky"; next }
+         { print }' "$out/$name.reruns" "$out/$name.first" > "$out/$name.pjd"
+    # Each failure's message (the tab-indented line pjdfstest prints after it).
+    tr -d '\r' < "$out/$name.out" | awk '/ FAILED$/ { c = $1; next } c && /^\t/ { print c ":" $0 } { c = "" }' \
+        | sort -u > "$out/$name.why"
     return "$status"
 }
 
@@ -149,7 +160,8 @@ for name in virtiofsd leasefsd-default leasefsd-hardened; do
         line+="; pjdfstest did not run to the end"; bad=1
     fi
     if [ "$name" != virtiofsd ]; then
-        regress=$(join <(awk '$2 == "ok"' "$ref") <(awk '$2 == "FAILED"' "$pjd") | awk '{print $1}')
+        regress=$(join <(awk '$2 == "ok" || $2 == "flaky"' "$ref") <(awk '$2 == "FAILED"' "$pjd") \
+            | awk '{print $1}')
         if [ -n "$regress" ]; then
             line+="; $(wc -l <<< "$regress") cases pass on virtiofsd and fail here: $(tr '\n' ' ' <<< "$regress")"
             bad=1
@@ -161,7 +173,15 @@ for name in virtiofsd leasefsd-default leasefsd-hardened; do
     if [ "$name" != virtiofsd ] && [ -n "$both" ]; then
         line+="; failing on virtiofsd too: $(tr '\n' ' ' <<< "$both")"
     fi
+    flaky=$(awk '$2 == "flaky" { print $1 }' "$pjd")
+    if [ -n "$flaky" ]; then
+        line+="; failed once, passed both reruns (not counted as a failure): $(tr '\n' ' ' <<< "$flaky")"
+    fi
     summary+=("$([ "$bad" -eq 0 ] && echo "ok  " || echo "FAIL") $line")
+    # Why each case failed (also the flaky ones): what a CI log needs to find the cause.
+    while IFS= read -r why; do
+        summary+=("       $name: $why")
+    done < "$out/$name.why"
     [ "$bad" -eq 0 ] || failed=1
 done
 printf '%s\n' "${summary[@]}" | tee "$out/summary.txt"
