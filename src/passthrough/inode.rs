@@ -116,7 +116,16 @@ impl GuestNames {
         self.names.clone()
     }
 
-    #[cfg(test)]
+    /// Every name but `name` in `parent`: no allocation when there is none, which is a
+    /// LOOKUP's or READDIRPLUS's usual case (the file has the one name the guest asks about).
+    pub(crate) fn others(&self, parent: u64, name: &[u8]) -> Vec<(u64, Box<[u8]>)> {
+        self.names
+            .iter()
+            .filter(|(p, n)| !(*p == parent && &n[..] == name))
+            .cloned()
+            .collect()
+    }
+
     pub(crate) fn len(&self) -> usize {
         self.names.len()
     }

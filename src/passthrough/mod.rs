@@ -700,18 +700,17 @@ impl PassthroughFs {
             return None;
         }
         let current = self.inodes.get(newest?)?;
-        let names = current
-            .names
-            .lock()
-            .unwrap_or_else(|e| e.into_inner())
-            .snapshot();
-        let known = names.iter().any(|(p, n)| *p == dir && &n[..] == name);
-        if !known && names.len() >= GuestNames::MAX {
+        // The other names are checked on the host with the lock released.
+        let (full, others) = {
+            let names = current.names.lock().unwrap_or_else(|e| e.into_inner());
+            let full = !names.holds(dir, name) && names.len() >= GuestNames::MAX;
+            (full, names.others(dir, name))
+        };
+        if full {
             return Some(current.inode);
         }
-        names
+        others
             .iter()
-            .filter(|(p, n)| !(*p == dir && &n[..] == name))
             .any(|(p, n)| !self.name_leads_to(*p, n, id))
             .then_some(current.inode)
     }

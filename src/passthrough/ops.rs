@@ -28,6 +28,19 @@ use super::{CachePolicy, HandleData, InodeFd, PassthroughFs};
 /// Largest getdents buffer per READDIR, whatever size the guest asks for.
 const MAX_DIR_BUF: usize = 64 * 1024;
 
+/// How many bytes of host directory entries (`linux_dirent64`: 19 bytes and the name,
+/// 8-aligned) to read per `getdents64` for a reply of `size` bytes whose entries take
+/// `reply_entry` bytes besides the name. READDIR's entries (`fuse_dirent`, 24 bytes) are
+/// about as large as the host's, READDIRPLUS's (`fuse_direntplus`, 152 bytes) six times
+/// larger: reading `size` bytes of host entries for those made the host list six times more
+/// entries than one reply can carry, each call again from the guest's offset. The listing
+/// goes on reading when a batch falls short, so this only bounds the work, never the reply.
+fn dirents_for_reply(size: u32, reply_entry: usize) -> usize {
+    const HOST_ENTRY: usize = 24;
+    let size = size as usize;
+    (size / reply_entry.max(1) * HOST_ENTRY + HOST_ENTRY).clamp(1024, MAX_DIR_BUF)
+}
+
 /// A `File` view of a handle's descriptor for the zero-copy I/O traits, which want `&mut`.
 /// It must not outlive `h`, and it never closes the descriptor.
 fn borrow_file(h: &HandleData) -> ManuallyDrop<File> {
@@ -155,12 +168,14 @@ impl PassthroughFs {
         self.do_lookup(&p, name)
     }
 
-    #[allow(clippy::too_many_arguments)]
+    /// List directory handle `handle` from `offset`, handing each entry to `emit` until it
+    /// says stop; `getdents_size`: bytes of host entries read per system call (see
+    /// [`dirents_for_reply`]).
     fn do_readdir(
         &self,
         inode: u64,
         handle: u64,
-        size: u32,
+        getdents_size: usize,
         offset: u64,
         mut emit: impl FnMut(&[u8], u64, u64, u32) -> io::Result<bool>,
     ) -> io::Result<()> {
@@ -169,13 +184,13 @@ impl PassthroughFs {
         // Offsets are the cookies (d_off) the host gave us, so restarting from any of them
         // lists each remaining name exactly once.
         util::lseek(h.as_raw_fd(), to_i64(offset)?, libc::SEEK_SET)?;
-        let mut buf = vec![0u8; (size as usize).clamp(1024, MAX_DIR_BUF)];
+        let mut buf = Vec::with_capacity(getdents_size);
         loop {
-            let n = getdents(h.as_raw_fd(), &mut buf)?;
-            if n == 0 {
+            getdents(h.as_raw_fd(), &mut buf)?;
+            if buf.is_empty() {
                 return Ok(());
             }
-            for d in parse_dirents(&buf[..n]) {
+            for d in parse_dirents(&buf) {
                 if !emit(d.name, d.ino, d.off, d.type_)? {
                     return Ok(());
                 }
@@ -919,7 +934,8 @@ impl FileSystem for PassthroughFs {
         offset: u64,
         add_entry: &mut dyn FnMut(DirEntry) -> io::Result<usize>,
     ) -> io::Result<()> {
-        self.do_readdir(inode, handle, size, offset, |name, ino, off, type_| {
+        let batch = dirents_for_reply(size, 24);
+        self.do_readdir(inode, handle, batch, offset, |name, ino, off, type_| {
             let n = add_entry(DirEntry {
                 ino,
                 offset: off,
@@ -940,7 +956,8 @@ impl FileSystem for PassthroughFs {
         add_entry: &mut dyn FnMut(DirEntry, Entry) -> io::Result<usize>,
     ) -> io::Result<()> {
         let dir = self.inode(inode)?;
-        self.do_readdir(inode, handle, size, offset, |name, ino, off, type_| {
+        let batch = dirents_for_reply(size, 152);
+        self.do_readdir(inode, handle, batch, offset, |name, ino, off, type_| {
             let dirent = DirEntry {
                 ino,
                 offset: off,
@@ -1061,5 +1078,22 @@ impl FileSystem for PassthroughFs {
         flags: u32,
     ) -> io::Result<()> {
         self.do_setlk(inode, handle, owner, lock, flags, true)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn dirents_for_reply_bounds_the_host_listing() {
+        // READDIR: about the reply's size; READDIRPLUS: a sixth of it, at least 1 KiB (one
+        // 255-byte name and more), at most MAX_DIR_BUF whatever the guest asks.
+        assert_eq!(dirents_for_reply(4096, 24), 4104);
+        assert_eq!(dirents_for_reply(4096, 152), 1024);
+        assert_eq!(dirents_for_reply(65_536, 152), 10_368);
+        assert_eq!(dirents_for_reply(1 << 20, 24), MAX_DIR_BUF);
+        assert_eq!(dirents_for_reply(0, 152), 1024);
+        assert_eq!(dirents_for_reply(u32::MAX, 0), MAX_DIR_BUF);
     }
 }

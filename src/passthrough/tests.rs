@@ -410,6 +410,70 @@ fn directory_operations() {
     fs.syncfs().unwrap();
 }
 
+/// Names of 255 bytes: a READDIRPLUS reply holds more entries than one batch of host entries
+/// read for it (`dirents_for_reply`), so listing goes on reading within one request; every
+/// name comes exactly once, whether the reply is small or large, through READDIR too.
+#[test]
+fn long_names_list_once_whatever_the_reply_size() {
+    let (d, fs) = setup();
+    fs::create_dir(d.path("long")).unwrap();
+    let mut expected = HashSet::new();
+    for i in 0..200 {
+        let name = format!("{i:03}{}", "x".repeat(252));
+        fs::File::create(d.path("long").join(&name)).unwrap();
+        expected.insert(name);
+    }
+    let dir = lookup(&fs, ROOT_INODE, "long");
+    let (h, _) = fs.opendir(&ctx(), dir.inode, 0).unwrap();
+    let h = h.unwrap();
+    for size in [4096u32, 65_536, 1 << 20] {
+        for plus in [true, false] {
+            let mut names = HashSet::new();
+            let mut offset = 0;
+            loop {
+                let start = offset;
+                let mut room = size as usize;
+                let mut emitted = 0;
+                let mut add = |name: &[u8], off: u64, extra: usize| {
+                    let need = ((24 + name.len() + 7) & !7) + extra;
+                    if need > room {
+                        return 0;
+                    }
+                    room -= need;
+                    emitted += 1;
+                    offset = off;
+                    let name = String::from_utf8(name.to_vec()).unwrap();
+                    if name != "." && name != ".." {
+                        assert!(
+                            names.insert(name),
+                            "listed twice (size {size}, plus {plus})"
+                        );
+                    }
+                    need
+                };
+                if plus {
+                    fs.readdirplus(&ctx(), dir.inode, h, size, start, &mut |de, e| {
+                        if e.inode != 0 {
+                            fs.forget(&ctx(), e.inode, 1);
+                        }
+                        Ok(add(de.name, de.offset, 128))
+                    })
+                    .unwrap();
+                } else {
+                    fs.readdir(&ctx(), dir.inode, h, size, start, &mut |de| {
+                        Ok(add(de.name, de.offset, 0))
+                    })
+                    .unwrap();
+                }
+                if emitted == 0 {
+                    break;
+                }
+            }
+            assert_eq!(names, expected, "size {size}, plus {plus}");
+        }
+    }
+}
+
 #[test]
 fn readdirplus_pages_through_10000_entries() {
     let (d, fs) = setup();

@@ -145,18 +145,25 @@ pub(crate) fn statx_at(dir: RawFd, name: &CStr, extra: i32) -> io::Result<StatxI
     Ok(StatxInfo { st, mnt_id })
 }
 
-/// One batch of `getdents64` output.
-pub(crate) fn getdents(fd: RawFd, buf: &mut [u8]) -> io::Result<usize> {
-    // SAFETY: the kernel writes at most `buf.len()` bytes into `buf`.
+/// One batch of `getdents64` output into `buf`, replacing what it held: up to its capacity,
+/// which is never zeroed first (READDIR reuses one buffer of up to 64 KiB per request, and
+/// clearing it cost more than the entries it returns).
+pub(crate) fn getdents(fd: RawFd, buf: &mut Vec<u8>) -> io::Result<()> {
+    buf.clear();
+    let room = buf.spare_capacity_mut();
+    // SAFETY: the kernel writes at most `room.len()` bytes into `room`.
     let n = unsafe {
         libc::syscall(
             libc::SYS_getdents64,
             fd,
-            buf.as_mut_ptr(),
-            buf.len() as libc::c_ulong,
+            room.as_mut_ptr(),
+            room.len() as libc::c_ulong,
         )
     };
-    Ok(check_long(n)? as usize)
+    let n = check_long(n)? as usize;
+    // SAFETY: the kernel initialised the first `n` bytes (n <= capacity).
+    unsafe { buf.set_len(n.min(buf.capacity())) };
+    Ok(())
 }
 
 /// A directory entry decoded from `getdents64` output.
