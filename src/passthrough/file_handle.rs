@@ -242,7 +242,19 @@ mod tests {
         );
         drop(again);
         std::fs::remove_file(&path).unwrap();
-        let gone = handle.open(&root, libc::O_PATH).unwrap_err();
+        // A test on another thread that forks may hold a copy of our descriptor of the file
+        // until its child execs (the descriptor is close-on-exec), which keeps the inode
+        // alive for that long: the handle goes stale once the last reference is gone.
+        let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
+        let gone = loop {
+            match handle.open(&root, libc::O_PATH) {
+                Err(e) => break e,
+                Ok(_) if std::time::Instant::now() < deadline => {
+                    std::thread::sleep(std::time::Duration::from_millis(10))
+                }
+                Ok(_) => panic!("the handle still opens its removed file after 10 s"),
+            }
+        };
         assert_eq!(gone.raw_os_error(), Some(libc::ESTALE), "{gone}");
         std::fs::remove_dir_all(&dir).unwrap();
     }
