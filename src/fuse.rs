@@ -239,12 +239,13 @@ impl FuseDispatcher {
 
     /// INIT flags beyond those fuse-backend-rs knows (its `FsOptions` drops them) that the
     /// guest offers and the daemon agrees to, as bits of `flags2`: DIRECT_IO_ALLOW_MMAP with
-    /// `--allow-mmap`, SECURITY_CTX with `--security-label`. EPROTO for a guest without
-    /// SECURITY_CTX under `--security-label=always` (as virtiofsd).
+    /// `--allow-mmap`, SECURITY_CTX with `--security-label`, HAS_FSNOTIFY always (the
+    /// notifier sends host changes as fsnotify events to such a guest). EPROTO for a guest
+    /// without SECURITY_CTX under `--security-label=always` (as virtiofsd).
     fn init_flags2(&self, request: Reader<'_, ()>) -> Result<u32, i32> {
         let offered = offered_flags2(request);
         let config = self.fs.config();
-        let mut want = 0;
+        let mut want = HAS_FSNOTIFY_FLAGS2;
         if config.allow_mmap {
             want |= DIRECT_IO_ALLOW_MMAP_FLAGS2;
         }
@@ -252,6 +253,8 @@ impl FuseDispatcher {
             want |= SECURITY_CTX_FLAGS2;
         }
         let agreed = offered & want;
+        self.notifier
+            .set_fsnotify(agreed & HAS_FSNOTIFY_FLAGS2 != 0);
         let labels = agreed & SECURITY_CTX_FLAGS2 != 0;
         self.security_ctx.store(labels, Ordering::Relaxed);
         if config.security_label && !labels {
@@ -376,6 +379,10 @@ fn offered_flags2(mut request: Reader<'_, ()>) -> u32 {
 const SECURITY_CTX_FLAGS2: u32 = 1;
 /// FUSE_DIRECT_IO_ALLOW_MMAP (bit 36), in `flags2`.
 const DIRECT_IO_ALLOW_MMAP_FLAGS2: u32 = 1 << (36 - 32);
+/// FUSE_HAS_FSNOTIFY (bit 44), in `flags2`: the guest raises fsnotify events on
+/// FUSE_NOTIFY_FSNOTIFY (qemu/patches/linux-6.12/0002; docs/notify-patches.md). Not a
+/// mainline flag: the next bit after those Linux 7.3 uses.
+const HAS_FSNOTIFY_FLAGS2: u32 = 1 << (44 - 32);
 /// The first protocol minor whose `fuse_init_out` holds `flags2` (7.23 made it 64 bytes).
 const INIT_OUT_FLAGS2_MINOR: u32 = 23;
 /// Where `flags` and `flags2` sit in an INIT reply: after the 16-byte `fuse_out_header`.

@@ -456,3 +456,135 @@ fn a_guest_rebooted_without_the_feature_gets_nothing_on_queue_1() {
         "notifications written after the reboot: {before:?} -> {after:?}"
     );
 }
+
+const FUSE_NOTIFY_FSNOTIFY: i32 = 10;
+/// FUSE_HAS_FSNOTIFY (INIT bit 44, in `flags2`): the guest raises fsnotify events.
+const HAS_FSNOTIFY_FLAGS2: u32 = 1 << (44 - 32);
+use libc::{
+    IN_ATTRIB, IN_CLOSE_WRITE, IN_CREATE, IN_DELETE, IN_ISDIR, IN_MODIFY, IN_MOVED_FROM,
+    IN_MOVED_TO,
+};
+
+/// FUSE_NOTIFY_FSNOTIFY messages as (node, mask, cookie, name), until `want` of them came or
+/// `wait` ran out.
+fn fsnotify_events(
+    device: &Device,
+    backend: &Backend,
+    want: usize,
+    wait: Duration,
+) -> Vec<(u64, u32, u32, String)> {
+    let deadline = Instant::now() + wait;
+    let mut events = Vec::new();
+    while events.len() < want && Instant::now() < deadline {
+        for message in device.notifications().expect("draining notifications") {
+            let code = i32::from_le_bytes(message[4..8].try_into().unwrap());
+            if code != FUSE_NOTIFY_FSNOTIFY {
+                continue;
+            }
+            let word = |at: usize| u32::from_le_bytes(message[at..at + 4].try_into().unwrap());
+            let namelen = word(32) as usize;
+            assert_eq!(
+                message.len(),
+                40 + if namelen > 0 { namelen + 1 } else { 0 },
+                "daemon log:\n{}",
+                backend.log()
+            );
+            events.push((
+                u64::from_le_bytes(message[16..24].try_into().unwrap()),
+                word(24),
+                word(28),
+                String::from_utf8_lossy(&message[40..40 + namelen]).into_owned(),
+            ));
+        }
+        std::thread::sleep(Duration::from_millis(5));
+    }
+    events
+}
+
+#[test]
+fn host_changes_become_fsnotify_events_only_for_a_guest_that_offers_them() {
+    for offered in [true, false] {
+        let backend = Backend::spawn(env!("CARGO_BIN_EXE_leasefsd"), &["--cache", "coherent"])
+            .expect("starting leasefsd");
+        let config = FrontendConfig {
+            want_notification: true,
+            ..FrontendConfig::default()
+        };
+        let device = Arc::new(Device::connect(backend.socket(), &config).unwrap());
+        let fuse = FuseClient::new(device.clone());
+        let flags2 = if offered { HAS_FSNOTIFY_FLAGS2 } else { 0 };
+        let init = fuse
+            .init_ext(leasefs::frontend::client::INIT_FLAGS, flags2)
+            .expect("INIT");
+        assert_eq!(init.flags2 & HAS_FSNOTIFY_FLAGS2 != 0, offered, "{init:?}");
+
+        let dir = backend.share().join("d");
+        fs::create_dir(&dir).unwrap();
+        fs::write(dir.join("f"), b"one").unwrap();
+        let d = fuse.lookup(ROOT_ID, "d").expect("LOOKUP d").nodeid;
+        fuse.lookup(d, "f").expect("LOOKUP f");
+        std::thread::sleep(Duration::from_millis(100));
+        let _ = device.notifications();
+
+        // One host change at a time, each with the events a local change raises.
+        use std::os::unix::fs::PermissionsExt;
+        type Step<'a> = (Box<dyn Fn() + 'a>, Vec<(u32, &'static str)>);
+        let steps: Vec<Step> = vec![
+            (
+                Box::new(|| fs::write(dir.join("new"), b"x").unwrap()),
+                vec![
+                    (IN_CREATE, "new"),
+                    (IN_MODIFY, "new"),
+                    (IN_CLOSE_WRITE, "new"),
+                ],
+            ),
+            (
+                Box::new(|| {
+                    fs::set_permissions(dir.join("f"), fs::Permissions::from_mode(0o600)).unwrap()
+                }),
+                vec![(IN_ATTRIB, "f")],
+            ),
+            (
+                Box::new(|| fs::rename(dir.join("new"), dir.join("moved")).unwrap()),
+                vec![(IN_MOVED_FROM, "new"), (IN_MOVED_TO, "moved")],
+            ),
+            (
+                Box::new(|| fs::remove_file(dir.join("moved")).unwrap()),
+                vec![(IN_DELETE, "moved")],
+            ),
+            (
+                Box::new(|| fs::create_dir(dir.join("sub")).unwrap()),
+                vec![(IN_CREATE | IN_ISDIR, "sub")],
+            ),
+            (
+                Box::new(|| fs::set_permissions(&dir, fs::Permissions::from_mode(0o750)).unwrap()),
+                vec![(IN_ATTRIB, "")],
+            ),
+        ];
+        for (change, want) in steps {
+            change();
+            let wait = Duration::from_millis(if offered { 2000 } else { 300 });
+            let got = fsnotify_events(&device, &backend, want.len(), wait);
+            if !offered {
+                assert!(got.is_empty(), "a guest without the flag got {got:?}");
+                continue;
+            }
+            let got_short: Vec<(u32, &str)> =
+                got.iter().map(|(_, m, _, n)| (*m, n.as_str())).collect();
+            assert_eq!(got_short, want, "daemon log:\n{}", backend.log());
+            assert!(got.iter().all(|(node, ..)| *node == d), "{got:?}");
+            let cookies: Vec<u32> = got
+                .iter()
+                .filter(|(_, m, ..)| m & (IN_MOVED_FROM | IN_MOVED_TO) != 0)
+                .map(|(_, _, c, _)| *c)
+                .collect();
+            assert!(
+                cookies.iter().all(|&c| c != 0 && c == cookies[0]),
+                "{got:?}"
+            );
+        }
+        // Nothing doubled behind the last change.
+        let late = fsnotify_events(&device, &backend, 1, Duration::from_millis(300));
+        assert!(late.is_empty(), "{late:?}");
+    }
+}

@@ -71,6 +71,8 @@ pub const MAX_PENDING: usize = 32768;
 const FUSE_NOTIFY_INVAL_INODE: i32 = 2;
 const FUSE_NOTIFY_INVAL_ENTRY: i32 = 3;
 const FUSE_NOTIFY_DELETE: i32 = 6;
+/// The guest patch `0002` (qemu/patches/linux-6.12/): raise fsnotify events for a host change.
+const FUSE_NOTIFY_FSNOTIFY: i32 = 10;
 
 /// A message for the guest.
 #[derive(Clone, Debug, PartialEq, Eq, Hash)]
@@ -86,6 +88,16 @@ pub enum Notification {
         child: u64,
         name: Vec<u8>,
     },
+    /// The host changed node `node` (`name` empty), or the entry `name` of directory node
+    /// `node`: the guest raises the inotify events `mask` (IN_* bits) a local change would
+    /// have, with `cookie` pairing the IN_MOVED_FROM and IN_MOVED_TO of one rename. Only for
+    /// a guest that offered FUSE_HAS_FSNOTIFY at INIT ([`Notifier::fsnotify`]).
+    Fsnotify {
+        node: u64,
+        mask: u32,
+        cookie: u32,
+        name: Vec<u8>,
+    },
 }
 
 impl Notification {
@@ -96,6 +108,7 @@ impl Notification {
             Notification::InvalEntry { parent, .. } | Notification::Delete { parent, .. } => {
                 *parent
             }
+            Notification::Fsnotify { node, .. } => *node,
         }
     }
 
@@ -132,6 +145,25 @@ impl Notification {
                 p.extend_from_slice(name);
                 p.push(0);
                 (FUSE_NOTIFY_DELETE, p)
+            }
+            Notification::Fsnotify {
+                node,
+                mask,
+                cookie,
+                name,
+            } => {
+                // struct fuse_notify_fsnotify_out, then the name and its NUL if there is one.
+                let mut p = Vec::with_capacity(24 + name.len() + 1);
+                p.extend_from_slice(&node.to_le_bytes());
+                p.extend_from_slice(&mask.to_le_bytes());
+                p.extend_from_slice(&cookie.to_le_bytes());
+                p.extend_from_slice(&(name.len() as u32).to_le_bytes());
+                p.extend_from_slice(&0u32.to_le_bytes()); // padding
+                if !name.is_empty() {
+                    p.extend_from_slice(name);
+                    p.push(0);
+                }
+                (FUSE_NOTIFY_FSNOTIFY, p)
             }
         };
         let header = OutHeader {
@@ -311,6 +343,8 @@ pub struct Notifier {
     max_pending: usize,
     /// Mirrors `QueueState::phase == Detached`, so a send need not take the queue's lock.
     detached: AtomicBool,
+    /// The guest offered FUSE_HAS_FSNOTIFY at its last INIT.
+    fsnotify: AtomicBool,
     /// Messages were queued since the last delivery looked at the list: the thread holding
     /// the queue (delivering) must look again before it lets go.
     undelivered: AtomicBool,
@@ -343,6 +377,7 @@ impl Notifier {
             pending: Mutex::new(Pending::default()),
             max_pending: max_pending.max(1),
             detached: AtomicBool::new(false),
+            fsnotify: AtomicBool::new(false),
             undelivered: AtomicBool::new(false),
             batches: AtomicUsize::new(0),
             waiting: Mutex::new(HashMap::new()),
@@ -357,6 +392,18 @@ impl Notifier {
     /// Whether a guest driver negotiated the queue and uses it.
     pub fn active(&self) -> bool {
         self.attached.load(Ordering::Acquire)
+    }
+
+    /// Whether the guest raises fsnotify events for [`Notification::Fsnotify`]: it uses the
+    /// queue and offered FUSE_HAS_FSNOTIFY at INIT (a kernel with only the invalidation patch,
+    /// or a stock one, does not; they never get the message).
+    pub fn fsnotify(&self) -> bool {
+        self.active() && self.fsnotify.load(Ordering::Acquire)
+    }
+
+    /// What the guest's INIT said about FUSE_HAS_FSNOTIFY.
+    pub fn set_fsnotify(&self, on: bool) {
+        self.fsnotify.store(on, Ordering::Release);
     }
 
     /// Run `hook` once the guest starts using the queue (at once if it already does; again
@@ -446,6 +493,8 @@ impl Notifier {
         q.phase = Phase::Detached;
         self.detached.store(true, Ordering::SeqCst);
         self.attached.store(false, Ordering::Release);
+        // A guest that comes back renegotiates it at its INIT.
+        self.fsnotify.store(false, Ordering::Release);
         let discarded = {
             let mut pending = self.lock_pending();
             let n = pending.queue.len();
@@ -542,7 +591,9 @@ impl Notifier {
         }
         let dropped = {
             let mut pending = self.lock_pending();
-            if id == 0 && pending.untracked.contains(&message) {
+            // Events are never merged: each host change is one event for the guest's watchers.
+            let mergeable = !matches!(message, Notification::Fsnotify { .. });
+            if id == 0 && mergeable && pending.untracked.contains(&message) {
                 // An identical message is still waiting: it reaches the guest after this
                 // change too.
                 self.stats.merged.fetch_add(1, Ordering::Relaxed);
@@ -553,7 +604,7 @@ impl Notifier {
                 } else {
                     None
                 };
-                if id == 0 {
+                if id == 0 && mergeable {
                     pending.untracked.insert(message.clone());
                 }
                 pending.queue.push_back((id, message));
@@ -828,6 +879,68 @@ mod tests {
         notifier.confirm(id, -libc::ENOENT);
         assert_eq!(hits.load(Ordering::Relaxed), 1);
         assert_eq!(notifier.awaiting(), 0);
+    }
+
+    #[test]
+    fn fsnotify_layout_with_and_without_a_name() {
+        let named = Notification::Fsnotify {
+            node: 7,
+            mask: 0x40,
+            cookie: 3,
+            name: vec![b'x'; 255],
+        }
+        .encode(0);
+        assert_eq!(i32::from_le_bytes(named[4..8].try_into().unwrap()), 10);
+        assert_eq!(
+            u32::from_le_bytes(named[0..4].try_into().unwrap()) as usize,
+            named.len()
+        );
+        assert_eq!(u64::from_le_bytes(named[16..24].try_into().unwrap()), 7);
+        assert_eq!(u32::from_le_bytes(named[24..28].try_into().unwrap()), 0x40);
+        assert_eq!(u32::from_le_bytes(named[28..32].try_into().unwrap()), 3);
+        assert_eq!(u32::from_le_bytes(named[32..36].try_into().unwrap()), 255);
+        assert_eq!(named.len(), 16 + 24 + 255 + 1);
+        assert_eq!(*named.last().unwrap(), 0, "name is NUL-terminated");
+        assert!(named.len() <= NOTIFY_BUF_SIZE as usize);
+        let bare = Notification::Fsnotify {
+            node: 7,
+            mask: 0x4,
+            cookie: 0,
+            name: Vec::new(),
+        }
+        .encode(0);
+        assert_eq!(bare.len(), 16 + 24, "no name, no NUL");
+    }
+
+    #[test]
+    fn fsnotify_events_never_merge() {
+        let notifier = Notifier::default();
+        let modify = Notification::Fsnotify {
+            node: 1,
+            mask: 0x2,
+            cookie: 0,
+            name: b"f".to_vec(),
+        };
+        notifier.send(modify.clone());
+        notifier.send(modify);
+        assert_eq!(notifier.backlog(), 2);
+        assert_eq!(notifier.stats.merged.load(Ordering::Relaxed), 0);
+    }
+
+    #[test]
+    fn fsnotify_needs_the_queue_and_the_init_flag_and_a_detach_clears_it() {
+        let guest = ring::Guest::new(true);
+        let notifier = Notifier::default();
+        notifier.set_fsnotify(true);
+        assert!(!notifier.fsnotify(), "no queue yet");
+        notifier.attach(guest.vring.clone(), guest.mem.clone());
+        assert!(notifier.fsnotify());
+        notifier.set_fsnotify(false);
+        assert!(!notifier.fsnotify(), "a guest without FUSE_HAS_FSNOTIFY");
+        notifier.set_fsnotify(true);
+        notifier.detach();
+        notifier.attach(guest.vring.clone(), guest.mem.clone());
+        assert!(!notifier.fsnotify(), "a new guest says again at INIT");
     }
 
     #[test]

@@ -16,6 +16,13 @@
 //!   owner or times changed (a modification of a child also counts: an mtime-only utimensat
 //!   raises nothing else). The guest sees the change within the notification's flight time.
 //!
+//! * **Events** (the same directory group): for a guest that raises fsnotify events
+//!   (FUSE_HAS_FSNOTIFY at INIT), each host event also becomes FUSE_NOTIFY_FSNOTIFY messages
+//!   after its invalidations: IN_CREATE, IN_DELETE, IN_MOVED_FROM/IN_MOVED_TO (one cookie per
+//!   rename) with the name on the directory, IN_MODIFY, IN_ATTRIB and IN_CLOSE_WRITE with the
+//!   name (a child) or without (the directory itself). Only this group sends them, so a host
+//!   change is one guest event, never one per group or per page.
+//!
 //! Marks follow what the guest knows, so the cost of watching grows with what the guest
 //! caches, not with the size of the tree. They are only placed while a guest has negotiated
 //! the notification queue; a stock guest stays coherent through leases (src/coherence/lease.rs).
@@ -25,10 +32,14 @@ use std::ffi::CStr;
 use std::fs::File;
 use std::io;
 use std::os::fd::{AsRawFd, FromRawFd, OwnedFd, RawFd};
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::{AtomicU32, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::thread;
 
+use libc::{
+    IN_ATTRIB, IN_CLOSE_WRITE, IN_CREATE, IN_DELETE, IN_ISDIR, IN_MODIFY, IN_MOVED_FROM,
+    IN_MOVED_TO,
+};
 use log::{debug, info, warn};
 
 use crate::coherence::notifier::{Notification, Notifier};
@@ -45,6 +56,7 @@ const FAN_MARK_ADD: libc::c_uint = 0x1;
 const FAN_MARK_REMOVE: libc::c_uint = 0x2;
 const FAN_MODIFY: u64 = 0x2;
 const FAN_ATTRIB: u64 = 0x4;
+const FAN_CLOSE_WRITE: u64 = 0x8;
 const FAN_MOVED_FROM: u64 = 0x40;
 const FAN_MOVED_TO: u64 = 0x80;
 const FAN_CREATE: u64 = 0x100;
@@ -58,8 +70,10 @@ const FAN_EVENT_INFO_TYPE_DFID_NAME: u8 = 2;
 /// What a directory mark asks for.
 // FAN_MODIFY too: a utimensat that sets only the mtime raises FAN_MODIFY, not FAN_ATTRIB, and
 // only with a directory entry (no path), which the data group cannot receive.
+// FAN_CLOSE_WRITE only for the guest's IN_CLOSE_WRITE: it revokes nothing.
 const NAMESPACE_EVENTS: u64 = FAN_CREATE
     | FAN_MODIFY
+    | FAN_CLOSE_WRITE
     | FAN_DELETE
     | FAN_MOVED_FROM
     | FAN_MOVED_TO
@@ -109,6 +123,10 @@ pub struct HostWatcher {
     /// O_PATH descriptors themselves); opened before the sandbox hides /proc.
     proc_self_fd: File,
     notifier: Arc<Notifier>,
+    /// The cookie of the last directory event's IN_MOVED_FROM and the moved child's handle
+    /// key (when the group reports it): the IN_MOVED_TO of the same rename comes next.
+    moving: Mutex<Option<(u32, Option<Vec<u8>>)>>,
+    next_cookie: AtomicU32,
     pub stats: WatchStats,
 }
 
@@ -164,6 +182,8 @@ impl HostWatcher {
             files: Mutex::new(HashMap::new()),
             proc_self_fd,
             notifier,
+            moving: Mutex::new(None),
+            next_cookie: AtomicU32::new(1),
             stats: WatchStats::default(),
         })
     }
@@ -252,6 +272,30 @@ impl HostWatcher {
             });
         }
     }
+}
+
+/// The inotify events, one IN_* bit each, that a directory event with fanotify mask `mask`
+/// stands for, in the order a local change raises them; `named`: about a child (else about
+/// the marked directory itself). fanotify merges events on one name that wait unread (a
+/// create, write and close in a row): they are replayed in the order of a file's life, which
+/// is the order they happened in for everything but a name that went and came back within
+/// one read.
+fn guest_events(mask: u64, named: bool) -> impl Iterator<Item = u32> {
+    const ORDER: [(u64, u32, bool); 7] = [
+        (FAN_CREATE, IN_CREATE, true),
+        (FAN_MOVED_TO, IN_MOVED_TO, true),
+        (FAN_MODIFY, IN_MODIFY, false),
+        (FAN_ATTRIB, IN_ATTRIB, false),
+        (FAN_CLOSE_WRITE, IN_CLOSE_WRITE, false),
+        (FAN_MOVED_FROM, IN_MOVED_FROM, true),
+        (FAN_DELETE, IN_DELETE, true),
+    ];
+    // IN_ISDIR goes with entry events; for inode events the guest adds it itself.
+    let isdir = if mask & FAN_ONDIR != 0 { IN_ISDIR } else { 0 };
+    ORDER
+        .into_iter()
+        .filter(move |&(fan, _, entry)| mask & fan != 0 && (named || !entry))
+        .map(move |(_, event, entry)| if entry { event | isdir } else { event })
 }
 
 /// This process's pid as fanotify reports it. In the namespace sandbox this is our pid there,
@@ -411,6 +455,8 @@ impl HostWatcher {
     }
 
     fn handle_namespace(&self, fs: &PassthroughFs, event: &EventMetadata, record: &[u8]) {
+        // A rename's IN_MOVED_TO pairs only with the event right before it.
+        let moving = self.moving.lock().unwrap().take();
         if event.mask & FAN_Q_OVERFLOW != 0 {
             warn!(
                 "host watcher: directory event queue overflow; revoking every inode the guest caches (names stay cached up to the lease)"
@@ -429,7 +475,76 @@ impl HostWatcher {
         let Some(dirs) = self.dirs.lock().unwrap().get(&key).cloned() else {
             return; // A directory the guest forgot meanwhile.
         };
-        self.stats.namespace_changes.fetch_add(1, Ordering::Relaxed);
+        if event.mask & !(FAN_CLOSE_WRITE | FAN_EVENT_ON_CHILD | FAN_ONDIR) != 0 {
+            self.stats.namespace_changes.fetch_add(1, Ordering::Relaxed);
+            self.revoke_namespace(fs, event, record, &dirs, &name);
+        }
+        if self.notifier.fsnotify() {
+            self.raise_events(event, record, &dirs, &name, moving);
+        }
+    }
+
+    /// The guest's fsnotify events for one directory event, after its invalidations (so a
+    /// watcher that reacts reads the new state). `moving`: the IN_MOVED_FROM of the event
+    /// before, if it had one.
+    fn raise_events(
+        &self,
+        event: &EventMetadata,
+        record: &[u8],
+        dirs: &[u64],
+        name: &[u8],
+        mut moving: Option<(u32, Option<Vec<u8>>)>,
+    ) {
+        let child = if self.target_fid {
+            target_fid(record, event.metadata_len as usize)
+        } else {
+            None
+        };
+        // "." is the directory itself: the event is on its inode, without a name.
+        let name = if name == b"." { &[][..] } else { name };
+        for mask in guest_events(event.mask, !name.is_empty()) {
+            let cookie = match mask & !IN_ISDIR {
+                IN_MOVED_TO => match moving.take() {
+                    Some((cookie, from)) if from == child => cookie,
+                    _ => self.new_cookie(),
+                },
+                IN_MOVED_FROM => {
+                    let cookie = self.new_cookie();
+                    *self.moving.lock().unwrap() = Some((cookie, child.clone()));
+                    cookie
+                }
+                _ => 0,
+            };
+            for &node in dirs {
+                self.notifier.send(Notification::Fsnotify {
+                    node,
+                    mask,
+                    cookie,
+                    name: name.to_vec(),
+                });
+            }
+        }
+    }
+
+    fn new_cookie(&self) -> u32 {
+        // Never 0, which inotify uses for events outside a rename.
+        loop {
+            let cookie = self.next_cookie.fetch_add(1, Ordering::Relaxed);
+            if cookie != 0 {
+                return cookie;
+            }
+        }
+    }
+
+    /// What the guest caches that a directory event made stale.
+    fn revoke_namespace(
+        &self,
+        fs: &PassthroughFs,
+        event: &EventMetadata,
+        record: &[u8],
+        dirs: &[u64],
+        name: &[u8],
+    ) {
         let entries_changed =
             event.mask & (FAN_CREATE | FAN_DELETE | FAN_MOVED_FROM | FAN_MOVED_TO) != 0;
         // A rename over an existing name (an editor's save) replaces what the name led to.
@@ -454,7 +569,7 @@ impl HostWatcher {
                 len: 0,
             });
         }
-        for &dir in &dirs {
+        for &dir in dirs {
             if name == b"." {
                 // The directory's own attributes.
                 self.revoke(Notification::InvalInode {
@@ -467,7 +582,7 @@ impl HostWatcher {
             if name_changed {
                 // The name stays checked at OPEN: the guest may use its dentry before it has
                 // processed this message.
-                self.revoke_name(dir, &name, &deleted);
+                self.revoke_name(dir, name, &deleted);
             }
             if entries_changed {
                 // The guest may hold the listing (FOPEN_CACHE_DIR) in the directory's pages;
@@ -484,7 +599,7 @@ impl HostWatcher {
                 // fallback for kernels without it.
                 let mut children = self.known_child(record, event.metadata_len as usize);
                 if children.is_empty() {
-                    children = child_nodes(fs, dir, &name);
+                    children = child_nodes(fs, dir, name);
                 }
                 for child in children {
                     self.revoke(Notification::InvalInode {
@@ -689,6 +804,63 @@ pub fn start(fs: &Arc<PassthroughFs>, notifier: Arc<Notifier>) -> Option<Arc<Hos
         Err(e) => {
             info!("host watcher unavailable ({e}); guests stay coherent by revalidation only");
             None
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn events(mask: u64, named: bool) -> Vec<u32> {
+        guest_events(mask, named).collect()
+    }
+
+    #[test]
+    fn one_guest_event_per_host_event_with_isdir_on_entries_only() {
+        assert_eq!(events(FAN_CREATE, true), [IN_CREATE]);
+        assert_eq!(events(FAN_CREATE | FAN_ONDIR, true), [IN_CREATE | IN_ISDIR]);
+        assert_eq!(events(FAN_DELETE | FAN_ONDIR, true), [IN_DELETE | IN_ISDIR]);
+        assert_eq!(events(FAN_MOVED_FROM, true), [IN_MOVED_FROM]);
+        assert_eq!(events(FAN_MOVED_TO, true), [IN_MOVED_TO]);
+        assert_eq!(events(FAN_MODIFY, true), [IN_MODIFY]);
+        assert_eq!(events(FAN_CLOSE_WRITE, true), [IN_CLOSE_WRITE]);
+        // The directory itself: the guest adds IN_ISDIR to inode events.
+        assert_eq!(events(FAN_ATTRIB | FAN_ONDIR, false), [IN_ATTRIB]);
+        assert!(events(FAN_Q_OVERFLOW, false).is_empty());
+    }
+
+    #[test]
+    fn merged_events_replay_in_the_order_of_a_files_life() {
+        assert_eq!(
+            events(
+                FAN_CLOSE_WRITE | FAN_MODIFY | FAN_CREATE | FAN_EVENT_ON_CHILD,
+                true
+            ),
+            [IN_CREATE, IN_MODIFY, IN_CLOSE_WRITE]
+        );
+        assert_eq!(
+            events(FAN_DELETE | FAN_ATTRIB | FAN_MOVED_TO, true),
+            [IN_MOVED_TO, IN_ATTRIB, IN_DELETE]
+        );
+        // Entry events cannot be about the directory itself.
+        assert_eq!(events(FAN_CREATE | FAN_ATTRIB, false), [IN_ATTRIB]);
+    }
+
+    #[test]
+    fn inotify_and_fanotify_bits_agree() {
+        // The guest takes IN_* values; fanotify's are the same bits (linux/fanotify.h).
+        for (fan, inotify) in [
+            (FAN_MODIFY, IN_MODIFY),
+            (FAN_ATTRIB, IN_ATTRIB),
+            (FAN_CLOSE_WRITE, IN_CLOSE_WRITE),
+            (FAN_MOVED_FROM, IN_MOVED_FROM),
+            (FAN_MOVED_TO, IN_MOVED_TO),
+            (FAN_CREATE, IN_CREATE),
+            (FAN_DELETE, IN_DELETE),
+            (FAN_ONDIR, IN_ISDIR),
+        ] {
+            assert_eq!(fan, inotify as u64);
         }
     }
 }
