@@ -8,12 +8,14 @@
 //!   guest-tests stress [--dir /mnt] [--rounds N | --seconds N] [--seed S] ... (see USAGE)
 //!   guest-tests model [--dir /mnt] [--seed S] [--ops N] [--stack stock|notify] ... (see USAGE)
 //!   guest-tests relay --pair SOCK SOCK [--pair SOCK SOCK]...
+//!   guest-tests inotify [--dir /mnt] [--rounds N] ... (see USAGE)
 
 mod agent;
 mod bench;
 mod client;
 mod harness;
 mod hostcost;
+mod inotify;
 mod model;
 mod proto;
 mod relay;
@@ -73,6 +75,17 @@ usage:
       answers after ops of these kinds (rdtrunc, restore, pause, burst) are
       reported, not failed. Prints `MODEL key=value...`; exit 1 on a
       violation, 3 when the run could not complete.
+  guest-tests inotify [--dir DIR] [--name NAME] [--rounds N] [--wait-ms MS]
+                      [--agent-path SOCK] [-v]
+      Host changes as inotify events (in the guest, notify stack with the
+      fsnotify patch): the guest watches DIR/NAME (default /mnt/inotify) and a
+      file in it while the host agent creates, writes, chmods, renames,
+      deletes, makes and removes a directory, and chmods DIR/NAME, one change
+      at a time, N rounds (default 20). Every change's events must all come
+      within MS (default 2000), once each, in order, with the right names and
+      one cookie per rename. Prints `INOTIFY changes= events= expected=
+      failed_changes= latency_ms_p50= ...`; exit 1 on a wrong event, 3 when
+      the run could not complete.
   guest-tests relay --pair SOCK_A SOCK_B [--pair SOCK_A SOCK_B]...
       Host side: listen on every SOCK, accept one connection on each, copy
       bytes both ways within each pair until all have closed.
@@ -89,6 +102,14 @@ fn positive(flag: &str, v: String) -> u64 {
         .ok()
         .filter(|&n| n > 0)
         .unwrap_or_else(|| die(&format!("bad {flag} {v:?}")))
+}
+
+/// The `--name` given: one directory entry under `--dir`, or a usage error.
+fn entry_name(v: String) -> String {
+    if v.is_empty() || v.contains('/') || v.starts_with('.') {
+        die(&format!("bad --name {v:?}"));
+    }
+    v
 }
 
 fn main() {
@@ -218,12 +239,7 @@ fn main() {
             while let Some(a) = it.next() {
                 match a.as_str() {
                     "--dir" => o.dir = PathBuf::from(value(a, &mut it)),
-                    "--name" => {
-                        o.name = value(a, &mut it);
-                        if o.name.is_empty() || o.name.contains('/') || o.name.starts_with('.') {
-                            die(&format!("bad --name {:?}", o.name));
-                        }
-                    }
+                    "--name" => o.name = entry_name(value(a, &mut it)),
                     "--rounds" => o.rounds = Some(positive(a, value(a, &mut it))),
                     "--seconds" => {
                         let v = value(a, &mut it);
@@ -282,12 +298,7 @@ fn main() {
             while let Some(a) = it.next() {
                 match a.as_str() {
                     "--dir" => o.dir = PathBuf::from(value(a, &mut it)),
-                    "--name" => {
-                        o.name = value(a, &mut it);
-                        if o.name.is_empty() || o.name.contains('/') || o.name.starts_with('.') {
-                            die(&format!("bad --name {:?}", o.name));
-                        }
-                    }
+                    "--name" => o.name = entry_name(value(a, &mut it)),
                     "--seed" => {
                         let v = value(a, &mut it);
                         o.seed = v
@@ -336,6 +347,25 @@ fn main() {
                 }
             }
             model::main(o)
+        }
+        "inotify" => {
+            let mut o = inotify::Opts::new();
+            while let Some(a) = it.next() {
+                match a.as_str() {
+                    "--dir" => o.dir = PathBuf::from(value(a, &mut it)),
+                    "--name" => o.name = entry_name(value(a, &mut it)),
+                    "--rounds" => o.rounds = positive(a, value(a, &mut it)),
+                    "--wait-ms" => o.wait_ms = positive(a, value(a, &mut it)),
+                    "--agent-path" => o.agent_path = Some(PathBuf::from(value(a, &mut it))),
+                    "-v" | "--verbose" => o.verbose = true,
+                    "-h" | "--help" => {
+                        print!("{USAGE}");
+                        std::process::exit(0);
+                    }
+                    other => die(&format!("unknown option {other:?}")),
+                }
+            }
+            inotify::main(o)
         }
         "relay" => {
             let mut pairs = Vec::new();
