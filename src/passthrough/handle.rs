@@ -61,14 +61,22 @@ impl HandleTable {
         }
     }
 
-    pub(crate) fn insert(&self, inode: &Arc<InodeData>, file: File, writable: bool) -> u64 {
+    /// A new handle of `inode` holding `file`; `writable`: opened for writing (or created);
+    /// `exec`: opened to execute the file (see [`InodeData::exec_handles`]).
+    pub(crate) fn insert(
+        &self,
+        inode: &Arc<InodeData>,
+        file: File,
+        writable: bool,
+        exec: bool,
+    ) -> u64 {
         let handle = self.next.fetch_add(1, Ordering::Relaxed);
         let data = Arc::new(HandleData {
             inode: inode.inode,
             file,
             writable,
             pos: Mutex::new(()),
-            _open: OpenHandleCount::new(inode),
+            _open: OpenHandleCount::new(inode, exec),
         });
         let mut m = self.map.write().unwrap_or_else(|e| e.into_inner());
         m.insert(handle, data);

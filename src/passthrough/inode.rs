@@ -49,6 +49,14 @@ pub struct InodeData {
     /// Guest handles open on this inode (OPEN, CREATE, TMPFILE, OPENDIR), counted by
     /// [`OpenHandleCount`] guards that live as long as the handle's descriptor.
     pub(crate) open_handles: AtomicU32,
+    /// Of those, the handles the guest opened to execute the file (FMODE_EXEC: a program, its
+    /// ELF interpreter). While one is open the guest's kernel refuses to open the inode for
+    /// writing (ETXTBSY), and the daemon refuses too ([`PassthroughFs::open_for_write`]):
+    /// with ATOMIC_O_TRUNC the guest sends an `open(O_RDONLY|O_TRUNC)` to be truncated here
+    /// before it checks, so without this a refused open would still empty a running program.
+    ///
+    /// [`PassthroughFs::open_for_write`]: super::PassthroughFs::open_for_write
+    pub(crate) exec_handles: AtomicU32,
     /// Set by the coherence engine's host watcher while a fanotify mark reports changes of
     /// this inode (its data for a file; its entries, its own and its children's attributes
     /// for a directory). Only then may a notify-capable guest cache it for the long lease.
@@ -131,19 +139,32 @@ impl GuestNames {
     }
 }
 
-/// Counts one guest handle open on an inode for as long as it lives (held by the handle).
-pub(crate) struct OpenHandleCount(Arc<InodeData>);
+/// Counts one guest handle open on an inode for as long as it lives (held by the handle),
+/// and among them the handles opened to execute the file.
+pub(crate) struct OpenHandleCount {
+    data: Arc<InodeData>,
+    exec: bool,
+}
 
 impl OpenHandleCount {
-    pub(crate) fn new(data: &Arc<InodeData>) -> Self {
+    pub(crate) fn new(data: &Arc<InodeData>, exec: bool) -> Self {
         data.open_handles.fetch_add(1, Ordering::Relaxed);
-        OpenHandleCount(data.clone())
+        if exec {
+            data.exec_handles.fetch_add(1, Ordering::SeqCst);
+        }
+        OpenHandleCount {
+            data: data.clone(),
+            exec,
+        }
     }
 }
 
 impl Drop for OpenHandleCount {
     fn drop(&mut self) {
-        self.0.open_handles.fetch_sub(1, Ordering::Relaxed);
+        self.data.open_handles.fetch_sub(1, Ordering::Relaxed);
+        if self.exec {
+            self.data.exec_handles.fetch_sub(1, Ordering::SeqCst);
+        }
     }
 }
 
@@ -332,6 +353,7 @@ impl InodeTable {
             plocks: Mutex::new(HashMap::new()),
             names: Mutex::new(GuestNames::default()),
             open_handles: AtomicU32::new(0),
+            exec_handles: AtomicU32::new(0),
             watched: AtomicBool::new(false),
             estale_at: AtomicU64::new(0),
         });
@@ -379,6 +401,7 @@ impl InodeTable {
             plocks: Mutex::new(HashMap::new()),
             names: Mutex::new(GuestNames::default()),
             open_handles: AtomicU32::new(0),
+            exec_handles: AtomicU32::new(0),
             watched: AtomicBool::new(false),
             estale_at: AtomicU64::new(0),
         });

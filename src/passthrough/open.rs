@@ -20,6 +20,7 @@ use std::ffi::CStr;
 use std::fs::File;
 use std::io;
 use std::os::fd::{AsRawFd, FromRawFd, RawFd};
+use std::sync::atomic::Ordering;
 
 use super::inode::InodeData;
 use super::util::{check, ebadf, einval, fd_name, is_safe_inode, openat};
@@ -108,6 +109,7 @@ impl PassthroughFs {
         if !is_safe_inode(data.mode) {
             return Err(ebadf());
         }
+        self.refuse_if_executing(data)?;
         let fd = data.fd()?;
         let path = fd_name(fd.as_raw_fd());
         self.writing(data, || {
@@ -121,6 +123,25 @@ impl PassthroughFs {
                 0,
             )
         })
+    }
+
+    /// ETXTBSY while the guest executes the host inode of `data` (through this node or an
+    /// alias of it): what the guest's kernel answers for a write open of a running program,
+    /// answered here as well since an OPEN with O_TRUNC reaches us before the guest checks
+    /// (ATOMIC_O_TRUNC), and a CREATE of an existing name before it knows the file exists.
+    fn refuse_if_executing(&self, data: &InodeData) -> io::Result<()> {
+        let executing = |d: &InodeData| d.exec_handles.load(Ordering::SeqCst) > 0;
+        if executing(data)
+            || self
+                .inodes
+                .nodes_of(&data.id)
+                .into_iter()
+                .filter(|&n| n != data.inode)
+                .any(|n| self.inodes.get(n).is_some_and(|d| executing(&d)))
+        {
+            return Err(io::Error::from_raw_os_error(libc::ETXTBSY));
+        }
+        Ok(())
     }
 
     /// CREATE and TMPFILE: open `name` in `dir` (whose descriptor is `dir_fd`) with `flags`
@@ -145,6 +166,11 @@ impl PassthroughFs {
                 .and_then(|node| self.inodes.get(node))
         };
         let dir = dir_fd;
+        if let Some(data) = &existing {
+            if flags & (libc::O_TRUNC | libc::O_ACCMODE) != 0 {
+                self.refuse_if_executing(data)?;
+            }
+        }
         match existing {
             Some(data) => self.writing(&data, || {
                 if truncates_read_only(flags) && data.mode == libc::S_IFREG {

@@ -25,6 +25,10 @@ use super::util::{
 };
 use super::{CachePolicy, HandleData, InodeFd, PassthroughFs};
 
+/// The kernel's `__FMODE_EXEC` (include/linux/fcntl.h), which FUSE passes on in OPEN's flags
+/// when the guest opens a file to execute it; the libc crate does not name it.
+const FMODE_EXEC: u32 = 0x20;
+
 /// Largest getdents buffer per READDIR, whatever size the guest asks for.
 const MAX_DIR_BUF: usize = 64 * 1024;
 
@@ -113,7 +117,7 @@ impl PassthroughFs {
         }
         let entry = self.add_inode_of_open_file(&file, &p, None)?;
         let data = self.inode(entry.inode)?;
-        let handle = self.handles.insert(&data, file, true);
+        let handle = self.handles.insert(&data, file, true, false);
         Ok((entry, Some(handle), self.file_open_options()))
     }
 
@@ -652,6 +656,7 @@ impl FileSystem for PassthroughFs {
         fuse_flags: u32,
     ) -> io::Result<(Option<u64>, OpenOptions, Option<u32>)> {
         let data = self.inode(inode)?;
+        let raw_flags = flags;
         let flags = self.open_flags(flags);
         // First the name, then anything else: an O_TRUNC through a name the host renamed away
         // must not truncate the renamed file.
@@ -675,7 +680,8 @@ impl FileSystem for PassthroughFs {
             }
         };
         let keep = self.check_open(&data, &file)?;
-        let handle = self.handles.insert(&data, file, writes);
+        let exec = raw_flags & FMODE_EXEC != 0 && !writes;
+        let handle = self.handles.insert(&data, file, writes, exec);
         let mut opts = if is_dir(data.mode) {
             self.dir_open_options()
         } else {
@@ -744,7 +750,7 @@ impl FileSystem for PassthroughFs {
         if let Some(keeper) = self.leases.get() {
             keeper.check_open(&data, &entry.attr);
         }
-        let handle = self.handles.insert(&data, file, true);
+        let handle = self.handles.insert(&data, file, true, false);
         Ok((entry, Some(handle), self.file_open_options(), None))
     }
 
@@ -916,7 +922,7 @@ impl FileSystem for PassthroughFs {
             0,
         )?;
         let keep = self.check_open(&data, &file)?;
-        let handle = self.handles.insert(&data, file, false);
+        let handle = self.handles.insert(&data, file, false, false);
         let mut opts = self.dir_open_options();
         if !keep {
             // The listing changed since the guest's attributes say: read it afresh.

@@ -410,6 +410,54 @@ fn directory_operations() {
     fs.syncfs().unwrap();
 }
 
+/// While the guest executes a file (an OPEN with __FMODE_EXEC is open), no open of it may
+/// write or truncate: the guest kernel refuses O_WRONLY itself, but with ATOMIC_O_TRUNC it
+/// sends an O_RDONLY|O_TRUNC here before checking, and a CREATE of the existing name (its
+/// dentry expired) before it knows the file exists. Either would empty the running program.
+#[test]
+fn a_running_program_is_neither_truncated_nor_opened_for_writing() {
+    const FMODE_EXEC: i32 = 0x20;
+    let (d, fs) = setup();
+    fs::write(d.path("prog"), b"#!program text").unwrap();
+    let e = lookup(&fs, ROOT_INODE, "prog");
+    let exec = open(&fs, e.inode, libc::O_RDONLY | FMODE_EXEC).unwrap();
+    for flags in [
+        libc::O_RDONLY | libc::O_TRUNC,
+        libc::O_WRONLY,
+        libc::O_RDWR,
+        libc::O_WRONLY | libc::O_TRUNC,
+    ] {
+        assert_eq!(err(open(&fs, e.inode, flags)), libc::ETXTBSY, "{flags:#o}");
+    }
+    let create = |flags: i32| {
+        let args = CreateIn {
+            flags: (libc::O_CREAT | flags) as u32,
+            mode: 0o644,
+            umask: 0,
+            fuse_flags: 0,
+        };
+        fs.create(&ctx(), ROOT_INODE, &c("prog"), args)
+            .map(|(e, h, _, _)| (e.inode, h.unwrap()))
+    };
+    assert_eq!(err(create(libc::O_WRONLY | libc::O_TRUNC)), libc::ETXTBSY);
+    assert_eq!(err(create(libc::O_RDONLY | libc::O_TRUNC)), libc::ETXTBSY);
+    assert_eq!(fs::read(d.path("prog")).unwrap(), b"#!program text");
+    // Reading it is fine, and so is a second program run.
+    let reader = open(&fs, e.inode, libc::O_RDONLY).unwrap();
+    let exec2 = open(&fs, e.inode, libc::O_RDONLY | FMODE_EXEC).unwrap();
+    release(&fs, e.inode, exec);
+    assert_eq!(err(open(&fs, e.inode, libc::O_WRONLY)), libc::ETXTBSY);
+    release(&fs, e.inode, exec2);
+    release(&fs, e.inode, reader);
+
+    // Once no run is left, truncating works again.
+    let h = open(&fs, e.inode, libc::O_RDONLY | libc::O_TRUNC).unwrap();
+    release(&fs, e.inode, h);
+    assert_eq!(fs::read(d.path("prog")).unwrap(), b"");
+    let (node, h) = create(libc::O_WRONLY | libc::O_TRUNC).unwrap();
+    release(&fs, node, h);
+}
+
 /// Names of 255 bytes: a READDIRPLUS reply holds more entries than one batch of host entries
 /// read for it (`dirents_for_reply`), so listing goes on reading within one request; every
 /// name comes exactly once, whether the reply is small or large, through READDIR too.
