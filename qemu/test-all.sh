@@ -50,6 +50,10 @@
 # Burst (qemu/burst.sh, notify stack): 300 and 5,000 cached names, each removed on the host
 #   burst-notify       in one burst (chmod + unlink: 600 and 10,000 changes); fails if a
 #                      name is still seen 50 ms (300) or 1 s (5,000) after the host finished
+# Host changes as guest inotify events (guest-tests inotify, notify stack, default mode):
+#   inotify-notify     20 rounds of 8 host changes (create+write, write, chmod, rename,
+#                      unlink, mkdir, rmdir, chmod of the directory) under a guest inotify
+#                      watch; fails on any event missing, doubled, out of order or misnamed
 # Newer host kernel (qemu/host-vm.sh): Debian's cloud 7.3 kernel from trixie-backports booted
 #   host-7.3           as the host (TCG, no virtio-fs): static leasefsd and the cargo test
 #                      binaries tests/leases.rs, names.rs, and delegations.rs once it exists,
@@ -299,6 +303,14 @@ if [ "$build_ok" -eq 1 ]; then
         LEASEFS_LOG_DIR="$logs/burst-notify" "$LEASEFS_QEMU_DIR/burst.sh" --stack notify \
             --no-build --timeout "$timeout_secs" || status=$?
         count burst-notify "$status"
+        status=0
+        share=$(mktemp -d /tmp/leasefs-share.XXXXXX)
+        section "VM run inotify-notify: guest-tests inotify"
+        LEASEFS_LOG_DIR="$logs/inotify-notify" "$LEASEFS_QEMU_DIR/run-vm.sh" --no-build --agent \
+            --share "$share" --daemon-arg=--sandbox=none "${notify_vm[@]}" \
+            --timeout "$timeout_secs" -- guest-tests inotify || status=$?
+        rm -rf "$share"
+        count inotify-notify "$status"
     fi
 fi
 
