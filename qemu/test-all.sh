@@ -230,13 +230,18 @@ model_run() {
     return "$status"
 }
 
+# What virtiofsd is not run against: the coherence tests (it promises none), and
+# exec_keeps_running_program, a data loss of virtiofsd 1.14 leasefsd fixes (it truncates a
+# running program on open(O_RDONLY|O_TRUNC); docs/architecture.md).
+virtiofsd_skip='coherence_*,exec_keeps_running_program'
+
 # name|daemon|daemon args|skip|stack (notify: needs the notify stack)
 runs=(
     "sandbox-none|leasefsd|--cache always --sandbox none --xattr|coherence_*|stock"
     "sandbox-namespace|leasefsd|--cache always --sandbox namespace --xattr|coherence_*|stock"
     "cache-default|leasefsd|--sandbox none --xattr||stock"
     "notify-default|leasefsd|--sandbox none --xattr||notify"
-    "notify-virtiofsd|virtiofsd|--cache always --sandbox none|coherence_*|notify"
+    "notify-virtiofsd|virtiofsd|--cache always --sandbox none|$virtiofsd_skip|notify"
 )
 for run in "${runs[@]}"; do
     IFS='|' read -r name daemon dargs skip stack <<< "$run"
@@ -364,7 +369,7 @@ fi
 if [ "$try_virtiofsd" -eq 1 ] && [ "$build_ok" -eq 1 ] \
         && { command -v virtiofsd >/dev/null 2>&1 || [ -x "$HOME/.cargo/bin/virtiofsd" ]; }; then
     status=0
-    vm_run virtiofsd-reference virtiofsd "--cache always --sandbox none" 'coherence_*' || status=$?
+    vm_run virtiofsd-reference virtiofsd "--cache always --sandbox none" "$virtiofsd_skip" || status=$?
     if [ "$status" -eq 0 ]; then
         results+=("info  virtiofsd-reference passed (not counted)")
     else

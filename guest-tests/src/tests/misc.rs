@@ -560,3 +560,59 @@ pub fn sync(c: &mut Ctx) -> TResult {
     );
     Ok(())
 }
+
+/// A running program is neither opened for writing nor truncated, whichever open tries:
+/// `open(O_WRONLY)`, `O_RDWR`, `truncate(2)` (the guest's own checks) and
+/// `open(O_RDONLY|O_TRUNC)`, which with ATOMIC_O_TRUNC reaches the daemon before the guest
+/// checks for ETXTBSY: virtiofsd 1.14 truncates the program there, and the refused open
+/// leaves the process to die of SIGBUS. Afterwards the file is intact and the program runs on.
+pub fn exec_keeps_running_program(c: &mut Ctx) -> TResult {
+    let p = c.p("sleep");
+    // busybox runs the applet its file is named after.
+    let program = sys::read_file("/bin/busybox").op("read /bin/busybox")?;
+    sys::write_file(&p, &program).op("copy busybox")?;
+    sys::chmod(&p, 0o755).op("chmod 755")?;
+    let mut child = std::process::Command::new(&p)
+        .arg("60")
+        .spawn()
+        .map_err(|e| format!("run {}: {e}", sys::show(&p)))?;
+    let checks = (|| -> TResult {
+        // spawn returns once the program is executing: its writes are denied from now on.
+        expect_errno(
+            sys::open(&p, libc::O_WRONLY, 0),
+            &[libc::ETXTBSY],
+            "O_WRONLY",
+        )?;
+        expect_errno(sys::open(&p, O_RDWR, 0), &[libc::ETXTBSY], "O_RDWR")?;
+        expect_errno(sys::truncate(&p, 0), &[libc::ETXTBSY], "truncate")?;
+        expect_errno(
+            sys::open(&p, O_RDONLY | libc::O_TRUNC, 0),
+            &[libc::ETXTBSY],
+            "O_RDONLY|O_TRUNC",
+        )?;
+        ensure_eq!(
+            sys::stat(&p).op("stat")?.st_size,
+            program.len() as i64,
+            "size of the running program after the refused opens"
+        );
+        let state = child.try_wait().map_err(|e| format!("try_wait: {e}"))?;
+        ensure!(state.is_none(), "the program died while running: {state:?}");
+        Ok(())
+    })();
+    let _ = child.kill();
+    let _ = child.wait();
+    checks?;
+    cmp_bytes(
+        &sys::read_file(&p).op("read after the program ended")?,
+        &program,
+        "program file after the run",
+    )?;
+    // No run left: the same open truncates now.
+    drop(sys::open(&p, O_RDONLY | libc::O_TRUNC, 0).op("O_RDONLY|O_TRUNC after the run")?);
+    ensure_eq!(
+        sys::stat(&p).op("stat")?.st_size,
+        0,
+        "size after truncating"
+    );
+    Ok(())
+}

@@ -92,6 +92,10 @@ pub fn all() -> Vec<Test> {
         t("copy_file_range", misc::copy_file_range),
         t("lseek", misc::lseek),
         t("sync", misc::sync),
+        t(
+            "exec_keeps_running_program",
+            misc::exec_keeps_running_program,
+        ),
         slow("dir_10000", dirs::dir_10000, 900),
         t("deep_paths", dirs::deep_paths),
         t("names_utf8", dirs::names_utf8),
