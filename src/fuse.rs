@@ -4,17 +4,20 @@
 //! This layer sits in front of it for what the daemon decides before any filesystem code runs
 //! (refusing writes on a read-only export) and for the opcodes the crate's server does not
 //! route (COPY_FILE_RANGE, SYNCFS, TMPFILE) or routes wrongly (SETLKW), which it decodes
-//! itself.
+//! itself, and READDIR/READDIRPLUS, whose replies it encodes in one buffer (the crate's server
+//! writes every entry into the guest's buffers piecemeal).
 
 use std::io::Write;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 
+use std::mem::size_of;
+
 use fuse_backend_rs::abi::fuse_abi::{
-    CopyFileRangeIn, CreateIn, EntryOut, InHeader, InitIn, InitIn2, LkIn, OpenIn, OpenOut,
-    OutHeader, WriteOut,
+    CopyFileRangeIn, CreateIn, Dirent, EntryOut, InHeader, InitIn, InitIn2, LkIn, OpenIn, OpenOut,
+    OutHeader, ReadIn, WriteOut,
 };
-use fuse_backend_rs::api::filesystem::{Context, FileSystem};
+use fuse_backend_rs::api::filesystem::{Context, DirEntry, Entry, FileSystem};
 use fuse_backend_rs::api::server::Server;
 use fuse_backend_rs::transport::{Reader, VirtioFsWriter, Writer};
 use log::{debug, warn};
@@ -90,6 +93,8 @@ const LOCAL_OPCODES: &[u32] = &[
     opcode::COPY_FILE_RANGE,
     opcode::SETLKW,
     opcode::TMPFILE,
+    opcode::READDIR,
+    opcode::READDIRPLUS,
 ];
 
 /// Routes FUSE requests from any queue to the filesystem.
@@ -189,14 +194,14 @@ impl FuseDispatcher {
         if header.opcode == opcode::TMPFILE && self.security_ctx.load(Ordering::Relaxed) {
             let result = match security_context(&header, reader.clone()) {
                 Ok(context) => with_security_context(context, || {
-                    self.handle_locally(&header, &reader)
+                    self.handle_locally(&header, &reader, 0)
                         .expect("TMPFILE is served here")
                 }),
                 Err(errno) => Err(errno),
             };
             return reply(writer, header.unique, result);
         }
-        if let Some(result) = self.handle_locally(&header, &reader) {
+        if let Some(result) = self.handle_locally(&header, &reader, writer.available_bytes()) {
             return reply(writer, header.unique, result);
         }
         let init_flags2 = if header.opcode == opcode::INIT {
@@ -285,7 +290,13 @@ impl FuseDispatcher {
     }
 
     /// Requests answered here rather than by the crate's server: `None` passes the request on.
-    fn handle_locally(&self, header: &InHeader, request: &Reader<'_, ()>) -> Option<LocalReply> {
+    /// `room`: bytes the guest's reply buffers hold.
+    fn handle_locally(
+        &self,
+        header: &InHeader,
+        request: &Reader<'_, ()>,
+        room: usize,
+    ) -> Option<LocalReply> {
         if self.readonly && refused_on_readonly(header, request.clone()) {
             return Some(Err(libc::EROFS));
         }
@@ -354,6 +365,37 @@ impl FuseDispatcher {
                         payload.extend_from_slice(open.as_slice());
                         payload
                     })
+            }
+            opcode::READDIR | opcode::READDIRPLUS => {
+                let Ok(args) = body.read_obj::<ReadIn>() else {
+                    return Some(Err(libc::EINVAL));
+                };
+                // As the crate's server: ENOMEM when the guest's buffers cannot take `size`.
+                if room < args.size as usize {
+                    return Some(Err(libc::ENOMEM));
+                }
+                let max = (args.size as usize).min(room - size_of::<OutHeader>().min(room));
+                let mut out = DirReply::new(max);
+                let listed = if header.opcode == opcode::READDIRPLUS {
+                    self.fs.readdirplus(
+                        &ctx,
+                        header.nodeid,
+                        args.fh,
+                        args.size,
+                        args.offset,
+                        &mut |d, e| Ok(out.add(d, Some(e))),
+                    )
+                } else {
+                    self.fs.readdir(
+                        &ctx,
+                        header.nodeid,
+                        args.fh,
+                        args.size,
+                        args.offset,
+                        &mut |d| Ok(out.add(d, None)),
+                    )
+                };
+                listed.map(|()| out.buf)
             }
             _ => return None,
         };
@@ -472,6 +514,48 @@ fn refused_on_readonly(header: &InHeader, mut body: Reader<'_, ()>) -> bool {
 }
 
 /// Write a reply: `fuse_out_header`, then the payload of a successful one.
+/// A READDIR or READDIRPLUS reply, encoded in one buffer and written to the guest once: the
+/// crate's server writes each entry into the guest's buffers in three or four writes, each
+/// walking and allocating a list of buffer slices (about 1,600 instructions per entry).
+struct DirReply {
+    buf: Vec<u8>,
+    max: usize,
+}
+
+impl DirReply {
+    fn new(max: usize) -> Self {
+        DirReply {
+            buf: Vec::with_capacity(max),
+            max,
+        }
+    }
+
+    /// Append `d` (with its entry for READDIRPLUS): `fuse_entry_out`, then `fuse_dirent` and
+    /// the name padded to 8 bytes. Returns the bytes added, 0 when it does not fit (the
+    /// listing stops there, and the filesystem takes back the lookup it counted for it).
+    fn add(&mut self, d: DirEntry, entry: Option<Entry>) -> usize {
+        let dirent_len = size_of::<Dirent>() + d.name.len();
+        let padded = (dirent_len + 7) & !7;
+        let total = padded + entry.map_or(0, |_| size_of::<EntryOut>());
+        if self.max.saturating_sub(self.buf.len()) < total {
+            return 0;
+        }
+        if let Some(entry) = entry {
+            self.buf.extend_from_slice(EntryOut::from(entry).as_slice());
+        }
+        let dirent = Dirent {
+            ino: d.ino,
+            off: d.offset,
+            namelen: d.name.len() as u32,
+            type_: d.type_,
+        };
+        self.buf.extend_from_slice(dirent.as_slice());
+        self.buf.extend_from_slice(d.name);
+        self.buf.resize(self.buf.len() + padded - dirent_len, 0);
+        total
+    }
+}
+
 fn reply(mut writer: VirtioFsWriter<'_, ()>, unique: u64, result: LocalReply) -> u32 {
     let (error, payload) = match result {
         Ok(payload) => (0, payload),
@@ -492,5 +576,58 @@ fn reply(mut writer: VirtioFsWriter<'_, ()>, unique: u64, result: LocalReply) ->
             warn!("reply to request {unique} does not fit the guest's buffer: {e}");
             0
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn entry(name: &[u8], off: u64) -> DirEntry<'_> {
+        DirEntry {
+            ino: 42,
+            offset: off,
+            type_: libc::DT_REG as u32,
+            name,
+        }
+    }
+
+    /// The layout the guest's fuse_parse_dirfile/parse_dirplusfile read: for READDIRPLUS a
+    /// 128-byte fuse_entry_out, then a 24-byte fuse_dirent, the name and zeros to 8 bytes;
+    /// an entry that does not fit whole is refused and nothing of it is written.
+    #[test]
+    fn dir_reply_lays_out_entries_and_stops_at_the_limit() {
+        assert_eq!(size_of::<EntryOut>(), 128);
+        assert_eq!(size_of::<Dirent>(), 24);
+        let mut plain = DirReply::new(64);
+        assert_eq!(plain.add(entry(b"abc", 1), None), 32);
+        assert_eq!(plain.add(entry(b"12345678", 2), None), 32);
+        assert_eq!(plain.add(entry(b"x", 3), None), 0, "64 bytes are full");
+        assert_eq!(plain.buf.len(), 64);
+        assert_eq!(&plain.buf[0..8], &42u64.to_ne_bytes());
+        assert_eq!(&plain.buf[8..16], &1u64.to_ne_bytes());
+        assert_eq!(&plain.buf[16..20], &3u32.to_ne_bytes());
+        assert_eq!(&plain.buf[24..32], b"abc\0\0\0\0\0");
+        assert_eq!(&plain.buf[56..64], b"12345678");
+
+        let mut plus = DirReply::new(4096);
+        let mut e = Entry {
+            inode: 7,
+            entry_timeout: std::time::Duration::from_secs(1),
+            ..Default::default()
+        };
+        e.attr.st_ino = 42;
+        assert_eq!(plus.add(entry(b"f", 5), Some(e)), 128 + 32);
+        assert_eq!(
+            &plus.buf[0..8],
+            &7u64.to_ne_bytes(),
+            "fuse_entry_out.nodeid"
+        );
+        assert_eq!(&plus.buf[16..24], &1u64.to_ne_bytes(), "entry_valid");
+        assert_eq!(&plus.buf[128..136], &42u64.to_ne_bytes(), "fuse_dirent.ino");
+        assert_eq!(&plus.buf[152..160], b"f\0\0\0\0\0\0\0");
+        let mut tight = DirReply::new(128 + 31);
+        assert_eq!(tight.add(entry(b"f", 5), Some(e)), 0);
+        assert!(tight.buf.is_empty());
     }
 }
