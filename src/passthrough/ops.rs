@@ -27,7 +27,7 @@ use super::{CachePolicy, HandleData, InodeFd, PassthroughFs};
 
 /// The kernel's `__FMODE_EXEC` (include/linux/fcntl.h), which FUSE passes on in OPEN's flags
 /// when the guest opens a file to execute it; the libc crate does not name it.
-const FMODE_EXEC: u32 = 0x20;
+pub(crate) const FMODE_EXEC: u32 = 0x20;
 
 /// Largest getdents buffer per READDIR, whatever size the guest asks for.
 const MAX_DIR_BUF: usize = 64 * 1024;

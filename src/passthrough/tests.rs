@@ -416,7 +416,7 @@ fn directory_operations() {
 /// dentry expired) before it knows the file exists. Either would empty the running program.
 #[test]
 fn a_running_program_is_neither_truncated_nor_opened_for_writing() {
-    const FMODE_EXEC: i32 = 0x20;
+    const FMODE_EXEC: i32 = super::ops::FMODE_EXEC as i32;
     let (d, fs) = setup();
     fs::write(d.path("prog"), b"#!program text").unwrap();
     let e = lookup(&fs, ROOT_INODE, "prog");
