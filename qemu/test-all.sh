@@ -4,7 +4,7 @@
 # coherency stress on every pairing of stock and patched QEMU and kernel.
 #
 # Usage: qemu/test-all.sh [--skip-cargo-test] [--no-virtiofsd] [--no-build]
-#                         [--no-notify] [--timeout SECS]
+#                         [--no-notify] [--no-current] [--timeout SECS]
 #
 # VM runs of guest-tests (each with a fresh share directory and the host agent):
 #   sandbox-none       --cache always --sandbox none --xattr
@@ -58,7 +58,21 @@
 #   host-7.3           as the host (TCG, no virtio-fs): static leasefsd and the cargo test
 #                      binaries tests/leases.rs, names.rs, and delegations.rs once it exists,
 #                      run inside it (Linux 6.19's F_SETDELEG delegations); fails if any does
-# --no-notify leaves out the notify stack (its build and every run on it).
+# The current notify stack (qemu/build-notify-stack.sh --stack current: trixie's QEMU 10.0 and
+# trixie-backports' Linux 7.3 with the upstream-style series in qemu/patches/qemu-10.0 and
+# linux-7.3, built into build/notify-current/), the same checks on current trees:
+#   current-default    guest-tests, leasefsd default mode, the notification queue negotiated
+#   current-virtiofsd  virtiofsd 1.14 --cache always on it: both patches fall back cleanly
+#   queues-current, queues-current-qemu (patched QEMU 10.0 + stock 6.12 kernel),
+#   queues-current-kernel (stock QEMU 7.2 + patched 7.3 kernel), and across the two series:
+#   queues-cross-qemu7.2 (patched QEMU 7.2 + patched 7.3 kernel) and queues-cross-qemu10.0
+#   (patched QEMU 10.0 + patched 6.12 kernel): the same want as above, per pair
+#   stress-current     the coherency stress on it (one and two guests, 50 ms namespace bound)
+#   stress-current-fallback  the stress on each current part with a stock one (qemu-only,
+#                      kernel-only): leases alone, no stale data
+#   inotify-current    guest-tests inotify on Linux 7.3 with patch 0005
+# --no-notify leaves out both notify stacks (their builds and every run on them);
+# --no-current leaves out only the current one.
 # If virtiofsd is on PATH or in ~/.cargo/bin, guest-tests also runs against
 # it on the stock stack once, for information only (not counted). The
 # notify-virtiofsd run installs virtiofsd if it is missing.
@@ -73,6 +87,7 @@ set -euo pipefail
 cargo_test=1
 try_virtiofsd=1
 notify=1
+current=1
 build=1
 timeout_secs=${LEASEFS_VM_TIMEOUT:-600}
 while [ $# -gt 0 ]; do
@@ -81,6 +96,7 @@ while [ $# -gt 0 ]; do
         --no-virtiofsd) try_virtiofsd=0 ;;
         --no-build) build=0 ;;
         --no-notify) notify=0 ;;
+        --no-current) current=0 ;;
         --timeout) [ $# -ge 2 ] || die "--timeout needs seconds"; timeout_secs=$2; shift ;;
         --timeout=*) timeout_secs=${1#*=} ;;
         -h|--help) print_header "$0"; exit 0 ;;
@@ -129,6 +145,15 @@ if [ "$notify" -eq 1 ] && [ "$build_ok" -eq 1 ]; then
     "$LEASEFS_QEMU_DIR/build-notify-stack.sh" "$LEASEFS_NOTIFY_DIR" || notify_ok=0
 fi
 notify_vm=(--qemu "$LEASEFS_NOTIFY_DIR/qemu-system-x86_64" --kernel "$LEASEFS_NOTIFY_DIR/bzImage")
+[ "$notify" -eq 1 ] || current=0
+current_ok=0
+current_dir="$LEASEFS_ROOT/build/notify-current"
+if [ "$current" -eq 1 ] && [ "$build_ok" -eq 1 ]; then
+    section "build: the current notify stack (Debian's QEMU 10.0 and Linux 7.3 with qemu/patches/)"
+    current_ok=1
+    "$LEASEFS_QEMU_DIR/build-notify-stack.sh" --stack current "$current_dir" || current_ok=0
+fi
+current_vm=(--qemu "$current_dir/qemu-system-x86_64" --kernel "$current_dir/bzImage")
 
 # ------------------------------------------------------------- VM runs
 # The coherence_* tests check that host changes reach a caching guest at once: the promise of
@@ -207,6 +232,20 @@ stress() {
     return "$status"
 }
 
+# inotify_run NAME RUN-VM-ARGS...: guest-tests inotify (host changes as guest inotify events)
+# on a notify stack; returns its status.
+inotify_run() {
+    local name=$1 share status=0
+    shift
+    share=$(mktemp -d /tmp/leasefs-share.XXXXXX)
+    section "VM run $name: guest-tests inotify ($*)"
+    LEASEFS_LOG_DIR="$logs/$name" "$LEASEFS_QEMU_DIR/run-vm.sh" --no-build --agent \
+        --share "$share" --daemon-arg=--sandbox=none "$@" \
+        --timeout "$timeout_secs" -- guest-tests inotify || status=$?
+    rm -rf "$share"
+    return "$status"
+}
+
 # model NAME STACK [RUN-VM ARGS...]: one guest-tests model run; returns its status.
 model_seed=${LEASEFS_MODEL_SEED:-20261206}
 model_run() {
@@ -235,25 +274,29 @@ model_run() {
 # running program on open(O_RDONLY|O_TRUNC); docs/architecture.md).
 virtiofsd_skip='coherence_*,exec_keeps_running_program'
 
-# name|daemon|daemon args|skip|stack (notify: needs the notify stack)
+# name|daemon|daemon args|skip|stack (notify, current: needs that notify stack)
 runs=(
     "sandbox-none|leasefsd|--cache always --sandbox none --xattr|coherence_*|stock"
     "sandbox-namespace|leasefsd|--cache always --sandbox namespace --xattr|coherence_*|stock"
     "cache-default|leasefsd|--sandbox none --xattr||stock"
     "notify-default|leasefsd|--sandbox none --xattr||notify"
     "notify-virtiofsd|virtiofsd|--cache always --sandbox none|$virtiofsd_skip|notify"
+    "current-default|leasefsd|--sandbox none --xattr||current"
+    "current-virtiofsd|virtiofsd|--cache always --sandbox none|$virtiofsd_skip|current"
 )
 for run in "${runs[@]}"; do
     IFS='|' read -r name daemon dargs skip stack <<< "$run"
     vm=()
-    if [ "$stack" = notify ]; then
-        [ "$notify" -eq 1 ] || continue
-        if [ "$notify_ok" -eq 0 ]; then
-            results+=("FAIL  $name (not run: the notify stack did not build)")
-            failed=$((failed + 1))
-            continue
-        fi
-        vm=("${notify_vm[@]}")
+    case "$stack" in
+        notify) wanted=$notify built=$notify_ok what="the notify stack" vm=("${notify_vm[@]}") ;;
+        current) wanted=$current built=$current_ok what="the current notify stack" vm=("${current_vm[@]}") ;;
+        *) wanted=1 built=1 ;;
+    esac
+    [ "$wanted" -eq 1 ] || continue
+    if [ "$built" -eq 0 ]; then
+        results+=("FAIL  $name (not run: $what did not build)")
+        failed=$((failed + 1))
+        continue
     fi
     if [ "$build_ok" -eq 0 ]; then
         results+=("FAIL  $name (not run: the build failed)")
@@ -309,13 +352,44 @@ if [ "$build_ok" -eq 1 ]; then
             --no-build --timeout "$timeout_secs" || status=$?
         count burst-notify "$status"
         status=0
-        share=$(mktemp -d /tmp/leasefs-share.XXXXXX)
-        section "VM run inotify-notify: guest-tests inotify"
-        LEASEFS_LOG_DIR="$logs/inotify-notify" "$LEASEFS_QEMU_DIR/run-vm.sh" --no-build --agent \
-            --share "$share" --daemon-arg=--sandbox=none "${notify_vm[@]}" \
-            --timeout "$timeout_secs" -- guest-tests inotify || status=$?
-        rm -rf "$share"
+        inotify_run inotify-notify "${notify_vm[@]}" || status=$?
         count inotify-notify "$status"
+    fi
+fi
+
+# The current stack (QEMU 10.0, Linux 7.3): queue layout per pairing, including the pairs across
+# the two series (both patched: the queue is negotiated whichever QEMU meets whichever kernel),
+# the coherency stress on it and on each of its parts beside a stock one, guest inotify events.
+if [ "$build_ok" -eq 1 ] && [ "$current" -eq 1 ]; then
+    if [ "$current_ok" -eq 1 ]; then
+        checks=("queues-current|notify|${current_vm[*]}"
+                "queues-current-qemu|plain|${current_vm[*]:0:2}"
+                "queues-current-kernel|plain|${current_vm[*]:2:2}")
+        [ "$notify_ok" -eq 0 ] || checks+=(
+                "queues-cross-qemu7.2|notify|${notify_vm[*]:0:2} ${current_vm[*]:2:2}"
+                "queues-cross-qemu10.0|notify|${current_vm[*]:0:2} ${notify_vm[*]:2:2}")
+        for check in "${checks[@]}"; do
+            IFS='|' read -r name want vmargs <<< "$check"
+            status=0
+            # shellcheck disable=SC2086  # two or four words, paths without spaces
+            queue_check "$name" "$want" $vmargs || status=$?
+            count "$name" "$status"
+        done
+        status=0
+        stress stress-current --stack notify "${current_vm[@]}" --strict-namespace-ms 50 || status=$?
+        count stress-current "$status"
+        status=0
+        stress stress-current-fallback --stack qemu-only --stack kernel-only "${current_vm[@]}" \
+            || status=$?
+        count stress-current-fallback "$status"
+        status=0
+        inotify_run inotify-current "${current_vm[@]}" || status=$?
+        count inotify-current "$status"
+    else
+        for name in queues-current stress-current stress-current-fallback inotify-current; do
+            results+=("FAIL  $name (not run: the current notify stack did not build)")
+            failed=$((failed + 1))
+        done
     fi
 fi
 
