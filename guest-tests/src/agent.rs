@@ -663,13 +663,29 @@ fn run_listener(
             return 2;
         }
     }
-    let listener = match UnixListener::bind(listen) {
+    // bind(2) makes the socket file before listen(2) makes it accept: a client that waits
+    // for the file (run-vm.sh, QEMU, the tests) could connect in between and be refused. So
+    // bind and listen under a temporary name and rename the socket into place, listening.
+    let mut staging = listen.as_os_str().to_owned();
+    staging.push(format!(".{}.tmp", std::process::id()));
+    let staging = PathBuf::from(staging);
+    let _ = std::fs::remove_file(&staging);
+    let listener = match UnixListener::bind(&staging) {
         Ok(l) => l,
         Err(e) => {
-            eprintln!("host-agent: bind {}: {e}", listen.display());
+            eprintln!("host-agent: bind {}: {e}", staging.display());
             return 1;
         }
     };
+    if let Err(e) = std::fs::rename(&staging, listen) {
+        eprintln!(
+            "host-agent: rename {} to {}: {e}",
+            staging.display(),
+            listen.display()
+        );
+        let _ = std::fs::remove_file(&staging);
+        return 1;
+    }
     println!(
         "host-agent: share={} listening on {} secret={} fixtures={}",
         share.display(),
