@@ -1,0 +1,613 @@
+//! The commonest small requests served straight from their descriptor chain: GETATTR, LOOKUP,
+//! FORGET, OPEN, CREATE, FLUSH, RELEASE and UNLINK.
+//!
+//! fuse-backend-rs's `Server` wants a `Reader` and a `Writer` for every request: each walks
+//! the chain and allocates a list of 64 buffer slices, and the reply goes out in several
+//! writes through them. Here the chain is walked once into two short lists on the stack, the
+//! request (a header, fixed arguments and at most one name) is copied out of the guest once
+//! and the reply is encoded in one stack buffer and copied in once.
+//!
+//! Only well-formed requests are served here, each exactly as the crate's server serves it
+//! (same filesystem call, same reply bytes, same length). Anything else (a request longer
+//! than [`MAX_REQUEST`], arguments shorter than their opcode's, a name without its NUL, a
+//! chain with more than [`MAX_BUFFERS`] buffers on a side or one outside guest memory, reply
+//! buffers too short for the reply) is left to the general path before any filesystem work
+//! is done, so the guest sees the answer (or the silence) it always did.
+
+use std::ffi::CStr;
+use std::io;
+use std::mem::size_of;
+
+use fuse_backend_rs::abi::fuse_abi::{
+    AttrOut, CreateIn, EntryOut, FlushIn, ForgetIn, GetattrIn, InHeader, OpenIn, OpenOut,
+    OutHeader, ReleaseIn, GETATTR_FH, RELEASE_FLOCK_UNLOCK, RELEASE_FLUSH,
+};
+use fuse_backend_rs::api::filesystem::{Context, FileSystem};
+use vm_memory::{ByteValued, GuestMemory, GuestMemoryMmap, VolatileSlice};
+
+use crate::filesystem::Fs;
+use crate::fuse::opcode;
+use crate::queue::Chain;
+
+/// Most guest buffers a request or its reply may span here (a Linux guest uses two each).
+const MAX_BUFFERS: usize = 8;
+/// Most request bytes served here: the header, the largest fixed arguments (CREATE's) and a
+/// name of up to FUSE_NAME_MAX (1,024) bytes with its NUL.
+pub const MAX_REQUEST: usize = size_of::<InHeader>() + size_of::<CreateIn>() + 1025;
+/// The largest reply encoded here: CREATE's.
+const MAX_REPLY: usize = size_of::<OutHeader>() + size_of::<EntryOut>() + size_of::<OpenOut>();
+
+/// What INIT agreed that changes how requests here are answered.
+#[derive(Clone, Copy, Debug)]
+pub struct Agreed {
+    /// The export is read-only: OPEN, CREATE and UNLINK are left to the general path, which
+    /// refuses what would change the share.
+    pub readonly: bool,
+    /// FUSE_SECURITY_CTX is agreed: CREATE carries an extension for the general path to read.
+    pub security_ctx: bool,
+    /// The guest's protocol minor is 4 or later: a LOOKUP may answer node id 0 (a negative
+    /// entry); before, the crate's server turns it into ENOENT.
+    pub negative_entries: bool,
+}
+
+/// One side (readable or writable) of a descriptor chain, in order.
+struct Buffers<'m> {
+    slices: [Option<VolatileSlice<'m>>; MAX_BUFFERS],
+    count: usize,
+    total: usize,
+}
+
+impl<'m> Buffers<'m> {
+    fn new() -> Self {
+        Buffers {
+            slices: [None; MAX_BUFFERS],
+            count: 0,
+            total: 0,
+        }
+    }
+
+    /// False when the list is full.
+    fn push(&mut self, slice: VolatileSlice<'m>) -> bool {
+        if self.count == MAX_BUFFERS {
+            return false;
+        }
+        self.total += slice.len();
+        self.slices[self.count] = Some(slice);
+        self.count += 1;
+        true
+    }
+
+    fn iter(&self) -> impl Iterator<Item = &VolatileSlice<'m>> {
+        self.slices[..self.count].iter().flatten()
+    }
+
+    /// Fill `out` from the start of the buffers (the caller checked they hold that much).
+    fn gather(&self, out: &mut [u8]) {
+        let mut done = 0;
+        for slice in self.iter() {
+            if done == out.len() {
+                break;
+            }
+            done += slice.copy_to(&mut out[done..]);
+        }
+    }
+
+    /// Write `data` from the start of the buffers (the caller checked they hold that much).
+    fn scatter(&self, data: &[u8]) {
+        let mut done = 0;
+        for slice in self.iter() {
+            if done == data.len() {
+                break;
+            }
+            let n = slice.len().min(data.len() - done);
+            slice.copy_from(&data[done..done + n]);
+            done += n;
+        }
+    }
+}
+
+/// The readable and the writable buffers of `chain`, each in order (as the crate's `Reader`
+/// and `Writer` take them); `None` when a side has more than [`MAX_BUFFERS`] or a buffer is
+/// not inside one region of guest memory.
+fn split<'m>(mem: &'m GuestMemoryMmap, chain: &Chain) -> Option<(Buffers<'m>, Buffers<'m>)> {
+    let mut readable = Buffers::new();
+    let mut writable = Buffers::new();
+    for desc in chain.clone() {
+        let slice = mem.get_slice(desc.addr(), desc.len() as usize).ok()?;
+        let side = if desc.is_write_only() {
+            &mut writable
+        } else {
+            &mut readable
+        };
+        if !side.push(slice) {
+            return None;
+        }
+    }
+    Some((readable, writable))
+}
+
+/// The fixed arguments of an opcode served here, and its longest reply.
+fn shape(op: u32, agreed: Agreed) -> Option<(usize, usize)> {
+    const OUT: usize = size_of::<OutHeader>();
+    let modifies = matches!(op, opcode::OPEN | opcode::CREATE | opcode::UNLINK);
+    if (modifies && agreed.readonly) || (op == opcode::CREATE && agreed.security_ctx) {
+        return None;
+    }
+    Some(match op {
+        opcode::GETATTR => (size_of::<GetattrIn>(), OUT + size_of::<AttrOut>()),
+        opcode::LOOKUP => (0, OUT + size_of::<EntryOut>()),
+        opcode::FORGET => (size_of::<ForgetIn>(), 0),
+        opcode::OPEN => (size_of::<OpenIn>(), OUT + size_of::<OpenOut>()),
+        opcode::CREATE => (size_of::<CreateIn>(), MAX_REPLY),
+        opcode::FLUSH => (size_of::<FlushIn>(), OUT),
+        opcode::RELEASE => (size_of::<ReleaseIn>(), OUT),
+        opcode::UNLINK => (0, OUT),
+        _ => return None,
+    })
+}
+
+/// A reply encoded on the stack.
+struct Reply {
+    buf: [u8; MAX_REPLY],
+    len: usize,
+}
+
+impl Reply {
+    fn new() -> Self {
+        Reply {
+            buf: [0; MAX_REPLY],
+            len: size_of::<OutHeader>(),
+        }
+    }
+
+    fn push(&mut self, bytes: &[u8]) {
+        self.buf[self.len..self.len + bytes.len()].copy_from_slice(bytes);
+        self.len += bytes.len();
+    }
+
+    /// Fill in the header: the error, or 0 and the payload pushed so far.
+    fn finish(&mut self, unique: u64, error: i32) -> &[u8] {
+        if error != 0 {
+            self.len = size_of::<OutHeader>();
+        }
+        let header = OutHeader {
+            len: self.len as u32,
+            error,
+            unique,
+        };
+        self.buf[..size_of::<OutHeader>()].copy_from_slice(header.as_slice());
+        &self.buf[..self.len]
+    }
+}
+
+/// `T` from the start of `bytes`, which may be unaligned; `None` if too short.
+fn args<T: ByteValued + Default>(bytes: &[u8]) -> Option<T> {
+    let mut t = T::default();
+    t.as_mut_slice()
+        .copy_from_slice(bytes.get(..size_of::<T>())?);
+    Some(t)
+}
+
+/// The name at the start of `bytes`, up to its first NUL (as the crate's `bytes_to_cstr`).
+fn name(bytes: &[u8]) -> Option<&CStr> {
+    CStr::from_bytes_until_nul(bytes).ok()
+}
+
+/// The errno a failed request answers, as the crate's server encodes it.
+fn errno(e: &io::Error, header: &InHeader) -> i32 {
+    match e.raw_os_error() {
+        Some(errno) => errno,
+        None => {
+            log::error!(
+                "fuse: reply error to request {}, error {e:?}",
+                header.unique
+            );
+            fuse_backend_rs::encode_io_error_kind(e.kind())
+        }
+    }
+}
+
+/// Serve `chain` (whose header is `header`) if it is one of the requests served here; the
+/// bytes written into it, or `None` to hand it to the general path (nothing was done then).
+pub fn serve(
+    fs: &Fs,
+    agreed: Agreed,
+    mem: &GuestMemoryMmap,
+    chain: &Chain,
+    header: &InHeader,
+) -> Option<u32> {
+    let (fixed, reply_len) = shape(header.opcode, agreed)?;
+    let len = header.len as usize;
+    if len > MAX_REQUEST || len < size_of::<InHeader>() + fixed {
+        return None;
+    }
+    let (readable, writable) = split(mem, chain)?;
+    if readable.total < len || writable.total < reply_len {
+        return None;
+    }
+    let mut request = [0u8; MAX_REQUEST];
+    readable.gather(&mut request[..len]);
+    let body = &request[size_of::<InHeader>()..len];
+
+    let ctx = Context::from(header);
+    let node = header.nodeid;
+    let mut reply = Reply::new();
+    let result = match header.opcode {
+        opcode::GETATTR => {
+            let a: GetattrIn = args(body)?;
+            let handle = (a.flags & GETATTR_FH != 0).then_some(a.fh);
+            fs.getattr(&ctx, node, handle).map(|(st, timeout)| {
+                let out = AttrOut {
+                    attr_valid: timeout.as_secs(),
+                    attr_valid_nsec: timeout.subsec_nanos(),
+                    dummy: 0,
+                    attr: st.into(),
+                };
+                reply.push(out.as_slice());
+            })
+        }
+        opcode::LOOKUP => {
+            let name = name(body)?;
+            match fs.lookup(&ctx, node, name) {
+                Ok(entry) if entry.inode == 0 && !agreed.negative_entries => {
+                    Err(io::Error::from_raw_os_error(libc::ENOENT))
+                }
+                Ok(entry) => {
+                    reply.push(EntryOut::from(entry).as_slice());
+                    Ok(())
+                }
+                Err(e) => Err(e),
+            }
+        }
+        opcode::FORGET => {
+            let a: ForgetIn = args(body)?;
+            fs.forget(&ctx, node, a.nlookup);
+            // No reply.
+            return Some(0);
+        }
+        opcode::OPEN => {
+            let a: OpenIn = args(body)?;
+            fs.open(&ctx, node, a.flags, a.fuse_flags)
+                .map(|(handle, options, passthrough)| {
+                    let out = OpenOut {
+                        fh: handle.unwrap_or(0),
+                        open_flags: options.bits(),
+                        passthrough: passthrough.unwrap_or_default(),
+                    };
+                    reply.push(out.as_slice());
+                })
+        }
+        opcode::CREATE => {
+            let a: CreateIn = args(body)?;
+            let name = name(&body[size_of::<CreateIn>()..])?;
+            fs.create(&ctx, node, name, a)
+                .map(|(entry, handle, options, passthrough)| {
+                    let open = OpenOut {
+                        fh: handle.unwrap_or(0),
+                        open_flags: options.bits(),
+                        passthrough: passthrough.unwrap_or_default(),
+                    };
+                    // As the crate's server: no attribute flags in CREATE's entry.
+                    let out = EntryOut {
+                        attr: entry.attr.into(),
+                        ..EntryOut::from(entry)
+                    };
+                    reply.push(out.as_slice());
+                    reply.push(open.as_slice());
+                })
+        }
+        opcode::FLUSH => {
+            let a: FlushIn = args(body)?;
+            fs.flush(&ctx, node, a.fh, a.lock_owner)
+        }
+        opcode::RELEASE => {
+            let a: ReleaseIn = args(body)?;
+            let flush = a.release_flags & RELEASE_FLUSH != 0;
+            let flock_release = a.release_flags & RELEASE_FLOCK_UNLOCK != 0;
+            let owner = (flush || flock_release).then_some(a.lock_owner);
+            fs.release(&ctx, node, a.flags, a.fh, flush, flock_release, owner)
+        }
+        opcode::UNLINK => {
+            let name = name(body)?;
+            fs.unlink(&ctx, node, name)
+        }
+        _ => return None,
+    };
+    let error = match &result {
+        Ok(()) => 0,
+        Err(e) => -errno(e, header),
+    };
+    let bytes = reply.finish(header.unique, error);
+    writable.scatter(bytes);
+    Some(bytes.len() as u32)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::path::PathBuf;
+    use std::sync::Arc;
+
+    use fuse_backend_rs::abi::fuse_abi::FsOptions;
+    use fuse_backend_rs::api::server::Server;
+    use fuse_backend_rs::transport::{Reader, VirtioFsWriter, Writer};
+
+    use crate::fuse::FuseDispatcher;
+    use crate::passthrough::{CachePolicy, Config, PassthroughFs};
+    use crate::queue::test_ring::Ring;
+
+    const AGREED: Agreed = Agreed {
+        readonly: false,
+        security_ctx: false,
+        negative_entries: true,
+    };
+    /// A request and its reply in one buffer each, as leasefs's frontend sends them.
+    const PLAIN: &[(u32, bool)] = &[(4096, false), (4096, true)];
+
+    /// A scratch share holding one file, `f`, served by a filesystem and the crate's server.
+    struct Share {
+        dir: PathBuf,
+        fs: Arc<Fs>,
+        server: Server<Arc<Fs>>,
+    }
+
+    impl Share {
+        fn new(cache: CachePolicy) -> Share {
+            use std::sync::atomic::{AtomicUsize, Ordering};
+            static N: AtomicUsize = AtomicUsize::new(0);
+            let dir = std::env::temp_dir().join(format!(
+                "leasefs-fast-{}-{}",
+                std::process::id(),
+                N.fetch_add(1, Ordering::Relaxed)
+            ));
+            std::fs::create_dir_all(&dir).unwrap();
+            std::fs::write(dir.join("f"), b"data").unwrap();
+            let fs = Arc::new(
+                PassthroughFs::new(Config {
+                    root_dir: dir.clone(),
+                    cache,
+                    entry_timeout: std::time::Duration::from_secs(5),
+                    ..Config::default()
+                })
+                .unwrap(),
+            );
+            fs.init(FsOptions::all()).unwrap();
+            let server = Server::new(fs.clone());
+            Share { dir, fs, server }
+        }
+
+        /// `opcode` on `node` with argument bytes `body`, as a request.
+        fn request(opcode: u32, node: u64, body: &[&[u8]]) -> Vec<u8> {
+            let len: usize = size_of::<InHeader>() + body.iter().map(|b| b.len()).sum::<usize>();
+            let header = InHeader {
+                len: len as u32,
+                opcode,
+                unique: 7,
+                nodeid: node,
+                ..Default::default()
+            };
+            let mut bytes = header.as_slice().to_vec();
+            for b in body {
+                bytes.extend_from_slice(b);
+            }
+            bytes
+        }
+
+        /// Serve `request` laid out in `buffers` here (`general`: through the crate's server
+        /// instead): the length the server returned and the writable buffers' contents, or
+        /// `None` when this path passed the request on.
+        fn serve(
+            &self,
+            agreed: Agreed,
+            request: &[u8],
+            buffers: &[(u32, bool)],
+            general: bool,
+        ) -> Option<(u32, Vec<u8>)> {
+            let mut ring = Ring::new();
+            ring.offer(0, buffers, request);
+            let mut len = None;
+            ring.serve(|mem, chain| {
+                let header = FuseDispatcher::peek_header(mem, &chain).unwrap();
+                len = if general {
+                    let reader = Reader::from_descriptor_chain(&**mem, chain.clone()).unwrap();
+                    let writer = VirtioFsWriter::new(&**mem, chain).unwrap();
+                    let served =
+                        self.server
+                            .handle_message(reader, Writer::VirtioFs(writer), None, None);
+                    Some(served.map_or(0, |n| n as u32))
+                } else {
+                    serve(&self.fs, agreed, mem, &chain, &header)
+                };
+                len.unwrap_or(0)
+            });
+            let room = buffers.iter().filter(|b| b.1).map(|b| b.0 as usize).sum();
+            len.map(|len| (len, ring.written(0, buffers, room)))
+        }
+
+        /// Serve `request` both ways: the replies must be the same bytes.
+        fn same(&self, request: &[u8], buffers: &[(u32, bool)]) -> (u32, Vec<u8>) {
+            let fast = self.serve(AGREED, request, buffers, false).expect("served");
+            let general = self.serve(AGREED, request, buffers, true).unwrap();
+            assert_eq!(fast, general, "request {:?}", &request[..8]);
+            fast
+        }
+    }
+
+    impl Drop for Share {
+        fn drop(&mut self) {
+            let _ = std::fs::remove_dir_all(&self.dir);
+        }
+    }
+
+    fn reply_error(reply: &(u32, Vec<u8>)) -> i32 {
+        let mut header = OutHeader::default();
+        header
+            .as_mut_slice()
+            .copy_from_slice(&reply.1[..size_of::<OutHeader>()]);
+        assert_eq!(header.len, reply.0);
+        assert_eq!(header.unique, 7);
+        -header.error
+    }
+
+    fn lookup(name: &[u8]) -> Vec<u8> {
+        Share::request(opcode::LOOKUP, 1, &[name])
+    }
+
+    #[test]
+    fn replies_match_the_crate_servers_byte_for_byte() {
+        let share = Share::new(CachePolicy::Auto);
+        let getattr = |node: u64, flags: u32, fh: u64| {
+            let args = GetattrIn {
+                flags,
+                dummy: 0,
+                fh,
+            };
+            Share::request(opcode::GETATTR, node, &[args.as_slice()])
+        };
+        let root = share.same(&getattr(1, 0, 0), PLAIN);
+        assert_eq!((reply_error(&root), root.0), (0, 16 + 104));
+        // A handle the guest does not hold: the node's own attributes.
+        share.same(&getattr(1, GETATTR_FH, 99), PLAIN);
+        assert_eq!(
+            reply_error(&share.same(&getattr(999, 0, 0), PLAIN)),
+            libc::EBADF
+        );
+
+        let found = share.same(&lookup(b"f\0"), PLAIN);
+        assert_eq!((reply_error(&found), found.0), (0, 16 + 128));
+        assert_eq!(
+            reply_error(&share.same(&lookup(b"nothing\0"), PLAIN)),
+            libc::ENOENT
+        );
+        // Padding after the NUL, as the kernel may send, and a request and reply split
+        // across buffers the way a Linux guest lays them out (header, arguments).
+        share.same(&lookup(b"f\0\0\0\0\0"), PLAIN);
+        let split = [(40, false), (2, false), (16, true), (128, true)];
+        share.same(&lookup(b"f\0"), &split);
+        share.same(
+            &lookup(b"f\0"),
+            &[(3, false), (39, false), (7, true), (200, true)],
+        );
+
+        // CREATE, then the same exclusive CREATE again, OPEN, FLUSH, RELEASE, UNLINK.
+        let create_args = CreateIn {
+            flags: (libc::O_WRONLY | libc::O_CREAT | libc::O_EXCL) as u32,
+            mode: 0o644,
+            umask: 0,
+            fuse_flags: 0,
+        };
+        let create = Share::request(opcode::CREATE, 1, &[create_args.as_slice(), b"new\0"]);
+        let created = share.serve(AGREED, &create, PLAIN, false).unwrap();
+        assert_eq!((reply_error(&created), created.0), (0, 16 + 128 + 16));
+        assert!(share.dir.join("new").exists());
+        let mut entry = EntryOut::default();
+        entry.as_mut_slice().copy_from_slice(&created.1[16..144]);
+        let mut open = OpenOut::default();
+        open.as_mut_slice().copy_from_slice(&created.1[144..160]);
+        assert_eq!(reply_error(&share.same(&create, PLAIN)), libc::EEXIST);
+
+        let flush_args = FlushIn {
+            fh: open.fh,
+            ..Default::default()
+        };
+        let flush = Share::request(opcode::FLUSH, entry.nodeid, &[flush_args.as_slice()]);
+        assert_eq!(reply_error(&share.same(&flush, PLAIN)), 0);
+        let release_args = ReleaseIn {
+            fh: open.fh,
+            flags: libc::O_WRONLY as u32,
+            ..Default::default()
+        };
+        let release = Share::request(opcode::RELEASE, entry.nodeid, &[release_args.as_slice()]);
+        let released = share.serve(AGREED, &release, PLAIN, false).unwrap();
+        assert_eq!((reply_error(&released), released.0), (0, 16));
+        assert_eq!(reply_error(&share.same(&release, PLAIN)), libc::EBADF);
+        assert_eq!(reply_error(&share.same(&flush, PLAIN)), libc::EBADF);
+
+        let open_args = OpenIn {
+            flags: libc::O_RDONLY as u32,
+            fuse_flags: 0,
+        };
+        let open_new = Share::request(opcode::OPEN, entry.nodeid, &[open_args.as_slice()]);
+        let opened = share.serve(AGREED, &open_new, PLAIN, false).unwrap();
+        assert_eq!((reply_error(&opened), opened.0), (0, 16 + 16));
+        let open_none = Share::request(opcode::OPEN, 999, &[open_args.as_slice()]);
+        assert_eq!(reply_error(&share.same(&open_none, PLAIN)), libc::EBADF);
+
+        let unlink = Share::request(opcode::UNLINK, 1, &[b"new\0"]);
+        let unlinked = share.serve(AGREED, &unlink, PLAIN, false).unwrap();
+        assert_eq!((reply_error(&unlinked), unlinked.0), (0, 16));
+        assert!(!share.dir.join("new").exists());
+        assert_eq!(reply_error(&share.same(&unlink, PLAIN)), libc::ENOENT);
+
+        // FORGET has no reply.
+        let forget = ForgetIn { nlookup: 1 };
+        let forget = Share::request(opcode::FORGET, entry.nodeid, &[forget.as_slice()]);
+        assert_eq!(share.same(&forget, PLAIN).0, 0);
+    }
+
+    /// With `--cache always` a missing name is a negative entry (node id 0) the guest may
+    /// cache, unless its protocol minor is older than 4 (then ENOENT, as the crate's server).
+    #[test]
+    fn negative_entries_follow_the_protocol_minor() {
+        let share = Share::new(CachePolicy::Always);
+        let negative = share.same(&lookup(b"nothing\0"), PLAIN);
+        assert_eq!((reply_error(&negative), negative.0), (0, 16 + 128));
+        assert_eq!(&negative.1[16..24], &[0; 8], "node id 0");
+        let old = Agreed {
+            negative_entries: false,
+            ..AGREED
+        };
+        let refused = share
+            .serve(old, &lookup(b"nothing\0"), PLAIN, false)
+            .unwrap();
+        assert_eq!(reply_error(&refused), libc::ENOENT);
+    }
+
+    /// What is not a well-formed request of an opcode served here goes to the general path
+    /// untouched: nothing is done and nothing written.
+    #[test]
+    fn anything_unusual_is_passed_on_untouched() {
+        let share = Share::new(CachePolicy::Auto);
+        let passed = |agreed: Agreed, request: &[u8], buffers: &[(u32, bool)]| {
+            let served = share.serve(agreed, request, buffers, false);
+            assert_eq!(served.map(|r| r.0), None, "request {:?}", &request[..8]);
+        };
+        // A name without its NUL; a header longer than the readable buffers; arguments
+        // shorter than the opcode's; a reply buffer too short for the reply.
+        passed(AGREED, &lookup(b"f"), PLAIN);
+        let mut long = lookup(b"f\0");
+        long[0] = 43;
+        passed(AGREED, &long, &[(42, false), (4096, true)]);
+        passed(
+            AGREED,
+            &Share::request(opcode::GETATTR, 1, &[&[0; 8]]),
+            PLAIN,
+        );
+        passed(AGREED, &lookup(b"f\0"), &[(42, false), (143, true)]);
+        // A request longer than served here, and more buffers than served here.
+        let name = vec![b'x'; MAX_REQUEST];
+        passed(AGREED, &lookup(&name), PLAIN);
+        let mut many = vec![(4, false); 11];
+        many.push((4096, true));
+        passed(AGREED, &lookup(b"f\0"), &many);
+        // Opcodes served elsewhere; changes on a read-only export; CREATE carrying a security
+        // context.
+        passed(AGREED, &Share::request(opcode::STATFS, 1, &[]), PLAIN);
+        let readonly = Agreed {
+            readonly: true,
+            ..AGREED
+        };
+        passed(
+            readonly,
+            &Share::request(opcode::UNLINK, 1, &[b"f\0"]),
+            PLAIN,
+        );
+        let labelled = Agreed {
+            security_ctx: true,
+            ..AGREED
+        };
+        let create = Share::request(opcode::CREATE, 1, &[CreateIn::default().as_slice(), b"g\0"]);
+        passed(labelled, &create, PLAIN);
+        assert!(share.dir.join("f").exists() && !share.dir.join("g").exists());
+    }
+}
