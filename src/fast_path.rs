@@ -1,11 +1,12 @@
 //! The commonest small requests served straight from their descriptor chain: GETATTR, LOOKUP,
-//! FORGET, OPEN, CREATE, FLUSH, RELEASE and UNLINK.
+//! FORGET, OPEN, CREATE, READ, FLUSH, RELEASE and UNLINK.
 //!
 //! fuse-backend-rs's `Server` wants a `Reader` and a `Writer` for every request: each walks
 //! the chain and allocates a list of 64 buffer slices, and the reply goes out in several
 //! writes through them. Here the chain is walked once into two short lists on the stack, the
 //! request (a header, fixed arguments and at most one name) is copied out of the guest once
-//! and the reply is encoded in one stack buffer and copied in once.
+//! and the reply is encoded in one stack buffer and copied in once (READ's data goes straight
+//! from the file into the guest's buffers with one `preadv`, as through the crate).
 //!
 //! Only well-formed requests are served here, each exactly as the crate's server serves it
 //! (same filesystem call, same reply bytes, same length). Anything else (a request longer
@@ -20,9 +21,11 @@ use std::mem::size_of;
 
 use fuse_backend_rs::abi::fuse_abi::{
     AttrOut, CreateIn, EntryOut, FlushIn, ForgetIn, GetattrIn, InHeader, OpenIn, OpenOut,
-    OutHeader, ReleaseIn, GETATTR_FH, RELEASE_FLOCK_UNLOCK, RELEASE_FLUSH,
+    OutHeader, ReadIn, ReleaseIn, GETATTR_FH, READ_LOCKOWNER, RELEASE_FLOCK_UNLOCK, RELEASE_FLUSH,
 };
-use fuse_backend_rs::api::filesystem::{Context, FileSystem};
+use fuse_backend_rs::api::filesystem::{Context, FileSystem, ZeroCopyWriter};
+use fuse_backend_rs::file_buf::FileVolatileSlice;
+use fuse_backend_rs::file_traits::FileReadWriteVolatile;
 use vm_memory::{ByteValued, GuestMemory, GuestMemoryMmap, VolatileSlice};
 
 use crate::filesystem::Fs;
@@ -81,14 +84,23 @@ impl<'m> Buffers<'m> {
         self.slices[..self.count].iter().flatten()
     }
 
-    /// Fill `out` from the start of the buffers (the caller checked they hold that much).
-    fn gather(&self, out: &mut [u8]) {
+    /// Fill `out` from the buffers' bytes after the first `skip` (the caller checked they
+    /// hold that much).
+    fn gather(&self, out: &mut [u8], mut skip: usize) {
         let mut done = 0;
         for slice in self.iter() {
             if done == out.len() {
                 break;
             }
-            done += slice.copy_to(&mut out[done..]);
+            if skip >= slice.len() {
+                skip -= slice.len();
+                continue;
+            }
+            // In bounds: skip < slice.len().
+            if let Ok(rest) = slice.offset(skip) {
+                done += rest.copy_to(&mut out[done..]);
+            }
+            skip = 0;
         }
     }
 
@@ -103,6 +115,85 @@ impl<'m> Buffers<'m> {
             slice.copy_from(&data[done..done + n]);
             done += n;
         }
+    }
+
+    /// The buffers' bytes from `skip` on, `count` of them at most, as slices for one vectored
+    /// read (empty buffers left out); the array's first `n` are those slices.
+    fn window(&self, skip: usize, count: usize) -> ([FileVolatileSlice<'m>; MAX_BUFFERS], usize) {
+        let mut out = [FileVolatileSlice::from_volatile_slice(&VolatileSlice::from(&mut [][..]));
+            MAX_BUFFERS];
+        let (mut skip, mut left, mut n) = (skip, count, 0);
+        for slice in self.iter() {
+            if left == 0 {
+                break;
+            }
+            if skip >= slice.len() {
+                skip -= slice.len();
+                continue;
+            }
+            let take = (slice.len() - skip).min(left);
+            // In bounds: skip + take <= slice.len().
+            if let Ok(part) = slice.subslice(skip, take) {
+                out[n] = FileVolatileSlice::from_volatile_slice(&part);
+                n += 1;
+                left -= take;
+            }
+            skip = 0;
+        }
+        (out, n)
+    }
+}
+
+/// READ's data: the writable buffers after the out header, filled from the file in place.
+struct ReadData<'b, 'm> {
+    buffers: &'b Buffers<'m>,
+    /// Bytes of the buffers used so far, the out header's included.
+    used: usize,
+}
+
+impl ZeroCopyWriter for ReadData<'_, '_> {
+    fn write_from(
+        &mut self,
+        f: &mut dyn FileReadWriteVolatile,
+        count: usize,
+        off: u64,
+    ) -> io::Result<usize> {
+        // As the crate's writer: no more than the buffers hold.
+        if count > self.available_bytes() {
+            return Err(io::Error::new(
+                io::ErrorKind::InvalidData,
+                "data out of range",
+            ));
+        }
+        let (slices, n) = self.buffers.window(self.used, count);
+        if n == 0 {
+            return Ok(0);
+        }
+        let read = f.read_vectored_at_volatile(&slices[..n], off)?;
+        self.used += read;
+        Ok(read)
+    }
+
+    fn available_bytes(&self) -> usize {
+        self.buffers.total - self.used
+    }
+}
+
+impl io::Write for ReadData<'_, '_> {
+    fn write(&mut self, data: &[u8]) -> io::Result<usize> {
+        let (slices, n) = self.buffers.window(self.used, data.len());
+        let mut done = 0;
+        for slice in &slices[..n] {
+            let part = &data[done..done + slice.len()];
+            slice.as_volatile_slice().copy_from(part);
+            done += part.len();
+        }
+        self.used += done;
+        Ok(done)
+    }
+
+    fn flush(&mut self) -> io::Result<()> {
+        Ok(())
     }
 }
 
@@ -138,6 +229,8 @@ fn shape(op: u32, agreed: Agreed) -> Option<(usize, usize)> {
         opcode::LOOKUP => (0, OUT + size_of::<EntryOut>()),
         opcode::FORGET => (size_of::<ForgetIn>(), 0),
         opcode::OPEN => (size_of::<OpenIn>(), OUT + size_of::<OpenOut>()),
+        // The room for its data is checked once the size is known.
+        opcode::READ => (size_of::<ReadIn>(), OUT),
         opcode::CREATE => (size_of::<CreateIn>(), MAX_REPLY),
         opcode::FLUSH => (size_of::<FlushIn>(), OUT),
         opcode::RELEASE => (size_of::<ReleaseIn>(), OUT),
@@ -207,27 +300,56 @@ fn errno(e: &io::Error, header: &InHeader) -> i32 {
     }
 }
 
-/// Serve `chain` (whose header is `header`) if it is one of the requests served here; the
-/// bytes written into it, or `None` to hand it to the general path (nothing was done then).
-pub fn serve(
+/// What [`serve`] did with a chain.
+#[derive(Debug)]
+pub enum Served {
+    /// Answered: the bytes written into the chain.
+    Done(u32),
+    /// Left to the general path, nothing done; the request's header when it was read here
+    /// (`None`: the chain could not be taken apart here, or holds no header).
+    Pass(Option<InHeader>),
+}
+
+/// Serve `chain` if it is one of the requests served here. The chain is taken apart once,
+/// and its header read from it, for both outcomes: a request passed on comes back with its
+/// header, so the caller need not read it again.
+pub fn serve(fs: &Fs, agreed: Agreed, mem: &GuestMemoryMmap, chain: &Chain) -> Served {
+    let Some((readable, writable)) = split(mem, chain) else {
+        return Served::Pass(None);
+    };
+    let mut request = [0u8; MAX_REQUEST];
+    let head = size_of::<InHeader>();
+    if readable.total < head {
+        return Served::Pass(None);
+    }
+    readable.gather(&mut request[..head], 0);
+    let header: InHeader = args(&request).expect("a header's bytes");
+    match serve_request(fs, agreed, &readable, &writable, &mut request, &header) {
+        Some(len) => Served::Done(len),
+        None => Served::Pass(Some(header)),
+    }
+}
+
+/// [`serve`] once the header is known: `request` holds it and has room for the rest.
+fn serve_request(
     fs: &Fs,
     agreed: Agreed,
-    mem: &GuestMemoryMmap,
-    chain: &Chain,
+    readable: &Buffers<'_>,
+    writable: &Buffers<'_>,
+    request: &mut [u8; MAX_REQUEST],
     header: &InHeader,
 ) -> Option<u32> {
     let (fixed, reply_len) = shape(header.opcode, agreed)?;
     let len = header.len as usize;
-    if len > MAX_REQUEST || len < size_of::<InHeader>() + fixed {
+    let head = size_of::<InHeader>();
+    if len > MAX_REQUEST || len < head + fixed {
         return None;
     }
-    let (readable, writable) = split(mem, chain)?;
     if readable.total < len || writable.total < reply_len {
         return None;
     }
-    let mut request = [0u8; MAX_REQUEST];
-    readable.gather(&mut request[..len]);
-    let body = &request[size_of::<InHeader>()..len];
+    readable.gather(&mut request[head..len], head);
+    let body = &request[head..len];
 
     let ctx = Context::from(header);
     let node = header.nodeid;
@@ -276,6 +398,35 @@ pub fn serve(
                     };
                     reply.push(out.as_slice());
                 })
+        }
+        opcode::READ => {
+            let a: ReadIn = args(body)?;
+            // A guest always offers room for the whole size; the crate's server answers a
+            // READ of nothing, or of more than the buffers hold, in its own ways.
+            let size = a.size as usize;
+            if size == 0 || writable.total - size_of::<OutHeader>() < size {
+                return None;
+            }
+            let owner = (a.read_flags & READ_LOCKOWNER != 0).then_some(a.lock_owner);
+            let mut data = ReadData {
+                buffers: writable,
+                used: size_of::<OutHeader>(),
+            };
+            match fs.read(
+                &ctx, node, a.fh, &mut data, a.size, a.offset, owner, a.flags,
+            ) {
+                Ok(count) => {
+                    // The data is in place: only the header is left to write.
+                    let header = OutHeader {
+                        len: (size_of::<OutHeader>() + count) as u32,
+                        error: 0,
+                        unique: header.unique,
+                    };
+                    writable.scatter(header.as_slice());
+                    return Some(header.len);
+                }
+                Err(e) => Err(e),
+            }
         }
         opcode::CREATE => {
             let a: CreateIn = args(body)?;
@@ -407,7 +558,6 @@ mod tests {
             ring.offer(0, buffers, request);
             let mut len = None;
             ring.serve(|mem, chain| {
-                let header = FuseDispatcher::peek_header(mem, &chain).unwrap();
                 len = if general {
                     let reader = Reader::from_descriptor_chain(&**mem, chain.clone()).unwrap();
                     let writer = VirtioFsWriter::new(&**mem, chain).unwrap();
@@ -416,7 +566,20 @@ mod tests {
                             .handle_message(reader, Writer::VirtioFs(writer), None, None);
                     Some(served.map_or(0, |n| n as u32))
                 } else {
-                    serve(&self.fs, agreed, mem, &chain, &header)
+                    match serve(&self.fs, agreed, mem, &chain) {
+                        Served::Done(len) => Some(len),
+                        Served::Pass(header) => {
+                            // The header handed back is the one the general path reads.
+                            if let Some(header) = header {
+                                let peeked = FuseDispatcher::peek_header(mem, &chain);
+                                assert_eq!(
+                                    Some(header.as_slice()),
+                                    peeked.as_ref().map(|h| h.as_slice())
+                                );
+                            }
+                            None
+                        }
+                    }
                 };
                 len.unwrap_or(0)
             });
@@ -543,6 +706,52 @@ mod tests {
         let forget = ForgetIn { nlookup: 1 };
         let forget = Share::request(opcode::FORGET, entry.nodeid, &[forget.as_slice()]);
         assert_eq!(share.same(&forget, PLAIN).0, 0);
+    }
+
+    /// READ's data lands in the guest's buffers after the header, wherever they split, as
+    /// the crate's server puts it; an unknown handle is EBADF; a READ of nothing or of more
+    /// than the buffers hold is passed on.
+    #[test]
+    fn reads_fill_the_buffers_as_the_crate_does() {
+        let share = Share::new(CachePolicy::Auto);
+        std::fs::write(share.dir.join("f"), b"0123456789abcdef").unwrap();
+        share.same(&lookup(b"f\0"), PLAIN);
+        let mut entry = EntryOut::default();
+        let found = share.serve(AGREED, &lookup(b"f\0"), PLAIN, false).unwrap();
+        entry.as_mut_slice().copy_from_slice(&found.1[16..144]);
+        let open_args = OpenIn {
+            flags: libc::O_RDONLY as u32,
+            fuse_flags: 0,
+        };
+        let open = Share::request(opcode::OPEN, entry.nodeid, &[open_args.as_slice()]);
+        let opened = share.serve(AGREED, &open, PLAIN, false).unwrap();
+        let fh = u64::from_ne_bytes(opened.1[16..24].try_into().unwrap());
+        let read = |fh: u64, offset: u64, size: u32| {
+            let args = ReadIn {
+                fh,
+                offset,
+                size,
+                ..Default::default()
+            };
+            Share::request(opcode::READ, entry.nodeid, &[args.as_slice()])
+        };
+        let whole = share.same(&read(fh, 0, 4000), PLAIN);
+        assert_eq!(whole.0, 16 + 16);
+        assert_eq!(&whole.1[16..32], b"0123456789abcdef");
+        // The header split, the data over three buffers, and a read short of the end.
+        let split = [(80, false), (10, true), (9, true), (3, true), (4096, true)];
+        let part = share.same(&read(fh, 2, 12), &split);
+        assert_eq!(part.0, 16 + 12);
+        assert_eq!(&part.1[16..28], b"23456789abcd");
+        share.same(&read(fh, 10, 100), &split);
+        assert_eq!(
+            reply_error(&share.same(&read(fh + 1, 0, 16), PLAIN)),
+            libc::EBADF
+        );
+
+        for (request, buffers) in [(read(fh, 0, 0), PLAIN), (read(fh, 0, 4096), PLAIN)] {
+            assert_eq!(share.serve(AGREED, &request, buffers, false), None);
+        }
     }
 
     /// With `--cache always` a missing name is a negative entry (node id 0) the guest may

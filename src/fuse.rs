@@ -166,8 +166,47 @@ impl FuseDispatcher {
         self.handle_request(mem, chain, header)
     }
 
+    /// Serve `chain` now if [`fast_path`] takes it: `Ok` with the bytes written; else its
+    /// header (as [`Self::peek_header`] reads it), for [`Self::handle_general`].
+    pub fn handle_fast(
+        &self,
+        mem: &GuestMemoryMmap,
+        chain: &Chain,
+    ) -> Result<u32, Option<InHeader>> {
+        match fast_path::serve(&self.fs, self.agreed(), mem, chain) {
+            fast_path::Served::Done(len) => Ok(len),
+            fast_path::Served::Pass(Some(header)) => Err(Some(header)),
+            fast_path::Served::Pass(None) => Err(Self::peek_header(mem, chain)),
+        }
+    }
+
+    fn agreed(&self) -> fast_path::Agreed {
+        fast_path::Agreed {
+            readonly: self.readonly,
+            security_ctx: self.security_ctx.load(Ordering::Relaxed),
+            negative_entries: self.negative_entries.load(Ordering::Relaxed),
+        }
+    }
+
     /// Serve one descriptor chain whose header [`Self::peek_header`] has read already.
     pub fn handle_request(
+        &self,
+        mem: &GuestMemoryMmap,
+        chain: Chain,
+        header: Option<InHeader>,
+    ) -> u32 {
+        if header.is_some() {
+            if let fast_path::Served::Done(len) =
+                fast_path::serve(&self.fs, self.agreed(), mem, &chain)
+            {
+                return len;
+            }
+        }
+        self.handle_general(mem, chain, header)
+    }
+
+    /// Serve a chain [`fast_path`] passed on, whose header is `header`.
+    pub fn handle_general(
         &self,
         mem: &GuestMemoryMmap,
         chain: Chain,
@@ -177,14 +216,6 @@ impl FuseDispatcher {
             warn!("dropping request: too short for a FUSE header");
             return 0;
         };
-        let agreed = fast_path::Agreed {
-            readonly: self.readonly,
-            security_ctx: self.security_ctx.load(Ordering::Relaxed),
-            negative_entries: self.negative_entries.load(Ordering::Relaxed),
-        };
-        if let Some(len) = fast_path::serve(&self.fs, agreed, mem, &chain, &header) {
-            return len;
-        }
         // Only INIT's reply is patched afterwards (agree_init_flags2).
         let reply_chain = (header.opcode == opcode::INIT).then(|| chain.clone());
         let reader = match Reader::from_descriptor_chain(mem, chain.clone()) {

@@ -32,12 +32,15 @@ impl RequestQueue<'_> {
     /// for it, signalled) before the next is taken.
     pub fn process(&self) -> io::Result<()> {
         self.drain(|mem, chain| {
-            let header = FuseDispatcher::peek_header(mem, &chain);
+            let head = chain.head_index();
+            let header = match self.dispatcher.handle_fast(mem, &chain) {
+                Ok(len) => return complete(self.vring, mem, self.index, head, len),
+                Err(header) => header,
+            };
             if FuseDispatcher::may_block(header.as_ref()) {
                 return self.detach(mem, chain);
             }
-            let head = chain.head_index();
-            let len = self.dispatcher.handle_request(mem, chain, header);
+            let len = self.dispatcher.handle_general(mem, chain, header);
             complete(self.vring, mem, self.index, head, len)
         })
     }
