@@ -102,7 +102,9 @@ impl RequestQueue<'_> {
 /// Take every available chain of `vring` and hand it to `each`, one at a time (each is popped
 /// when the previous one has been handled, so a chain made available meanwhile is served in
 /// the same pass, without a kick); with `event_idx`, re-enable notifications when the ring is
-/// empty and go on if a chain raced with that.
+/// empty and go on if a chain raced with that. Notifications are switched on the queue with
+/// this pass's view of guest memory, as [`complete`] does (the ring's own would be loaded
+/// for each switch).
 fn drain_vring(
     vring: &VringRwLock,
     memory: &GuestMemory,
@@ -112,7 +114,11 @@ fn drain_vring(
     let mem = memory.memory();
     loop {
         if event_idx {
-            vring.disable_notification().map_err(queue_error)?;
+            vring
+                .get_mut()
+                .get_queue_mut()
+                .disable_notification(&*mem)
+                .map_err(queue_error)?;
         }
         loop {
             let chain = vring
@@ -126,7 +132,15 @@ fn drain_vring(
                 None => break,
             }
         }
-        if !event_idx || !vring.enable_notification().map_err(queue_error)? {
+        if !event_idx {
+            return Ok(());
+        }
+        let raced = vring
+            .get_mut()
+            .get_queue_mut()
+            .enable_notification(&*mem)
+            .map_err(queue_error)?;
+        if !raced {
             return Ok(());
         }
     }
