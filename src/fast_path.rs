@@ -37,6 +37,8 @@ const MAX_BUFFERS: usize = 8;
 /// Most request bytes served here: the header, the largest fixed arguments (CREATE's) and a
 /// name of up to FUSE_NAME_MAX (1,024) bytes with its NUL.
 pub const MAX_REQUEST: usize = size_of::<InHeader>() + size_of::<CreateIn>() + 1025;
+/// Request bodies up to this long are copied into a buffer of this size.
+const SHORT_BODY: usize = 64;
 /// The largest reply encoded here: CREATE's.
 const MAX_REPLY: usize = size_of::<OutHeader>() + size_of::<EntryOut>() + size_of::<OpenOut>();
 
@@ -317,26 +319,24 @@ pub fn serve(fs: &Fs, agreed: Agreed, mem: &GuestMemoryMmap, chain: &Chain) -> S
     let Some((readable, writable)) = split(mem, chain) else {
         return Served::Pass(None);
     };
-    let mut request = [0u8; MAX_REQUEST];
-    let head = size_of::<InHeader>();
-    if readable.total < head {
+    let mut head = [0u8; size_of::<InHeader>()];
+    if readable.total < head.len() {
         return Served::Pass(None);
     }
-    readable.gather(&mut request[..head], 0);
-    let header: InHeader = args(&request).expect("a header's bytes");
-    match serve_request(fs, agreed, &readable, &writable, &mut request, &header) {
+    readable.gather(&mut head, 0);
+    let header: InHeader = args(&head).expect("a header's bytes");
+    match serve_request(fs, agreed, &readable, &writable, &header) {
         Some(len) => Served::Done(len),
         None => Served::Pass(Some(header)),
     }
 }
 
-/// [`serve`] once the header is known: `request` holds it and has room for the rest.
+/// [`serve`] once the header is known.
 fn serve_request(
     fs: &Fs,
     agreed: Agreed,
     readable: &Buffers<'_>,
     writable: &Buffers<'_>,
-    request: &mut [u8; MAX_REQUEST],
     header: &InHeader,
 ) -> Option<u32> {
     let (fixed, reply_len) = shape(header.opcode, agreed)?;
@@ -348,8 +348,18 @@ fn serve_request(
     if readable.total < len || writable.total < reply_len {
         return None;
     }
-    readable.gather(&mut request[head..len], head);
-    let body = &request[head..len];
+    // The body after the header, copied out once; a short one (fixed arguments, a short
+    // name) without zeroing the room for a long name.
+    let mut short = [0u8; SHORT_BODY];
+    let mut long: [u8; MAX_REQUEST - size_of::<InHeader>()];
+    let body: &mut [u8] = if len - head <= SHORT_BODY {
+        &mut short[..len - head]
+    } else {
+        long = [0; MAX_REQUEST - size_of::<InHeader>()];
+        &mut long[..len - head]
+    };
+    readable.gather(body, head);
+    let body = &*body;
 
     let ctx = Context::from(header);
     let node = header.nodeid;
@@ -651,6 +661,13 @@ mod tests {
             &lookup(b"f\0"),
             &[(3, false), (39, false), (7, true), (200, true)],
         );
+        // A name longer than a short body, and the longest a host filesystem holds.
+        for len in [100, 255] {
+            let long = "n".repeat(len);
+            std::fs::write(share.dir.join(&long), b"").unwrap();
+            let found = share.same(&lookup(format!("{long}\0").as_bytes()), PLAIN);
+            assert_eq!(reply_error(&found), 0);
+        }
 
         // CREATE, then the same exclusive CREATE again, OPEN, FLUSH, RELEASE, UNLINK.
         let create_args = CreateIn {
