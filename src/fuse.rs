@@ -15,7 +15,7 @@ use std::mem::size_of;
 
 use fuse_backend_rs::abi::fuse_abi::{
     CopyFileRangeIn, CreateIn, Dirent, EntryOut, InHeader, InitIn, InitIn2, LkIn, OpenIn, OpenOut,
-    OutHeader, ReadIn, WriteOut,
+    OutHeader, ReadIn, WriteOut, KERNEL_MINOR_VERSION_LOOKUP_NEGATIVE_ENTRY_ZERO, KERNEL_VERSION,
 };
 use fuse_backend_rs::api::filesystem::{Context, DirEntry, Entry, FileSystem};
 use fuse_backend_rs::api::server::Server;
@@ -24,6 +24,7 @@ use log::{debug, warn};
 use vm_memory::{ByteValued, GuestMemoryMmap};
 
 use crate::coherence::notifier::Notifier;
+use crate::fast_path;
 use crate::filesystem::Fs;
 use crate::passthrough::with_security_context;
 use crate::queue::Chain;
@@ -105,6 +106,10 @@ pub struct FuseDispatcher {
     notifier: Arc<Notifier>,
     /// FUSE_SECURITY_CTX was agreed at the last INIT: creating requests carry the context.
     security_ctx: AtomicBool,
+    /// The guest's protocol minor at the last INIT the crate's server took allows negative
+    /// entries (node id 0) in LOOKUP replies: what the server decides from it, for
+    /// [`fast_path`].
+    negative_entries: AtomicBool,
 }
 
 /// The outcome of a request answered by this layer: a reply payload or an errno.
@@ -119,6 +124,8 @@ impl FuseDispatcher {
             readonly,
             notifier,
             security_ctx: AtomicBool::new(false),
+            // The crate's server assumes its own minor until an INIT says otherwise.
+            negative_entries: AtomicBool::new(true),
         }
     }
 
@@ -159,8 +166,47 @@ impl FuseDispatcher {
         self.handle_request(mem, chain, header)
     }
 
+    /// Serve `chain` now if [`fast_path`] takes it: `Ok` with the bytes written; else its
+    /// header (as [`Self::peek_header`] reads it), for [`Self::handle_general`].
+    pub fn handle_fast(
+        &self,
+        mem: &GuestMemoryMmap,
+        chain: &Chain,
+    ) -> Result<u32, Option<InHeader>> {
+        match fast_path::serve(&self.fs, self.agreed(), mem, chain) {
+            fast_path::Served::Done(len) => Ok(len),
+            fast_path::Served::Pass(Some(header)) => Err(Some(header)),
+            fast_path::Served::Pass(None) => Err(Self::peek_header(mem, chain)),
+        }
+    }
+
+    fn agreed(&self) -> fast_path::Agreed {
+        fast_path::Agreed {
+            readonly: self.readonly,
+            security_ctx: self.security_ctx.load(Ordering::Relaxed),
+            negative_entries: self.negative_entries.load(Ordering::Relaxed),
+        }
+    }
+
     /// Serve one descriptor chain whose header [`Self::peek_header`] has read already.
     pub fn handle_request(
+        &self,
+        mem: &GuestMemoryMmap,
+        chain: Chain,
+        header: Option<InHeader>,
+    ) -> u32 {
+        if header.is_some() {
+            if let fast_path::Served::Done(len) =
+                fast_path::serve(&self.fs, self.agreed(), mem, &chain)
+            {
+                return len;
+            }
+        }
+        self.handle_general(mem, chain, header)
+    }
+
+    /// Serve a chain [`fast_path`] passed on, whose header is `header`.
+    pub fn handle_general(
         &self,
         mem: &GuestMemoryMmap,
         chain: Chain,
@@ -206,7 +252,10 @@ impl FuseDispatcher {
         }
         let init_flags2 = if header.opcode == opcode::INIT {
             match self.init_flags2(reader.clone()) {
-                Ok(flags2) => flags2,
+                Ok(flags2) => {
+                    self.note_init_minor(reader.clone());
+                    flags2
+                }
                 Err(errno) => return reply(writer, header.unique, Err(errno)),
             }
         } else {
@@ -270,6 +319,18 @@ impl FuseDispatcher {
             warn!("--security-label: the guest kernel does not offer FUSE_SECURITY_CTX; continuing without");
         }
         Ok(agreed)
+    }
+
+    /// Follow the crate's server, which stores the guest's protocol version from an INIT of
+    /// major 7 and turns a LOOKUP's negative entry into ENOENT below minor 4.
+    fn note_init_minor(&self, mut request: Reader<'_, ()>) {
+        let _ = request.read_obj::<InHeader>();
+        if let Ok(init) = request.read_obj::<InitIn>() {
+            if init.major == KERNEL_VERSION {
+                let ok = init.minor >= KERNEL_MINOR_VERSION_LOOKUP_NEGATIVE_ENTRY_ZERO;
+                self.negative_entries.store(ok, Ordering::Relaxed);
+            }
+        }
     }
 
     /// A guest's confirmation that it carried out notification `header.unique`

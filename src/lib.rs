@@ -9,6 +9,7 @@ pub mod cli;
 pub mod coherence;
 pub mod daemon;
 pub mod device;
+pub mod fast_path;
 pub mod filesystem;
 pub mod frontend;
 pub mod fuse;

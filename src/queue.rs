@@ -32,12 +32,15 @@ impl RequestQueue<'_> {
     /// for it, signalled) before the next is taken.
     pub fn process(&self) -> io::Result<()> {
         self.drain(|mem, chain| {
-            let header = FuseDispatcher::peek_header(mem, &chain);
+            let head = chain.head_index();
+            let header = match self.dispatcher.handle_fast(mem, &chain) {
+                Ok(len) => return complete(self.vring, mem, self.index, head, len),
+                Err(header) => header,
+            };
             if FuseDispatcher::may_block(header.as_ref()) {
                 return self.detach(mem, chain);
             }
-            let head = chain.head_index();
-            let len = self.dispatcher.handle_request(mem, chain, header);
+            let len = self.dispatcher.handle_general(mem, chain, header);
             complete(self.vring, mem, self.index, head, len)
         })
     }
@@ -99,7 +102,9 @@ impl RequestQueue<'_> {
 /// Take every available chain of `vring` and hand it to `each`, one at a time (each is popped
 /// when the previous one has been handled, so a chain made available meanwhile is served in
 /// the same pass, without a kick); with `event_idx`, re-enable notifications when the ring is
-/// empty and go on if a chain raced with that.
+/// empty and go on if a chain raced with that. Notifications are switched on the queue with
+/// this pass's view of guest memory, as [`complete`] does (the ring's own would be loaded
+/// for each switch).
 fn drain_vring(
     vring: &VringRwLock,
     memory: &GuestMemory,
@@ -109,7 +114,11 @@ fn drain_vring(
     let mem = memory.memory();
     loop {
         if event_idx {
-            vring.disable_notification().map_err(queue_error)?;
+            vring
+                .get_mut()
+                .get_queue_mut()
+                .disable_notification(&*mem)
+                .map_err(queue_error)?;
         }
         loop {
             let chain = vring
@@ -123,7 +132,15 @@ fn drain_vring(
                 None => break,
             }
         }
-        if !event_idx || !vring.enable_notification().map_err(queue_error)? {
+        if !event_idx {
+            return Ok(());
+        }
+        let raced = vring
+            .get_mut()
+            .get_queue_mut()
+            .enable_notification(&*mem)
+            .map_err(queue_error)?;
+        if !raced {
             return Ok(());
         }
     }
@@ -223,35 +240,34 @@ impl WorkerPool {
     }
 }
 
+/// A hand-played driver side of one ring, for the tests here and in [`crate::fast_path`].
 #[cfg(test)]
-mod tests {
+pub(crate) mod test_ring {
     use super::*;
     use std::fs::File;
     use std::os::fd::{FromRawFd, IntoRawFd};
-    use std::time::{Duration, Instant};
 
-    use fuse_backend_rs::abi::fuse_abi::InHeader;
-    use vm_memory::{ByteValued, Bytes, GuestAddress, GuestMemoryAtomic, GuestMemoryMmap};
+    use vm_memory::{Bytes, GuestAddress, GuestMemoryAtomic, GuestMemoryMmap};
     use vmm_sys_util::eventfd::{EventFd, EFD_NONBLOCK};
 
     /// A split ring of [`SIZE`] entries in 1 MiB of guest memory, the driver's side played by
     /// hand: descriptors at 0, the avail ring at 0x1000, the used ring at 0x2000, buffers from
     /// 0x10000. EVENT_IDX is on; the call eventfd counts the device's signals.
-    struct Ring {
-        mem: GuestMemoryMmap,
-        memory: GuestMemory,
-        vring: VringRwLock,
+    pub(crate) struct Ring {
+        pub(crate) mem: GuestMemoryMmap,
+        pub(crate) memory: GuestMemory,
+        pub(crate) vring: VringRwLock,
         call: EventFd,
         avail_idx: u16,
     }
 
-    const SIZE: u16 = 16;
-    const DESC: u64 = 0;
-    const AVAIL: u64 = 0x1000;
-    const USED: u64 = 0x2000;
+    pub(crate) const SIZE: u16 = 16;
+    pub(crate) const DESC: u64 = 0;
+    pub(crate) const AVAIL: u64 = 0x1000;
+    pub(crate) const USED: u64 = 0x2000;
 
     impl Ring {
-        fn new() -> Ring {
+        pub(crate) fn new() -> Ring {
             let mem = GuestMemoryMmap::from_ranges(&[(GuestAddress(0), 1 << 20)]).unwrap();
             let memory = GuestMemoryAtomic::new(mem.clone());
             let vring = VringRwLock::new(memory.clone(), SIZE).unwrap();
@@ -274,11 +290,11 @@ mod tests {
         }
 
         /// Make a chain of the given (length, device-writable) buffers available, descriptors
-        /// from `first` on; the first buffer starts with `bytes`.
-        fn offer(&mut self, first: u16, buffers: &[(u32, bool)], bytes: &[u8]) {
+        /// from `first` on; `bytes` fill its readable buffers in order.
+        pub(crate) fn offer(&mut self, first: u16, buffers: &[(u32, bool)], bytes: &[u8]) {
             for (i, &(len, writable)) in buffers.iter().enumerate() {
                 let slot = first + i as u16;
-                let addr = 0x10000 + 0x1000 * slot as u64;
+                let addr = Self::buffer(slot).0;
                 let last = i + 1 == buffers.len();
                 let flags = if writable { 2u16 } else { 0 } | if last { 0 } else { 1 };
                 let mut d = [0u8; 16];
@@ -290,8 +306,16 @@ mod tests {
                     .write_slice(&d, GuestAddress(DESC + 16 * slot as u64))
                     .unwrap();
             }
-            let addr = GuestAddress(0x10000 + 0x1000 * first as u64);
-            self.mem.write_slice(bytes, addr).unwrap();
+            let mut rest = bytes;
+            for (i, &(len, writable)) in buffers.iter().enumerate() {
+                if !writable && !rest.is_empty() {
+                    let n = rest.len().min(len as usize);
+                    let addr = Self::buffer(first + i as u16);
+                    self.mem.write_slice(&rest[..n], addr).unwrap();
+                    rest = &rest[n..];
+                }
+            }
+            assert!(rest.is_empty(), "the readable buffers hold the request");
             let at = AVAIL + 4 + 2 * (self.avail_idx % SIZE) as u64;
             self.mem.write_obj(first, GuestAddress(at)).unwrap();
             self.avail_idx += 1;
@@ -301,33 +325,76 @@ mod tests {
         }
 
         /// Request `i` of `requests`: a readable and a writable buffer at descriptors 2i, 2i+1.
-        fn offer_requests(&mut self, requests: std::ops::Range<u16>) {
+        pub(crate) fn offer_requests(&mut self, requests: std::ops::Range<u16>) {
             for i in requests {
                 self.offer(2 * i, &[(64, false), (64, true)], &[]);
             }
         }
 
-        fn used_idx(&self) -> u16 {
+        pub(crate) fn used_idx(&self) -> u16 {
             self.mem.read_obj(GuestAddress(USED + 2)).unwrap()
         }
 
         /// The driver asks to be signalled when used entry `idx` is written.
-        fn set_used_event(&self, idx: u16) {
+        pub(crate) fn set_used_event(&self, idx: u16) {
             let at = AVAIL + 4 + 2 * SIZE as u64;
             self.mem.write_obj(idx, GuestAddress(at)).unwrap();
         }
 
         /// Where the device asks to be kicked next.
-        fn avail_event(&self) -> u16 {
+        pub(crate) fn avail_event(&self) -> u16 {
             self.mem
                 .read_obj(GuestAddress(USED + 4 + 8 * SIZE as u64))
                 .unwrap()
         }
 
-        fn signals(&self) -> u64 {
+        pub(crate) fn signals(&self) -> u64 {
             self.call.read().unwrap_or(0)
         }
+
+        /// Where the buffer of descriptor `slot` lies (4 KiB each).
+        pub(crate) fn buffer(slot: u16) -> GuestAddress {
+            GuestAddress(0x10000 + 0x1000 * slot as u64)
+        }
+
+        /// The first `len` bytes the device wrote into the writable buffers among `buffers`
+        /// (as offered from descriptor `first`), taken in order.
+        pub(crate) fn written(&self, first: u16, buffers: &[(u32, bool)], len: usize) -> Vec<u8> {
+            let mut out = Vec::new();
+            for (i, &(size, writable)) in buffers.iter().enumerate() {
+                let n = (size as usize).min(len - out.len());
+                if writable && n > 0 {
+                    let mut part = vec![0u8; n];
+                    let addr = Self::buffer(first + i as u16);
+                    self.mem.read_slice(&mut part, addr).unwrap();
+                    out.extend_from_slice(&part);
+                }
+            }
+            out
+        }
+
+        /// Serve every chain offered so far with `each`, completing it with the length
+        /// `each` returns.
+        pub(crate) fn serve(&self, mut each: impl FnMut(&MemoryGuard, Chain) -> u32) {
+            let vring = self.vring.clone();
+            drain_vring(&self.vring, &self.memory, true, |mem, chain| {
+                let head = chain.head_index();
+                let len = each(mem, chain);
+                complete(&vring, mem, 0, head, len)
+            })
+            .unwrap();
+        }
     }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::test_ring::*;
+    use super::*;
+    use std::time::{Duration, Instant};
+
+    use fuse_backend_rs::abi::fuse_abi::InHeader;
+    use vm_memory::ByteValued;
 
     /// Two requests in flight on one queue: everything available is served in one pass,
     /// including a request the driver adds while the device is busy (which the EVENT_IDX
@@ -397,10 +464,7 @@ mod tests {
         let bytes = header.as_slice().to_vec();
         let mut ring = Ring::new();
         ring.offer(0, &[(64, false), (64, true)], &bytes);
-        ring.offer(2, &[(10, false), (64, false), (64, true)], &bytes[..10]);
-        ring.mem
-            .write_slice(&bytes[10..], GuestAddress(0x10000 + 0x1000 * 3))
-            .unwrap();
+        ring.offer(2, &[(10, false), (64, false), (64, true)], &bytes);
         ring.offer(5, &[(64, true)], &[]);
         let vring = ring.vring.clone();
         let memory = ring.memory.clone();

@@ -12,11 +12,12 @@
 //! directory the guest sees on it (the root of a submount is a directory, looked up before
 //! anything below it). An inode on a mount without one keeps a descriptor.
 
-use std::collections::HashMap;
 use std::fs::File;
 use std::io;
 use std::os::fd::{AsFd, AsRawFd, BorrowedFd, FromRawFd, RawFd};
 use std::sync::{Arc, RwLock};
+
+use rustc_hash::FxHashMap;
 
 use super::util::{check, fd_name, openat, EMPTY};
 
@@ -156,10 +157,11 @@ impl InodeFile {
 }
 
 /// One read-only directory descriptor per host mount (by statx's mount id), for
-/// open_by_handle_at.
+/// open_by_handle_at. Keyed with FxHash: mount ids come from the host kernel, not the guest,
+/// and every new node looks its mount up here.
 #[derive(Default)]
 pub(crate) struct MountFds {
-    by_mount: RwLock<HashMap<u64, Arc<File>>>,
+    by_mount: RwLock<FxHashMap<u64, Arc<File>>>,
 }
 
 impl MountFds {

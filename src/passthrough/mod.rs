@@ -666,15 +666,16 @@ impl PassthroughFs {
     /// Whether `name` in directory node `parent` leads to host inode `id` now.
     fn name_leads_to(&self, parent: u64, name: &[u8], id: &InodeId) -> bool {
         self.inodes.get(parent).is_some_and(|p| {
-            std::ffi::CString::new(name).is_ok_and(|cname| {
+            util::with_cstr(name, |cname| {
                 p.fd()
-                    .and_then(|fd| util::statx_at(fd.as_raw_fd(), &cname, 0))
+                    .and_then(|fd| util::statx_at(fd.as_raw_fd(), cname, 0))
                     .is_ok_and(|info| {
                         info.st.st_dev == id.dev
                             && info.st.st_ino == id.ino
                             && info.mnt_id == id.mnt_id
                     })
             })
+            .unwrap_or(false)
         })
     }
 
@@ -828,14 +829,13 @@ impl PassthroughFs {
         let Some(keeper) = self.leases.get() else {
             return f();
         };
-        let mut distinct: Vec<u64> = nodes.to_vec();
-        distinct.sort_unstable();
-        distinct.dedup();
-        for &node in &distinct {
+        let (mut small, mut large) = ([0u64; 4], Vec::new());
+        let distinct = sorted_distinct(nodes, &mut small, &mut large);
+        for &node in distinct {
             keeper.begin_change(node);
         }
         let r = f();
-        for &node in &distinct {
+        for &node in distinct {
             keeper.end_change(node);
         }
         r
@@ -957,6 +957,31 @@ impl PassthroughFs {
         let named = name.map(|n| (parent.inode, n.to_bytes()));
         self.add_inode(path, Some(&parent.id), named, false)
     }
+}
+
+/// `nodes` sorted, each once: in `small` when they fit (a request names one to four), else
+/// in `large`.
+fn sorted_distinct<'a>(
+    nodes: &[u64],
+    small: &'a mut [u64; 4],
+    large: &'a mut Vec<u64>,
+) -> &'a [u64] {
+    let sorted: &mut [u64] = if nodes.len() <= small.len() {
+        small[..nodes.len()].copy_from_slice(nodes);
+        &mut small[..nodes.len()]
+    } else {
+        large.extend_from_slice(nodes);
+        large
+    };
+    sorted.sort_unstable();
+    let mut distinct = 0;
+    for i in 0..sorted.len() {
+        if distinct == 0 || sorted[distinct - 1] != sorted[i] {
+            sorted[distinct] = sorted[i];
+            distinct += 1;
+        }
+    }
+    &sorted[..distinct]
 }
 
 /// An O_PATH descriptor of the inode an open descriptor refers to.

@@ -523,10 +523,11 @@ impl FileSystem for PassthroughFs {
         self.check_names(&p)?;
         let id = self.id_at(&p, name);
         let dir = p.fd()?;
-        let mut nodes = vec![parent];
-        nodes.extend(id.as_ref().and_then(|id| self.inodes.find(id)));
+        let found = id.as_ref().and_then(|id| self.inodes.find(id));
+        let both = [parent, found.unwrap_or(parent)];
+        let nodes = &both[..1 + usize::from(found.is_some())];
         // SAFETY: `name` is NUL-terminated.
-        self.changing(&nodes, || {
+        self.changing(nodes, || {
             check(unsafe { libc::unlinkat(dir.as_raw_fd(), name.as_ptr(), 0) })
         })?;
         if let Some(id) = id {

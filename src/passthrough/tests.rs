@@ -1450,3 +1450,13 @@ fn xattrmap_renames_hides_and_refuses() {
         _ => panic!("names"),
     }
 }
+
+#[test]
+fn changed_nodes_are_sorted_and_distinct() {
+    let (mut small, mut large) = ([0u64; 4], Vec::new());
+    assert_eq!(sorted_distinct(&[7, 3, 7], &mut small, &mut large), [3, 7]);
+    assert_eq!(sorted_distinct(&[5], &mut small, &mut large), [5]);
+    assert!(sorted_distinct(&[], &mut small, &mut large).is_empty());
+    let many = [9, 1, 9, 4, 1, 2];
+    assert_eq!(sorted_distinct(&many, &mut small, &mut large), [1, 2, 4, 9]);
+}

@@ -7,7 +7,7 @@
 //! thread has left the process-wide `fs_struct` with `unshare(CLONE_FS)`.
 
 use std::cell::Cell;
-use std::ffi::{CStr, CString};
+use std::ffi::CStr;
 use std::fs::File;
 use std::io;
 use std::mem::MaybeUninit;
@@ -78,9 +78,57 @@ pub(crate) fn openat(dir: RawFd, name: &CStr, flags: i32, mode: u32) -> io::Resu
 }
 
 /// The name of a descriptor of ours inside /proc/self/fd.
-pub(crate) fn fd_name(fd: RawFd) -> CString {
-    // A decimal number has no interior NUL.
-    CString::new(fd.to_string()).unwrap_or_default()
+pub(crate) fn fd_name(fd: RawFd) -> FdName {
+    FdName::new(fd)
+}
+
+/// Run `f` on `bytes` as a C string (`None` if they hold a NUL): on the stack for a name of
+/// up to NAME_MAX bytes, the longest a host filesystem gives, else in a `CString`.
+pub(crate) fn with_cstr<R>(bytes: &[u8], f: impl FnOnce(&CStr) -> R) -> Option<R> {
+    let mut buf = [0u8; 256];
+    if bytes.len() < buf.len() {
+        buf[..bytes.len()].copy_from_slice(bytes);
+        return CStr::from_bytes_with_nul(&buf[..=bytes.len()]).ok().map(f);
+    }
+    std::ffi::CString::new(bytes).ok().map(|c| f(&c))
+}
+
+/// A descriptor's decimal name, NUL-terminated on the stack: many requests open or link
+/// through `/proc/self/fd/N`, and a `CString` of `N` cost two allocations and the formatter.
+#[derive(Clone, Copy)]
+pub(crate) struct FdName {
+    /// The digits (a minus sign first for a negative number) end at `buf[11]`, the NUL.
+    buf: [u8; 12],
+    start: usize,
+}
+
+impl FdName {
+    fn new(fd: RawFd) -> Self {
+        let mut buf = [0u8; 12];
+        let mut at = buf.len() - 1;
+        let mut n = fd.unsigned_abs();
+        loop {
+            at -= 1;
+            buf[at] = b'0' + (n % 10) as u8;
+            n /= 10;
+            if n == 0 {
+                break;
+            }
+        }
+        if fd < 0 {
+            at -= 1;
+            buf[at] = b'-';
+        }
+        FdName { buf, start: at }
+    }
+}
+
+impl std::ops::Deref for FdName {
+    type Target = CStr;
+
+    fn deref(&self) -> &CStr {
+        CStr::from_bytes_with_nul(&self.buf[self.start..]).expect("digits and one NUL")
+    }
 }
 
 /// Only regular files and directories may be opened for I/O: opening a FIFO would block the
@@ -422,6 +470,26 @@ impl Drop for ScopedNoFsetid {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn names_become_c_strings_unless_they_hold_a_nul() {
+        let long = vec![b'x'; 300];
+        for name in [&b""[..], b"a", &long[..255], &long[..256], &long] {
+            let len = with_cstr(name, |c| c.to_bytes().len());
+            assert_eq!(len, Some(name.len()));
+        }
+        assert_eq!(with_cstr(b"a\0b", |_| ()), None);
+        let mut nul_long = long.clone();
+        nul_long[280] = 0;
+        assert_eq!(with_cstr(&nul_long, |_| ()), None);
+    }
+
+    #[test]
+    fn descriptor_names_are_their_decimal_numbers() {
+        for fd in [0, 7, 10, 255, 1_000_000, RawFd::MAX, -1, RawFd::MIN] {
+            assert_eq!(fd_name(fd).to_str().unwrap(), fd.to_string());
+        }
+    }
 
     #[test]
     fn names_must_be_single_components() {

@@ -25,7 +25,7 @@ const XATTR_SIZE_MAX: usize = 65536;
 enum Target {
     Fd(std::fs::File),
     Proc {
-        name: std::ffi::CString,
+        name: super::util::FdName,
         /// The descriptor `name` refers to, open as long as the target.
         _fd: std::fs::File,
         _cwd: ScopedCwd,
