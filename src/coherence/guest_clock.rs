@@ -204,9 +204,13 @@ mod tests {
     #[test]
     fn the_host_clock_keeps_pace_with_instant() {
         let clock = GuestClock::new();
-        let (start, begun) = (clock.running_ns(), Instant::now());
+        // The clock's interval lies inside Instant's (read first, read last), so a preemption
+        // between the two reads cannot make the clock look faster.
+        let begun = Instant::now();
+        let start = clock.running_ns();
         std::thread::sleep(Duration::from_millis(20));
-        let (ran, elapsed) = (clock.running_ns() - start, begun.elapsed());
+        let ran = clock.running_ns() - start;
+        let elapsed = begun.elapsed();
         assert!(ran >= 20_000_000, "{ran} ns");
         assert!(
             ran <= elapsed.as_nanos() as u64 + 1_000_000,
