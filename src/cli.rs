@@ -163,6 +163,14 @@ pub struct Options {
     #[arg(long = "thread-pool-size", value_name = "N", default_value_t = 0)]
     pub thread_pool_size: usize,
 
+    /// Longest time, in microseconds, a request queue's thread watches its ring for the next
+    /// request before sleeping until the guest kicks (0: never). The window adapts per queue:
+    /// it opens only while requests keep coming sooner than this, and closes as soon as one
+    /// comes later, so an idle or slow guest costs no polling. Default 64.
+    #[arg(long = "queue-poll-us", value_name = "US", default_value_t = 64,
+          value_parser = clap::value_parser!(u32).range(0..=1000))]
+    pub queue_poll_us: u32,
+
     /// Enable support for extended attributes.
     #[arg(long)]
     pub xattr: bool,
@@ -728,7 +736,22 @@ mod tests {
         assert_eq!(o.seccomp, SeccompMode::Kill);
         assert!(o.announce_submounts);
         assert_eq!(o.thread_pool_size, 0);
+        assert_eq!(o.queue_poll_us, 64);
         assert!(!o.readonly && !o.xattr && !o.writeback);
+    }
+
+    #[test]
+    fn queue_poll_takes_microseconds_up_to_a_millisecond() {
+        let base = ["--socket-path", "/tmp/s", "--shared-dir", "/srv"];
+        let with = |v: &str| parse(&[&base[..], &["--queue-poll-us", v]].concat());
+        assert_eq!(with("0").unwrap().queue_poll_us, 0);
+        assert_eq!(with("1000").unwrap().queue_poll_us, 1000);
+        for bad in ["1001", "fast"] {
+            let e = with(bad).unwrap_err().to_string();
+            assert!(e.contains("--queue-poll-us"), "{bad}: {e}");
+        }
+        let e = parse(&[&base[..], &["--queue-poll-us=-1"]].concat()).unwrap_err();
+        assert!(e.to_string().contains("--queue-poll-us"), "{e}");
     }
 
     #[test]

@@ -125,7 +125,8 @@ pub fn run(options: Options) -> Result<(), DaemonError> {
         options.tag.clone(),
         options.thread_pool_size,
     )
-    .map_err(DaemonError::Device)?;
+    .map_err(DaemonError::Device)?
+    .with_queue_poll(Duration::from_micros(options.queue_poll_us.into()));
     let mut daemon = device::new_daemon("leasefsd", Arc::new(device))
         .map_err(|e| DaemonError::VhostUser(e.to_string()))?;
 

@@ -17,6 +17,7 @@ use std::fs::File;
 use std::io;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, RwLock, RwLockReadGuard, RwLockWriteGuard};
+use std::time::Duration;
 
 use log::{debug, info, warn};
 use vhost::vhost_user::message::{VhostUserProtocolFeatures, VhostUserVirtioFeatures};
@@ -40,6 +41,7 @@ use crate::coherence::notifier::{
 };
 use crate::fuse::FuseDispatcher;
 use crate::queue::{RequestQueue, WorkerPool};
+use crate::queue_poll::PollWindow;
 
 /// Queue 0 carries high-priority requests (FORGET, INTERRUPT); request queues follow it.
 pub const HIPRIO_QUEUE: usize = 0;
@@ -295,6 +297,8 @@ pub struct FsDevice {
     event_idx: AtomicBool,
     acked_features: AtomicU64,
     pool: Option<WorkerPool>,
+    /// Each queue's busy-polling window, by virtio queue index (hiprio's never polls).
+    polls: Vec<PollWindow>,
 }
 
 impl FsDevice {
@@ -331,7 +335,25 @@ impl FsDevice {
             event_idx: AtomicBool::new(false),
             acked_features: AtomicU64::new(0),
             pool,
+            polls: (0..2 + num_request_queues)
+                .map(|_| PollWindow::new(Duration::ZERO))
+                .collect(),
         })
+    }
+
+    /// Let each request queue busy-poll for up to `max` after it runs out of work
+    /// ([`crate::queue_poll`]); zero turns polling off.
+    pub fn with_queue_poll(mut self, max: Duration) -> Self {
+        self.polls = (0..self.num_queues())
+            .map(|i| {
+                PollWindow::new(if i == HIPRIO_QUEUE {
+                    Duration::ZERO
+                } else {
+                    max
+                })
+            })
+            .collect();
+        self
     }
 
     /// The guest's running time (paused time left out), as this device sees the VMM stop
@@ -498,6 +520,7 @@ impl VhostUserBackend for FsDevice {
             memory: &memory,
             dispatcher: &self.dispatcher,
             event_idx: self.event_idx.load(Ordering::Relaxed),
+            poll: &self.polls[index],
         };
         let result = match &self.pool {
             Some(pool) if index != HIPRIO_QUEUE => queue.process_in(pool),

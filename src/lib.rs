@@ -17,6 +17,7 @@ pub mod metrics;
 pub mod passthrough;
 pub mod pidfile;
 pub mod queue;
+pub mod queue_poll;
 pub mod request_ext;
 pub mod sandbox;
 pub mod seccomp;

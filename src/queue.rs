@@ -17,6 +17,7 @@ use vm_memory::{GuestAddressSpace, GuestMemoryMmap};
 
 use crate::device::GuestMemory;
 use crate::fuse::FuseDispatcher;
+use crate::queue_poll::PollWindow;
 
 /// One queue's worth of work, created for each kick.
 pub struct RequestQueue<'a> {
@@ -25,6 +26,8 @@ pub struct RequestQueue<'a> {
     pub memory: &'a GuestMemory,
     pub dispatcher: &'a Arc<FuseDispatcher>,
     pub event_idx: bool,
+    /// This queue's busy-polling window ([`crate::queue_poll`]).
+    pub poll: &'a PollWindow,
 }
 
 impl RequestQueue<'_> {
@@ -95,20 +98,29 @@ impl RequestQueue<'_> {
     /// Pop chains until the queue is empty, re-checking after notifications are re-enabled so
     /// a request that raced with us is not left behind (the EVENT_IDX protocol).
     fn drain(&self, each: impl FnMut(&MemoryGuard, Chain) -> io::Result<()>) -> io::Result<()> {
-        drain_vring(self.vring, self.memory, self.event_idx, each)
+        self.poll.woken();
+        drain_vring(
+            self.vring,
+            self.memory,
+            self.event_idx,
+            Some(self.poll),
+            each,
+        )
     }
 }
 
 /// Take every available chain of `vring` and hand it to `each`, one at a time (each is popped
 /// when the previous one has been handled, so a chain made available meanwhile is served in
-/// the same pass, without a kick); with `event_idx`, re-enable notifications when the ring is
-/// empty and go on if a chain raced with that. Notifications are switched on the queue with
-/// this pass's view of guest memory, as [`complete`] does (the ring's own would be loaded
-/// for each switch).
+/// the same pass, without a kick); with `event_idx`, poll the ring for `poll`'s window when it
+/// is empty (notifications still off, so the driver need not kick), then re-enable
+/// notifications and go on if a chain raced with that. Notifications are switched on the
+/// queue with this pass's view of guest memory, as [`complete`] does (the ring's own would be
+/// loaded for each switch).
 fn drain_vring(
     vring: &VringRwLock,
     memory: &GuestMemory,
     event_idx: bool,
+    poll: Option<&PollWindow>,
     mut each: impl FnMut(&MemoryGuard, Chain) -> io::Result<()>,
 ) -> io::Result<()> {
     let mem = memory.memory();
@@ -135,6 +147,9 @@ fn drain_vring(
         if !event_idx {
             return Ok(());
         }
+        if poll.is_some_and(|p| p.poll(|| available(vring, &mem))) {
+            continue;
+        }
         let raced = vring
             .get_mut()
             .get_queue_mut()
@@ -144,6 +159,18 @@ fn drain_vring(
             return Ok(());
         }
     }
+}
+
+/// Whether the driver has made a chain available that this queue has not taken. A queue the
+/// VMM stopped, or whose ring cannot be read, has none: polling ends and the pass re-enables
+/// notifications, which reports a broken ring.
+fn available(vring: &VringRwLock, mem: &GuestMemoryMmap) -> bool {
+    let state = vring.get_ref();
+    let queue = state.get_queue();
+    queue.ready()
+        && queue
+            .avail_idx(mem, std::sync::atomic::Ordering::Acquire)
+            .is_ok_and(|idx| idx.0 != queue.next_avail())
 }
 
 /// A snapshot of guest memory that stays mapped while a request uses it, even if the VMM
@@ -377,7 +404,7 @@ pub(crate) mod test_ring {
         /// `each` returns.
         pub(crate) fn serve(&self, mut each: impl FnMut(&MemoryGuard, Chain) -> u32) {
             let vring = self.vring.clone();
-            drain_vring(&self.vring, &self.memory, true, |mem, chain| {
+            drain_vring(&self.vring, &self.memory, true, None, |mem, chain| {
                 let head = chain.head_index();
                 let len = each(mem, chain);
                 complete(&vring, mem, 0, head, len)
@@ -405,7 +432,7 @@ mod tests {
         ring.offer_requests(0..3);
         let (vring, memory) = (ring.vring.clone(), ring.memory.clone());
         let mut served = Vec::new();
-        drain_vring(&vring, &memory, true, |mem, chain| {
+        drain_vring(&vring, &memory, true, None, |mem, chain| {
             let head = chain.head_index();
             if served.is_empty() {
                 // The other thread's request arrives while this one is served.
@@ -429,7 +456,7 @@ mod tests {
         ring.offer_requests(0..3);
         let (vring, memory) = (ring.vring.clone(), ring.memory.clone());
         let mut signals = Vec::new();
-        drain_vring(&vring, &memory, true, |mem, chain| {
+        drain_vring(&vring, &memory, true, None, |mem, chain| {
             ring.set_used_event(ring.used_idx());
             complete(&vring, mem, 0, chain.head_index(), 16)?;
             signals.push(ring.signals());
@@ -442,7 +469,7 @@ mod tests {
         // signalled once, for that entry, however many complete after it.
         ring.set_used_event(3);
         ring.offer_requests(3..6);
-        drain_vring(&vring, &memory, true, |mem, chain| {
+        drain_vring(&vring, &memory, true, None, |mem, chain| {
             complete(&vring, mem, 0, chain.head_index(), 16)
         })
         .unwrap();
@@ -469,7 +496,7 @@ mod tests {
         let vring = ring.vring.clone();
         let memory = ring.memory.clone();
         let mut seen = Vec::new();
-        drain_vring(&vring, &memory, true, |mem, chain| {
+        drain_vring(&vring, &memory, true, None, |mem, chain| {
             let got = FuseDispatcher::peek_header(mem, &chain);
             seen.push(got.map(|h| (h.opcode, h.unique, h.nodeid)));
             complete(&vring, mem, 0, chain.head_index(), 0)

@@ -181,7 +181,7 @@ impl GuestClock {
 /// CLOCK_MONOTONIC in nanoseconds: the clock `Instant` reads on Linux, read directly because
 /// every lease grant reads it (`Instant::elapsed` costs about three times as many
 /// instructions for the same value).
-fn monotonic_ns() -> u64 {
+pub(crate) fn monotonic_ns() -> u64 {
     let mut ts = libc::timespec {
         tv_sec: 0,
         tv_nsec: 0,
