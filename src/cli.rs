@@ -165,8 +165,8 @@ pub struct Options {
 
     /// Longest time, in microseconds, a request queue's thread watches its ring for the next
     /// request before sleeping until the guest kicks (0: never). The window adapts per queue:
-    /// it opens only while requests keep coming sooner than this, and closes as soon as one
-    /// comes later, so an idle or slow guest costs no polling. Default 64.
+    /// it opens only while requests keep coming sooner than this, and halves at each that
+    /// comes later, so an idle or slow guest stops costing polling after a few requests.
     #[arg(long = "queue-poll-us", value_name = "US", default_value_t = 64,
           value_parser = clap::value_parser!(u32).range(0..=1000))]
     pub queue_poll_us: u32,

@@ -10,9 +10,10 @@
 //!
 //! Polling costs CPU, so the window adapts to how soon requests actually come, per queue,
 //! as QEMU's does: it starts at 0 (a queue sleeps at once), grows (4 µs, then doubling) while
-//! the next request keeps arriving within `max` of the last pass, and drops to 0 as soon as
-//! one arrives later than `max`. An idle or slow guest therefore costs no polling at all, and
-//! a queue never spins for longer than `max` without finding work.
+//! the next request keeps arriving within `max` of the last pass, and halves each time one
+//! arrives later than `max`, down to 0. An idle or slow guest therefore stops costing polling
+//! after a few requests (at most about 2 × `max` of spinning in all), and a queue never spins
+//! for longer than `max` without finding work.
 //!
 //! The default `max` (`--queue-poll-us`, 64 µs) is twice QEMU's 32 µs: the window opens only
 //! when a request comes within `max` of the last pass, and a round trip through two sleeping
@@ -104,13 +105,18 @@ impl PollWindow {
 }
 
 /// The window after a pass whose next request came `waited` ns after the queue ran out of
-/// work: unchanged when the window caught it, 0 when it came later than `max_ns`, else grown
-/// towards `max_ns` (QEMU's `adjust_polling_time` with its default grow and shrink factors).
+/// work: unchanged when the window caught it; halved when it came later than `max_ns` (0 once
+/// below the first window), so one late request among quick ones does not close the window
+/// while a pause closes it within a few requests; else grown towards `max_ns` (QEMU's
+/// `adjust_polling_time` with a grow factor of 2 and a shrink factor of 2).
 fn next_window(window: u64, waited: u64, max_ns: u64) -> u64 {
     if waited <= window {
         window
     } else if waited > max_ns {
-        0
+        match window / 2 {
+            half if half < FIRST_WINDOW_NS => 0,
+            half => half,
+        }
     } else if window == 0 {
         FIRST_WINDOW_NS.min(max_ns)
     } else {
@@ -138,8 +144,14 @@ mod tests {
     }
 
     #[test]
-    fn window_collapses_when_a_request_comes_later_than_max() {
-        assert_eq!(next_window(32_000, MAX + 1, MAX), 0);
+    fn window_shrinks_when_requests_come_later_than_max_and_closes() {
+        let mut w = MAX;
+        let mut seen = vec![];
+        while w != 0 {
+            w = next_window(w, MAX + 1, MAX);
+            seen.push(w);
+        }
+        assert_eq!(seen, [16_384, 8_192, 4_096, 0]);
         assert_eq!(next_window(0, 1_000_000, MAX), 0);
         assert_eq!(next_window(4_000, 5_000, MAX), 8_000);
         // Never above the maximum, however small.
@@ -181,7 +193,7 @@ mod tests {
             looks == 3
         }));
         assert_eq!(looks, 3);
-        // A pause of a second: back to sleeping at once.
+        // A pause of a second: the window below its first size, so sleeping at once.
         let since = w.idle_since_ns.load(Ordering::Relaxed);
         w.woken_at(since + 1_000_000_000);
         assert_eq!(w.window(), Duration::ZERO);
