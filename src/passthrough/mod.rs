@@ -62,7 +62,7 @@ mod tests;
 use std::ffi::CStr;
 use std::fs::File;
 use std::io;
-use std::os::fd::AsRawFd;
+use std::os::fd::{AsRawFd, RawFd};
 use std::os::unix::ffi::OsStrExt;
 use std::path::PathBuf;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
@@ -849,6 +849,19 @@ impl PassthroughFs {
 
     /// [`do_lookup`](Self::do_lookup); `acquire` as in [`LeaseKeeper::grant`].
     fn lookup_granting(&self, parent: &InodeData, name: &CStr, acquire: bool) -> io::Result<Entry> {
+        self.lookup_at(parent, None, name, acquire)
+    }
+
+    /// [`lookup_granting`](Self::lookup_granting) with `parent_fd`, a descriptor of `parent`
+    /// the caller already has open (READDIRPLUS's directory handle), so looking up each of a
+    /// directory's names does not open the directory again (by file handle) for every name.
+    fn lookup_at(
+        &self,
+        parent: &InodeData,
+        parent_fd: Option<RawFd>,
+        name: &CStr,
+        acquire: bool,
+    ) -> io::Result<Entry> {
         let b = name.to_bytes();
         if b == b"." || (b == b".." && parent.inode == ROOT_INODE) {
             // The root's parent is not part of the share: ".." there is the root again.
@@ -859,12 +872,15 @@ impl PassthroughFs {
         if b.is_empty() || b.contains(&b'/') {
             return Err(einval());
         }
-        let file = openat(
-            parent.fd()?.as_raw_fd(),
-            name,
-            libc::O_PATH | libc::O_NOFOLLOW,
-            0,
-        )?;
+        let opened;
+        let dir_fd = match parent_fd {
+            Some(fd) => fd,
+            None => {
+                opened = parent.fd()?;
+                opened.as_raw_fd()
+            }
+        };
+        let file = openat(dir_fd, name, libc::O_PATH | libc::O_NOFOLLOW, 0)?;
         // A submount's ".." is its parent mount, not a submount of it.
         let parent_id = (b != b"..").then_some(&parent.id);
         // The guest will hold a dentry under this name (not for "..": it never does).

@@ -5,7 +5,7 @@ use std::ffi::CStr;
 use std::fs::File;
 use std::io;
 use std::mem::ManuallyDrop;
-use std::os::fd::{AsFd, AsRawFd, FromRawFd};
+use std::os::fd::{AsFd, AsRawFd, FromRawFd, RawFd};
 use std::sync::atomic::Ordering;
 use std::time::Duration;
 
@@ -172,16 +172,16 @@ impl PassthroughFs {
         self.do_lookup(&p, name)
     }
 
-    /// List directory handle `handle` from `offset`, handing each entry to `emit` until it
-    /// says stop; `getdents_size`: bytes of host entries read per system call (see
-    /// [`dirents_for_reply`]).
+    /// List directory handle `handle` from `offset`, handing each entry and the handle's
+    /// descriptor to `emit` until it says stop; `getdents_size`: bytes of host entries read
+    /// per system call (see [`dirents_for_reply`]).
     fn do_readdir(
         &self,
         inode: u64,
         handle: u64,
         getdents_size: usize,
         offset: u64,
-        mut emit: impl FnMut(&[u8], u64, u64, u32) -> io::Result<bool>,
+        mut emit: impl FnMut(RawFd, &[u8], u64, u64, u32) -> io::Result<bool>,
     ) -> io::Result<()> {
         let h = self.handle(handle, inode)?;
         let _pos = h.lock_position();
@@ -195,7 +195,7 @@ impl PassthroughFs {
                 return Ok(());
             }
             for d in parse_dirents(&buf) {
-                if !emit(d.name, d.ino, d.off, d.type_)? {
+                if !emit(h.as_raw_fd(), d.name, d.ino, d.off, d.type_)? {
                     return Ok(());
                 }
             }
@@ -942,7 +942,7 @@ impl FileSystem for PassthroughFs {
         add_entry: &mut dyn FnMut(DirEntry) -> io::Result<usize>,
     ) -> io::Result<()> {
         let batch = dirents_for_reply(size, 24);
-        self.do_readdir(inode, handle, batch, offset, |name, ino, off, type_| {
+        self.do_readdir(inode, handle, batch, offset, |_, name, ino, off, type_| {
             let n = add_entry(DirEntry {
                 ino,
                 offset: off,
@@ -964,33 +964,39 @@ impl FileSystem for PassthroughFs {
     ) -> io::Result<()> {
         let dir = self.inode(inode)?;
         let batch = dirents_for_reply(size, 152);
-        self.do_readdir(inode, handle, batch, offset, |name, ino, off, type_| {
-            let dirent = DirEntry {
-                ino,
-                offset: off,
-                type_,
-                name,
-            };
-            // The guest ignores node ids given for "." and ".." (it would never forget them),
-            // and an entry that vanished since getdents is simply not described.
-            let entry = if name == b"." || name == b".." {
-                Entry::default()
-            } else {
-                match std::ffi::CString::new(name) {
-                    Ok(cname) => self
-                        .lookup_granting(&dir, &cname, false)
-                        .unwrap_or_default(),
-                    Err(_) => Entry::default(),
+        self.do_readdir(
+            inode,
+            handle,
+            batch,
+            offset,
+            |dir_fd, name, ino, off, type_| {
+                let dirent = DirEntry {
+                    ino,
+                    offset: off,
+                    type_,
+                    name,
+                };
+                // The guest ignores node ids given for "." and ".." (it would never forget them),
+                // and an entry that vanished since getdents is simply not described.
+                let entry = if name == b"." || name == b".." {
+                    Entry::default()
+                } else {
+                    match std::ffi::CString::new(name) {
+                        Ok(cname) => self
+                            .lookup_at(&dir, Some(dir_fd), &cname, false)
+                            .unwrap_or_default(),
+                        Err(_) => Entry::default(),
+                    }
+                };
+                let looked_up = entry.inode;
+                let n = add_entry(dirent, entry)?;
+                if n == 0 && looked_up != 0 {
+                    // Did not fit: the guest never saw this lookup.
+                    self.inodes.forget(looked_up, 1);
                 }
-            };
-            let looked_up = entry.inode;
-            let n = add_entry(dirent, entry)?;
-            if n == 0 && looked_up != 0 {
-                // Did not fit: the guest never saw this lookup.
-                self.inodes.forget(looked_up, 1);
-            }
-            Ok(n > 0)
-        })
+                Ok(n > 0)
+            },
+        )
     }
 
     fn fsyncdir(&self, ctx: &Context, inode: u64, datasync: bool, handle: u64) -> io::Result<()> {
