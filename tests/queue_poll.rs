@@ -61,7 +61,7 @@ fn a_polling_queue_takes_back_to_back_requests_without_kicks() {
 }
 
 #[test]
-fn without_polling_every_request_on_an_idle_queue_is_kicked() {
+fn without_polling_most_requests_on_an_idle_queue_are_kicked() {
     let (_backend, fuse) = start("0");
     let (requests, kicks, left_out) = back_to_back(&fuse);
     assert_eq!(
@@ -70,11 +70,12 @@ fn without_polling_every_request_on_an_idle_queue_is_kicked() {
         "every request either kicked or not"
     );
     // One request at a time: the queue re-enables notifications as soon as it has answered,
-    // so nearly every request needs its kick. (A request that the client sends between the
-    // reply and the re-enabling is taken in the same pass without one: a few per cent.)
+    // so most requests need their kick. (A request that the client sends between the reply
+    // and the re-enabling is taken in the same pass without one: 3% in a debug build, up to
+    // 16% in a release build with the other tests running; with polling it is over 90%.)
     assert!(
-        left_out <= requests / 10,
-        "with --queue-poll-us 0 nearly every request must be kicked; {kicks} kicked, \
+        left_out < requests / 2,
+        "with --queue-poll-us 0 most requests must be kicked; {kicks} kicked, \
          {left_out} left out"
     );
 }
