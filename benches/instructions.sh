@@ -25,7 +25,10 @@
 # Configs: leasefsd-default (no --cache: coherent), leasefsd-always (--cache always),
 # virtiofsd-auto (--cache auto), virtiofsd-always (--cache always); all with
 # --sandbox none --seccomp none (a seccomp filter runs in the kernel, so it would not show,
-# and valgrind's own system calls could trip it).
+# and valgrind's own system calls could trip it); leasefsd also with --queue-poll-us 0: a
+# queue thread spinning on an empty ring executes instructions for as long as it waits
+# (under valgrind, the bench's next request comes much later), which is idle time, not the
+# cost of a request, and would make the figure depend on timing.
 #
 # --leasefsd/--bench use given binaries instead of building; --label then says what they are
 # (e.g. a commit), for the report.
@@ -178,8 +181,8 @@ run_one() {
     local sock="$WORK/$tag.sock"
     local bin args=(--sandbox none --seccomp none)
     case "$config" in
-        leasefsd-default) bin="$LEASEFSD" ;;
-        leasefsd-*) bin="$LEASEFSD"; args+=(--cache "${config#leasefsd-}") ;;
+        leasefsd-default) bin="$LEASEFSD"; args+=(--queue-poll-us 0) ;;
+        leasefsd-*) bin="$LEASEFSD"; args+=(--queue-poll-us 0 --cache "${config#leasefsd-}") ;;
         virtiofsd-*) bin="$VIRTIOFSD"; args+=(--cache "${config#virtiofsd-}") ;;
     esac
     rm -f "$OUT/cg/$tag".*.out

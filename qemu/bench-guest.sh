@@ -146,7 +146,10 @@ build_fio() {
     log "building a static fio from Debian's source (about a minute)"
     (
         cd "$tmp"
-        apt-get source --download-only fio >&2 \
+        # The host release's fio (3.33 on bookworm), not a newer one from other suites in
+        # the apt sources (the current stack's build adds trixie's, whose pool files are
+        # not all on the mirror).
+        apt-get source --download-only "fio/$(. /etc/os-release && echo "$VERSION_CODENAME")" >&2 \
             || die "apt-get source fio failed (needs deb-src in the apt sources, as qemu/build-notify-qemu.sh sets up)"
         tar xzf fio_*.orig.tar.gz
         cd fio-*/

@@ -149,6 +149,7 @@ declare -A cfg_daemon=(
     [virtiofsd-never]=virtiofsd
     [leasefsd-lease0]=leasefsd
     [leasefsd-always]=leasefsd
+    [leasefsd-nopoll]=leasefsd
     [two-leasefsd]=leasefsd
 )
 declare -A cfg_args=(
@@ -158,6 +159,7 @@ declare -A cfg_args=(
     [virtiofsd-never]="--cache never --sandbox none"
     [leasefsd-lease0]="--lease-timeout 0 --sandbox none"
     [leasefsd-always]="--cache always --sandbox none"
+    [leasefsd-nopoll]="--queue-poll-us 0 --sandbox none"
     [two-leasefsd]="--sandbox none"
 )
 
