@@ -150,6 +150,8 @@ declare -A cfg_daemon=(
     [leasefsd-lease0]=leasefsd
     [leasefsd-always]=leasefsd
     [leasefsd-nopoll]=leasefsd
+    [leasefsd-trace]=leasefsd
+    [virtiofsd-auto-trace]=virtiofsd
     [two-leasefsd]=leasefsd
 )
 declare -A cfg_args=(
@@ -160,6 +162,8 @@ declare -A cfg_args=(
     [leasefsd-lease0]="--lease-timeout 0 --sandbox none"
     [leasefsd-always]="--cache always --sandbox none"
     [leasefsd-nopoll]="--queue-poll-us 0 --sandbox none"
+    [leasefsd-trace]="--log-level trace --sandbox none"
+    [virtiofsd-auto-trace]="--cache auto --log-level trace --sandbox none"
     [two-leasefsd]="--sandbox none"
 )
 

@@ -223,6 +223,19 @@ run() {
         [ "$(cat "$share/from-guest" 2>/dev/null)" = "guest wrote this" ] \
             || { log "$name: the guest's file is not on the host"; status=1; }
     fi
+    # A guest kernel that crashed while booting, before /init ran, never reached the daemon
+    # (TCG flake; run-vm.sh boots such a guest once more too): boot it once more.
+    if [ "$status" -ne 0 ] && [ -z "${boot_retried:-}" ] \
+            && ! grep -aq 'LEASEFS-GUEST-INIT' "$dir/console.log" 2>/dev/null \
+            && grep -aEq 'Kernel panic|Oops:' "$dir/console.log" 2>/dev/null; then
+        cp "$dir/console.log" "$logs/$name.boot-crash.console.log" 2>/dev/null || true
+        log "$name: the guest kernel crashed while booting, before /init ran (console: $logs/$name.boot-crash.console.log); booting once more"
+        virsh_ destroy "$dom" >/dev/null 2>&1 || true
+        virsh_ undefine "$dom" >/dev/null 2>&1 || true
+        rm -rf "$dir" "$share"
+        boot_retried=1 run "$@"
+        return
+    fi
     cp "$dir/console.log" "$logs/$name.console.log" 2>/dev/null || true
     cp /var/log/libvirt/qemu/"$dom"-fs0-virtiofsd.log "$logs/$name.daemon.log" 2>/dev/null || true
     grep -h 'leasefsd\|virtiofsd' /var/log/libvirt/qemu/"$dom".log > "$logs/$name.qemu-cmd" \
