@@ -122,6 +122,15 @@ fn requests_traced() -> bool {
     log::max_level() >= log::LevelFilter::Trace
 }
 
+/// Log a request answered here rather than by the crate's server, in the server's words.
+fn trace_request(header: &InHeader) {
+    log::trace!(
+        "fuse: new req {:?}: {:?}",
+        fuse_backend_rs::abi::fuse_abi::Opcode::from(header.opcode),
+        header
+    );
+}
+
 impl FuseDispatcher {
     /// `notifier` receives the guest's confirmations of notifications (FUSE_NOTIFY_REPLY).
     pub fn new(fs: Arc<Fs>, readonly: bool, notifier: Arc<Notifier>) -> Self {
@@ -369,12 +378,14 @@ impl FuseDispatcher {
         room: usize,
     ) -> Option<LocalReply> {
         if self.readonly && refused_on_readonly(header, request.clone()) {
+            trace_request(header);
             return Some(Err(libc::EROFS));
         }
         if !LOCAL_OPCODES.contains(&header.opcode) {
             // Most requests: no copy of the reader's buffer list.
             return None;
         }
+        trace_request(header);
         let mut body = request.clone();
         let _ = body.read_obj::<InHeader>();
         let ctx = Context::from(header);

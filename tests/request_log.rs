@@ -32,6 +32,15 @@ fn trace_logs_every_request_including_fast_path_ones() {
     assert_eq!(logged(&backend, "Lookup"), 1);
     assert_eq!(logged(&backend, "Open"), 1);
     assert_eq!(logged(&backend, "Read"), 1);
+    // READDIRPLUS is answered by leasefs's own encoder, not the crate's server.
+    let dir = fuse.opendir(ROOT_ID).expect("OPENDIR");
+    fuse.readdirplus(ROOT_ID, dir.fh, 0, 4096)
+        .expect("READDIRPLUS");
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(5);
+    while logged(&backend, "Readdirplus") < 1 && std::time::Instant::now() < deadline {
+        std::thread::sleep(std::time::Duration::from_millis(20));
+    }
+    assert_eq!(logged(&backend, "Readdirplus"), 1, "{}", backend.log());
 }
 
 #[test]
