@@ -335,24 +335,14 @@ impl FsDevice {
             event_idx: AtomicBool::new(false),
             acked_features: AtomicU64::new(0),
             pool,
-            polls: (0..2 + num_request_queues)
-                .map(|_| PollWindow::new(Duration::ZERO))
-                .collect(),
+            polls: poll_windows(2 + num_request_queues, Duration::ZERO),
         })
     }
 
     /// Let each request queue busy-poll for up to `max` after it runs out of work
     /// ([`crate::queue_poll`]); zero turns polling off.
     pub fn with_queue_poll(mut self, max: Duration) -> Self {
-        self.polls = (0..self.num_queues())
-            .map(|i| {
-                PollWindow::new(if i == HIPRIO_QUEUE {
-                    Duration::ZERO
-                } else {
-                    max
-                })
-            })
-            .collect();
+        self.polls = poll_windows(self.num_queues(), max);
         self
     }
 
@@ -396,6 +386,20 @@ impl FsDevice {
         }
         config.as_slice().to_vec()
     }
+}
+
+/// A polling window of at most `max` for each of `num_queues` queues, by virtio queue index;
+/// hiprio's never polls (its requests are rare and never back to back).
+fn poll_windows(num_queues: usize, max: Duration) -> Vec<PollWindow> {
+    (0..num_queues)
+        .map(|i| {
+            PollWindow::new(if i == HIPRIO_QUEUE {
+                Duration::ZERO
+            } else {
+                max
+            })
+        })
+        .collect()
 }
 
 impl VhostUserBackend for FsDevice {

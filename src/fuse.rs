@@ -116,8 +116,7 @@ pub struct FuseDispatcher {
 type LocalReply = Result<Vec<u8>, i32>;
 
 /// Whether every request is to be logged (`--log-level trace`): the crate's server logs each
-/// one ("fuse: new req ..."), as virtiofsd does, so the fast path steps aside; one load of the
-/// log level otherwise.
+/// one ("fuse: new req ..."), as virtiofsd does; one load of the log level.
 fn requests_traced() -> bool {
     log::max_level() >= log::LevelFilter::Trace
 }
@@ -189,14 +188,20 @@ impl FuseDispatcher {
         mem: &GuestMemoryMmap,
         chain: &Chain,
     ) -> Result<u32, Option<InHeader>> {
-        if requests_traced() {
-            return Err(Self::peek_header(mem, chain));
-        }
-        match fast_path::serve(&self.fs, self.agreed(), mem, chain) {
+        match self.serve_fast(mem, chain) {
             fast_path::Served::Done(len) => Ok(len),
             fast_path::Served::Pass(Some(header)) => Err(Some(header)),
             fast_path::Served::Pass(None) => Err(Self::peek_header(mem, chain)),
         }
+    }
+
+    /// [`fast_path::serve`], unless every request is to be logged: the fast path then steps
+    /// aside for the crate's server, which logs each one.
+    fn serve_fast(&self, mem: &GuestMemoryMmap, chain: &Chain) -> fast_path::Served {
+        if requests_traced() {
+            return fast_path::Served::Pass(None);
+        }
+        fast_path::serve(&self.fs, self.agreed(), mem, chain)
     }
 
     fn agreed(&self) -> fast_path::Agreed {
@@ -214,10 +219,8 @@ impl FuseDispatcher {
         chain: Chain,
         header: Option<InHeader>,
     ) -> u32 {
-        if header.is_some() && !requests_traced() {
-            if let fast_path::Served::Done(len) =
-                fast_path::serve(&self.fs, self.agreed(), mem, &chain)
-            {
+        if header.is_some() {
+            if let fast_path::Served::Done(len) = self.serve_fast(mem, &chain) {
                 return len;
             }
         }

@@ -2,12 +2,22 @@
 //! request would have taken the fast path (src/fast_path.rs): qemu/bench-tree.sh
 //! --count-requests and anyone debugging a guest rely on it.
 
+use std::time::{Duration, Instant};
+
 use leasefs::frontend::process::Backend;
 use leasefs::frontend::{FrontendConfig, ROOT_ID};
 
 /// How many logged requests of `opcode` the daemon's log holds.
 fn logged(backend: &Backend, opcode: &str) -> usize {
     backend.log().matches(&format!("new req {opcode}")).count()
+}
+
+/// Wait up to 5 s for the daemon's threads to log a first `opcode` request.
+fn await_logged(backend: &Backend, opcode: &str) {
+    let deadline = Instant::now() + Duration::from_secs(5);
+    while logged(backend, opcode) < 1 && Instant::now() < deadline {
+        std::thread::sleep(Duration::from_millis(20));
+    }
 }
 
 #[test]
@@ -23,11 +33,7 @@ fn trace_logs_every_request_including_fast_path_ones() {
     let entry = fuse.lookup(ROOT_ID, "f").expect("LOOKUP");
     let open = fuse.open(entry.nodeid, libc::O_RDONLY).expect("OPEN");
     assert_eq!(fuse.read(entry.nodeid, open.fh, 0, 10).unwrap(), b"x");
-    // The log is written by the daemon's threads; give it a moment.
-    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(5);
-    while logged(&backend, "Read") < 1 && std::time::Instant::now() < deadline {
-        std::thread::sleep(std::time::Duration::from_millis(20));
-    }
+    await_logged(&backend, "Read");
     assert_eq!(logged(&backend, "Getattr"), 5, "{}", backend.log());
     assert_eq!(logged(&backend, "Lookup"), 1);
     assert_eq!(logged(&backend, "Open"), 1);
@@ -36,10 +42,7 @@ fn trace_logs_every_request_including_fast_path_ones() {
     let dir = fuse.opendir(ROOT_ID).expect("OPENDIR");
     fuse.readdirplus(ROOT_ID, dir.fh, 0, 4096)
         .expect("READDIRPLUS");
-    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(5);
-    while logged(&backend, "Readdirplus") < 1 && std::time::Instant::now() < deadline {
-        std::thread::sleep(std::time::Duration::from_millis(20));
-    }
+    await_logged(&backend, "Readdirplus");
     assert_eq!(logged(&backend, "Readdirplus"), 1, "{}", backend.log());
 }
 
