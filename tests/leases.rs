@@ -50,6 +50,22 @@ fn host_write(path: &std::path::Path, data: &[u8]) -> Duration {
     waited
 }
 
+/// Write `data` to `path` as a host editor would and check the writer was held until the
+/// guest's lease granted at `granted` had run out, and not far past it.
+fn host_write_held(backend: &Backend, path: &std::path::Path, data: &[u8], granted: Instant) {
+    let waited = host_write(path, data);
+    let since_grant = granted.elapsed();
+    assert!(
+        since_grant >= LEASE,
+        "the host writer got through {since_grant:?} after the grant, inside the guest's {LEASE:?} lease (it waited {waited:?})\n{}",
+        backend.log()
+    );
+    assert!(
+        waited < LEASE + Duration::from_secs(2),
+        "the host writer was held {waited:?}, far past the lease"
+    );
+}
+
 #[test]
 fn host_writer_waits_for_the_guest_lease_and_the_guest_then_sees_the_write() {
     let (backend, fuse) = start("0.6");
@@ -65,17 +81,7 @@ fn host_writer_waits_for_the_guest_lease_and_the_guest_then_sees_the_write() {
     assert_eq!(valid(entry.entry_valid, entry.entry_valid_nsec), LEASE);
     let granted = Instant::now();
 
-    let waited = host_write(&path, b"NEW CONTENTS, longer");
-    let since_grant = granted.elapsed();
-    assert!(
-        since_grant >= LEASE,
-        "the host writer got through {since_grant:?} after the grant, inside the guest's {LEASE:?} lease (it waited {waited:?})\n{}",
-        backend.log()
-    );
-    assert!(
-        waited < LEASE + Duration::from_secs(2),
-        "the host writer was held {waited:?}, far past the lease"
-    );
+    host_write_held(&backend, &path, b"NEW CONTENTS, longer", granted);
 
     // The writer still has the file open: no lease can be had, so no attribute time either.
     let mut writer = OpenOptions::new().append(true).open(&path).unwrap();
@@ -483,4 +489,135 @@ fn a_host_lease_that_cannot_be_had_is_not_retried_per_request() {
         );
         thread::sleep(Duration::from_millis(20));
     }
+}
+
+/// Whether a host process could take a read lease on `path` now: only while nobody has the
+/// file open for writing (a descriptor the daemon kept after the guest closed its handle would
+/// show here). Opened O_NONBLOCK, so a write lease still held answers EWOULDBLOCK instead of
+/// waiting for it.
+fn host_read_lease_possible(path: &std::path::Path) -> bool {
+    use std::os::fd::AsRawFd;
+    use std::os::unix::fs::OpenOptionsExt;
+    let Ok(f) = OpenOptions::new()
+        .read(true)
+        .custom_flags(libc::O_NONBLOCK)
+        .open(path)
+    else {
+        return false;
+    };
+    // SAFETY: fcntl on a descriptor we own.
+    let ok = unsafe { libc::fcntl(f.as_raw_fd(), libc::F_SETLEASE, libc::F_RDLCK) } == 0;
+    // SAFETY: as above.
+    unsafe { libc::fcntl(f.as_raw_fd(), libc::F_SETLEASE, libc::F_UNLCK) };
+    ok
+}
+
+const CREATE_FLAGS: i32 = libc::O_WRONLY | libc::O_CREAT | libc::O_EXCL;
+
+/// CREATE `name` in the root as `tar x` does, check the reply carries the lease `lease` (a
+/// file only the guest has open is leased: a host write lease on its handle) and write
+/// `data` through the new handle. Returns the entry, the handle and when the lease began.
+fn create_leased(
+    backend: &Backend,
+    fuse: &FuseClient,
+    name: &str,
+    lease: Duration,
+    data: &[u8],
+) -> (fuse_backend_rs::abi::fuse_abi::EntryOut, u64, Instant) {
+    let (entry, open) = fuse
+        .create(ROOT_ID, name, CREATE_FLAGS, 0o644)
+        .expect("CREATE");
+    let granted = Instant::now();
+    assert_eq!(
+        valid(entry.attr_valid, entry.attr_valid_nsec),
+        lease,
+        "a file only the guest has open is leased, so the guest need not revalidate it at once\n{}",
+        backend.log()
+    );
+    fuse.write(entry.nodeid, open.fh, 0, data).expect("WRITE");
+    (entry, open.fh, granted)
+}
+
+#[test]
+fn a_file_the_guest_creates_is_leased_and_a_host_writer_waits_for_it() {
+    let (backend, fuse) = start("0.6");
+    let path = backend.share().join("made");
+    let (entry, fh, granted) = create_leased(&backend, &fuse, "made", LEASE, b"guest bytes");
+
+    // A host writer while the guest still has the file open waits for the guest's lease.
+    host_write_held(&backend, &path, b"HOST", granted);
+    // The write lease is gone and the guest's handle is still open: no attribute time.
+    let attr = fuse.getattr(entry.nodeid).expect("GETATTR");
+    assert_eq!(valid(attr.attr_valid, attr.attr_valid_nsec), Duration::ZERO);
+    assert_eq!(fs::read(&path).unwrap(), b"HOSTt bytes");
+    fuse.release(entry.nodeid, fh, libc::O_WRONLY)
+        .expect("RELEASE");
+    assert!(
+        lease_counter(&backend, "write leases") >= 1,
+        "{}",
+        backend.counters_line("leases: ")
+    );
+}
+
+#[test]
+fn the_guests_own_opens_of_a_file_it_created_never_wait() {
+    let (backend, fuse) = start("5");
+    let (entry, fh, _) = create_leased(
+        &backend,
+        &fuse,
+        "mine",
+        Duration::from_secs(5),
+        b"0123456789",
+    );
+    let start = Instant::now();
+    // A read-only open of the file the guest is writing (its own `cat`, a linker reading
+    // its output back): the daemon's own open would break its own write lease.
+    let reader = fuse.open(entry.nodeid, libc::O_RDONLY).expect("OPEN");
+    assert_eq!(
+        fuse.read(entry.nodeid, reader.fh, 0, 64).expect("READ"),
+        b"0123456789"
+    );
+    let writer = fuse.open(entry.nodeid, libc::O_RDWR).expect("OPEN rw");
+    let truncated = fuse.truncate(entry.nodeid, 4).expect("SETATTR size");
+    assert_eq!(truncated.attr.size, 4);
+    assert!(
+        start.elapsed() < Duration::from_secs(2),
+        "the guest's own opens waited {:?} on the daemon's own lease",
+        start.elapsed()
+    );
+    for fh in [reader.fh, writer.fh, fh] {
+        fuse.release(entry.nodeid, fh, libc::O_RDWR)
+            .expect("RELEASE");
+    }
+    assert!(
+        host_read_lease_possible(&backend.share().join("mine")),
+        "after the guest closed every handle, something still has the file open for writing"
+    );
+}
+
+#[test]
+fn after_the_guest_closes_a_file_it_created_host_writers_still_wait_for_its_lease() {
+    let (backend, fuse) = start("0.6");
+    let path = backend.share().join("closed");
+    let (entry, fh, granted) = create_leased(&backend, &fuse, "closed", LEASE, b"guest");
+    fuse.flush(entry.nodeid, fh, 0).expect("FLUSH");
+    fuse.release(entry.nodeid, fh, libc::O_WRONLY)
+        .expect("RELEASE");
+    // The daemon kept no descriptor open for writing (a write lease lives on the guest's
+    // handle; the handle is closed).
+    assert!(
+        host_read_lease_possible(&path),
+        "the guest closed its handle, yet the file is still open for writing"
+    );
+    // Now under a read lease: host readers go on at once.
+    let read_started = Instant::now();
+    assert_eq!(fs::read(&path).unwrap(), b"guest");
+    assert!(
+        read_started.elapsed() < Duration::from_millis(300),
+        "a host reader of the closed file waited {:?}",
+        read_started.elapsed()
+    );
+    // The guest may still use the size it was given under the write lease: a host writer
+    // now waits for the rest of that lease, as for any leased file.
+    host_write_held(&backend, &path, b"HOST!", granted);
 }

@@ -588,3 +588,46 @@ fn host_changes_become_fsnotify_events_only_for_a_guest_that_offers_them() {
         assert!(late.is_empty(), "{late:?}");
     }
 }
+
+#[test]
+fn a_host_writer_of_a_file_the_guest_is_writing_waits_only_for_its_confirmation() {
+    // A file the guest created is leased on its own handle (a host write lease); on the
+    // notify stack a host writer then waits for the guest's confirmation, not the 10 s lease.
+    let (backend, device, fuse) = start_notify(&["--log-level", "debug"]);
+    let (entry, open) = fuse
+        .create(
+            ROOT_ID,
+            "written",
+            libc::O_WRONLY | libc::O_CREAT | libc::O_EXCL,
+            0o644,
+        )
+        .expect("CREATE");
+    assert!(
+        entry.attr_valid >= 1,
+        "a file only the guest has open is leased\n{}",
+        backend.log()
+    );
+    fuse.write(entry.nodeid, open.fh, 0, b"guest")
+        .expect("WRITE");
+    let stop = Arc::new(AtomicBool::new(false));
+    let driver = guest_driver(device.clone(), Duration::from_millis(1), stop.clone());
+    let started = Instant::now();
+    fs::write(backend.share().join("written"), b"host").unwrap();
+    let waited = started.elapsed();
+    stop.store(true, Ordering::SeqCst);
+    let notices = driver.join().unwrap();
+    assert!(
+        notices
+            .iter()
+            .any(|n| n.unique != 0 && n.node == entry.nodeid),
+        "no INVAL_INODE awaiting confirmation for node {}: {notices:?}\n{}",
+        entry.nodeid,
+        backend.log()
+    );
+    assert!(
+        waited < Duration::from_secs(2),
+        "the host writer waited {waited:?}: longer than a confirmation takes"
+    );
+    fuse.release(entry.nodeid, open.fh, libc::O_WRONLY)
+        .expect("RELEASE");
+}

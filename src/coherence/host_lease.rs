@@ -105,6 +105,28 @@ pub fn take_delegation(fs: &PassthroughFs, data: &InodeData) -> Result<OwnedFd, 
     Ok(fd)
 }
 
+/// Take a write lease on the open file description of `file`, the descriptor a guest CREATE
+/// just opened: the kernel grants it only while that description is the file's only open, and
+/// breaks it before any other open (for reading too) or truncation. It lives on a duplicate
+/// of the descriptor, which the lease table keeps and gives up with [`release`] (closing the
+/// duplicate alone would not end it: the guest's handle shares the description).
+pub fn take_write(file: &impl AsRawFd, data: &InodeData) -> Result<OwnedFd, Refused> {
+    // SAFETY: F_DUPFD_CLOEXEC on a descriptor the caller keeps open; checked.
+    let dup = unsafe { libc::fcntl(file.as_raw_fd(), libc::F_DUPFD_CLOEXEC, 0) };
+    if dup < 0 {
+        debug!(
+            "no write lease on node {}: dup: {}",
+            data.inode,
+            io::Error::last_os_error()
+        );
+        return Err(Refused::Unreachable);
+    }
+    // SAFETY: a descriptor just made for us alone.
+    let fd = unsafe { OwnedFd::from_raw_fd(dup) };
+    set_kind(&fd, data, libc::F_WRLCK)?;
+    Ok(fd)
+}
+
 fn reopen(fs: &PassthroughFs, data: &InodeData, flags: i32) -> Result<OwnedFd, Refused> {
     ReadOnly::new(flags)
         .and_then(|f| fs.reopen_data(data, f))
@@ -117,6 +139,9 @@ fn reopen(fs: &PassthroughFs, data: &InodeData, flags: i32) -> Result<OwnedFd, R
 
 /// Ask for the break signal on `fd`, then a read lease or (`delegation`) a read delegation.
 fn set(fd: &OwnedFd, data: &InodeData, delegation: bool) -> Result<(), Refused> {
+    if !delegation {
+        return set_kind(fd, data, libc::F_RDLCK);
+    }
     let mut want = Delegation {
         d_type: libc::F_RDLCK as u16,
         ..Delegation::default()
@@ -124,18 +149,32 @@ fn set(fd: &OwnedFd, data: &InodeData, delegation: bool) -> Result<(), Refused> 
     // SAFETY: fcntl on a descriptor we own (with a struct of the kernel's layout); checked.
     let ok = unsafe {
         libc::fcntl(fd.as_raw_fd(), F_SETSIG, lease_signal()) == 0
-            && if delegation {
-                libc::fcntl(fd.as_raw_fd(), F_SETDELEG, &mut want as *mut Delegation) == 0
-            } else {
-                libc::fcntl(fd.as_raw_fd(), F_SETLEASE, libc::F_RDLCK) == 0
-            }
+            && libc::fcntl(fd.as_raw_fd(), F_SETDELEG, &mut want as *mut Delegation) == 0
     };
     if !ok {
-        let e = io::Error::last_os_error();
-        debug!("no host lease on node {}: {e}", data.inode);
-        return Err(Refused::of_setlease(&e));
+        return Err(refused(data));
     }
     Ok(())
+}
+
+/// Ask for the break signal on `fd`, then a lease of `kind` (F_RDLCK or F_WRLCK).
+fn set_kind(fd: &OwnedFd, data: &InodeData, kind: libc::c_int) -> Result<(), Refused> {
+    // SAFETY: fcntl on a descriptor we own; checked.
+    let ok = unsafe {
+        libc::fcntl(fd.as_raw_fd(), F_SETSIG, lease_signal()) == 0
+            && libc::fcntl(fd.as_raw_fd(), F_SETLEASE, kind) == 0
+    };
+    if !ok {
+        return Err(refused(data));
+    }
+    Ok(())
+}
+
+/// The refusal the last failed fcntl means, logged.
+fn refused(data: &InodeData) -> Refused {
+    let e = io::Error::last_os_error();
+    debug!("no host lease on node {}: {e}", data.inode);
+    Refused::of_setlease(&e)
 }
 
 /// Give a lease or a delegation up: the breaker (if any) goes on.

@@ -13,7 +13,11 @@
 //!   cached attributes: its next read asks for them, sees the new mtime and drops the stale
 //!   pages (FUSE_AUTO_INVAL_DATA). While a break is pending, or while the file is open for
 //!   writing anywhere (no lease can be had), its attributes are granted for 0 s: the guest
-//!   revalidates before every read.
+//!   revalidates before every read. The one exception is a file the guest's CREATE opened
+//!   while nobody else had it open: a write lease (`F_WRLCK`) on the guest's own handle
+//!   ([`LeaseKeeper::lease_created`]) breaks before any other open, so it covers the file
+//!   while the guest writes it; the daemon's own opens give it up first, and the guest's
+//!   close trades it for a read lease (docs/coherency.md, "Files the guest is writing").
 //! * **Names** (entries) are granted for the lease duration; the kernel has no event before a
 //!   rename or unlink. OPEN closes the gap for data: opening an inode that lost its name since
 //!   we granted it (unlinked, replaced by a rename, or renamed away) answers ESTALE once, and
@@ -51,6 +55,7 @@
 
 use std::cmp::Reverse;
 use std::collections::BinaryHeap;
+use std::fs::File;
 use std::os::fd::{AsRawFd, OwnedFd, RawFd};
 use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard, Weak};
@@ -108,6 +113,11 @@ pub use host_lease::block_signals;
 pub struct LeaseStats {
     /// Host file leases taken.
     pub acquired: AtomicU64,
+    /// Write leases taken on the descriptor of a file the guest created (see
+    /// [`LeaseKeeper::lease_created`]), and those given up for the guest's own opens or its
+    /// close before any host process broke them.
+    pub write_leases: AtomicU64,
+    pub write_leases_given_up: AtomicU64,
     /// Host file leases that could not be taken, by cause (see [`Refused`]), and for want of
     /// descriptors (half the descriptor limit is already spent on leases): the guest
     /// revalidates instead.
@@ -163,8 +173,10 @@ impl LeaseStats {
         let g = |c: &AtomicU64| c.load(Ordering::Relaxed);
         let held = g(&self.held);
         format!(
-            "leases: {entries} inodes tracked, {} file leases taken, {} refused ({} open for writing, {} unsupported, {} not permitted, {} unreachable, {} over the descriptor budget; {} retries deferred by back-off), {} broken by host writers, {} given up for guest writes; {held} host writers held, mean {} us, max {} us ({}); {} revocations sent, {} holds ended by confirmation; {} requests answered ESTALE for a stale guest name, {} cache drops at open; {} holds ended by the pause bound while the guest was paused; adaptive: {} grants without lease time while cooling, {} host writers not held (the guest's lease had run out), {cooling}; names: {} directory delegations taken; {} leases or delegations given up for the guest's own name and attribute changes",
+            "leases: {entries} inodes tracked, {} file leases taken, {} write leases on files the guest created ({} given up for its own opens and closes), {} refused ({} open for writing, {} unsupported, {} not permitted, {} unreachable, {} over the descriptor budget; {} retries deferred by back-off), {} broken by host writers, {} given up for guest writes; {held} host writers held, mean {} us, max {} us ({}); {} revocations sent, {} holds ended by confirmation; {} requests answered ESTALE for a stale guest name, {} cache drops at open; {} holds ended by the pause bound while the guest was paused; adaptive: {} grants without lease time while cooling, {} host writers not held (the guest's lease had run out), {cooling}; names: {} directory delegations taken; {} leases or delegations given up for the guest's own name and attribute changes",
             g(&self.acquired),
+            g(&self.write_leases),
+            g(&self.write_leases_given_up),
             g(&self.refused),
             g(&self.refused_open_for_write),
             g(&self.refused_unsupported),
@@ -260,7 +272,9 @@ impl Default for CacheMark {
 /// What the guest was told about one inode. 16 bytes: one per inode the guest caches.
 #[derive(Default)]
 struct Lease {
-    /// The O_RDONLY descriptor carrying our host file lease (regular files only).
+    /// The descriptor carrying our host file lease (regular files only): an O_RDONLY one of
+    /// our own, or, for a node in [`Shard::write_leased`], a duplicate of the guest's CREATE
+    /// handle carrying a write lease.
     file: Option<OwnedFd>,
     /// When the last attribute lease we granted runs out; a host writer is held until then.
     attr_until: Tick,
@@ -317,6 +331,9 @@ struct Shard {
     own_writers: FxHashMap<u64, u32>,
     /// Nodes whose host lease is being taken outside the lock.
     acquiring: FxHashSet<u64>,
+    /// Nodes whose `file` carries a write lease on the guest's CREATE handle rather than a
+    /// read lease: any open of ours, for reading too, must give it up first.
+    write_leased: FxHashSet<u64>,
     refused: FxHashMap<u64, Refusal>,
 }
 
@@ -561,7 +578,7 @@ impl LeaseTable {
         } else {
             Duration::ZERO
         };
-        if !self.install(data.inode, taken, now, extend_by) {
+        if !self.install(data.inode, taken, now, extend_by, false) {
             return Duration::ZERO;
         }
         self.stats.acquired.fetch_add(1, Ordering::Relaxed);
@@ -584,6 +601,7 @@ impl LeaseTable {
         taken: Result<OwnedFd, Refused>,
         now: u64,
         granted: Duration,
+        write: bool,
     ) -> bool {
         let host_now = self.clock.now_ns();
         let mut guard = self.shard(node);
@@ -599,6 +617,9 @@ impl LeaseTable {
                     return false;
                 }
                 s.refused.remove(&node);
+                if write {
+                    s.write_leased.insert(node);
+                }
                 let lease = s.leases.entry(node).or_default();
                 lease.file = Some(fd);
                 self.host_leases.fetch_add(1, Ordering::Relaxed);
@@ -679,7 +700,7 @@ impl LeaseTable {
             },
             None => Err(Refused::Unreachable),
         };
-        let installed = self.install(dir, taken, now, granted);
+        let installed = self.install(dir, taken, now, granted, false);
         if installed {
             self.stats.delegations.fetch_add(1, Ordering::Relaxed);
         }
@@ -699,7 +720,7 @@ impl LeaseTable {
                     Some(fs) => host_lease::take(&fs, &d, self.delegating()),
                     None => Err(Refused::Unreachable),
                 };
-                if self.install(node, taken, now, Duration::ZERO) {
+                if self.install(node, taken, now, Duration::ZERO, false) {
                     self.stats.acquired.fetch_add(1, Ordering::Relaxed);
                 }
             }
@@ -869,6 +890,7 @@ impl LeaseTable {
                 return false;
             }
             let hold = s.holds.remove(&node);
+            s.write_leased.remove(&node);
             let fd = s.leases.get_mut(&node).and_then(|l| l.file.take());
             (hold, fd)
         };
@@ -1024,12 +1046,49 @@ impl LeaseTable {
             if s.holds.contains_key(&node) {
                 return;
             }
+            if !s.write_leased.is_empty() && s.write_leased.remove(&node) {
+                self.stats
+                    .write_leases_given_up
+                    .fetch_add(1, Ordering::Relaxed);
+            }
             s.leases.get_mut(&node).and_then(|l| l.file.take())
         };
         if let Some(fd) = fd {
             counter.fetch_add(1, Ordering::Relaxed);
             self.release_host_lease(fd);
         }
+    }
+
+    /// Give up a write lease [`take_write_lease`] took out of the table, if any.
+    fn give_up_write_lease(&self, fd: Option<OwnedFd>) {
+        if let Some(fd) = fd {
+            self.stats
+                .write_leases_given_up
+                .fetch_add(1, Ordering::Relaxed);
+            self.release_host_lease(fd);
+        }
+    }
+
+    /// Whether `node`, whose host lease we gave up for the guest's own change, should have
+    /// one again at once because the guest still trusts attributes granted under it; if so
+    /// it is marked acquiring, for [`LeaseTable::retake`] with no lock held.
+    fn to_cover_again(&self, s: &mut Shard, node: u64, now: u64) -> bool {
+        let outstanding = s.leases.get(&node).is_some_and(|l| {
+            l.file.is_none()
+                && l.attr_until
+                    .remaining(Tick::now(now), self.longest_ms)
+                    .is_some()
+        });
+        if !outstanding
+            || s.acquiring.contains(&node)
+            || s.holds.contains_key(&node)
+            || s.own_writers.contains_key(&node)
+            || !self.within_budget()
+        {
+            return false;
+        }
+        s.acquiring.insert(node);
+        true
     }
 
     /// The attribute part of [`LeaseKeeper::grant`], and the lease the reply may carry.
@@ -1140,16 +1199,9 @@ impl LeaseKeeper for LeaseTable {
             // The guest still trusts what it was given under the delegation we gave up: cover
             // it again at once, so only a host change racing the guest's own system call goes
             // unheld.
-            let outstanding = s.leases.get(&node).is_some_and(|l| {
-                l.file.is_none()
-                    && l.attr_until
-                        .remaining(Tick::now(now), self.longest_ms)
-                        .is_some()
-            });
-            if !outstanding || s.acquiring.contains(&node) || s.holds.contains_key(&node) {
+            if !self.to_cover_again(s, node, now) {
                 return;
             }
-            s.acquiring.insert(node);
         }
         self.retake(node, now);
     }
@@ -1184,17 +1236,72 @@ impl LeaseKeeper for LeaseTable {
     fn write_handle_closed(&self, data: &InodeData, st: &stat64) {
         let ctime = ctime_ns(st);
         let recent = ctime_is_recent(ctime);
-        let mut guard = self.shard(data.inode);
-        let Some(lease) = guard.leases.get_mut(&data.inode) else {
-            return;
+        let node = data.inode;
+        let write_lease = {
+            let mut guard = self.shard(node);
+            let s = &mut *guard;
+            // The only handle a write lease can be on (any other open of ours gave it up):
+            // give it up now, or our duplicate would keep the file open for writing.
+            let write_lease = take_write_lease(s, node);
+            if let Some(lease) = s.leases.get_mut(&node) {
+                if lease.cache.known() {
+                    lease.cache = if recent {
+                        CacheMark::SUSPECT
+                    } else {
+                        CacheMark::at(ctime)
+                    };
+                }
+            }
+            write_lease
         };
-        if lease.cache.known() {
-            lease.cache = if recent {
-                CacheMark::SUSPECT
-            } else {
-                CacheMark::at(ctime)
-            };
+        self.give_up_write_lease(write_lease);
+    }
+
+    fn write_handle_dropped(&self, data: &InodeData) {
+        if !is_reg(data.mode) {
+            return;
         }
+        let node = data.inode;
+        let now = self.now_ns();
+        {
+            let mut guard = self.shard(node);
+            if !self.to_cover_again(&mut guard, node, now) {
+                return;
+            }
+        }
+        self.retake(node, now);
+    }
+
+    fn lease_created(&self, data: &InodeData, file: &File) -> bool {
+        if self.delegations || !is_reg(data.mode) || self.granted_lease(data).is_zero() {
+            return false;
+        }
+        let node = data.inode;
+        let now = self.now_ns();
+        {
+            let mut guard = self.shard(node);
+            let s = &mut *guard;
+            if s.leases.get(&node).is_some_and(|l| l.file.is_some())
+                || s.holds.contains_key(&node)
+                || s.own_writers.contains_key(&node)
+                || s.acquiring.contains(&node)
+                || !self.within_budget()
+            {
+                return false;
+            }
+            s.acquiring.insert(node);
+        }
+        let taken = host_lease::take_write(file, data);
+        let installed = self.install(node, taken, now, Duration::ZERO, true);
+        if installed {
+            self.stats.write_leases.fetch_add(1, Ordering::Relaxed);
+        }
+        installed
+    }
+
+    fn before_read_open(&self, data: &InodeData) {
+        let fd = take_write_lease(&mut self.shard(data.inode), data.inode);
+        self.give_up_write_lease(fd);
     }
 
     fn end_write(&self, data: &InodeData) {
@@ -1206,6 +1313,18 @@ impl LeaseKeeper for LeaseTable {
             }
         }
     }
+}
+
+/// `node`'s write lease on the guest's CREATE handle, taken out of the table to be given up
+/// before an open of ours would break it or the handle closes. None if it has none, or if a
+/// host opener is already held on it: then our open waits behind that one like another, and
+/// the hold's end gives the lease up.
+fn take_write_lease(s: &mut Shard, node: u64) -> Option<OwnedFd> {
+    if s.write_leased.is_empty() || !s.write_leased.contains(&node) || s.holds.contains_key(&node) {
+        return None;
+    }
+    s.write_leased.remove(&node);
+    s.leases.get_mut(&node).and_then(|l| l.file.take())
 }
 
 /// Extend `lease`'s attribute time to `granted` from `now` (never shorten it).
@@ -1239,6 +1358,9 @@ impl InodeObserver for LeaseTable {
             }
             if !s.acquiring.is_empty() {
                 s.acquiring.remove(&node);
+            }
+            if !s.write_leased.is_empty() {
+                s.write_leased.remove(&node);
             }
             if !s.refused.is_empty() {
                 s.refused.remove(&node);

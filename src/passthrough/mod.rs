@@ -112,8 +112,25 @@ pub trait LeaseKeeper: Send + Sync {
     fn begin_write(&self, data: &InodeData);
     fn end_write(&self, data: &InodeData);
     /// The guest closed a handle it had open for writing; `st` is the inode now. Its cached
-    /// pages hold its own writes, so they may be kept across the next open.
+    /// pages hold its own writes, so they may be kept across the next open. Called while the
+    /// handle's descriptor is still open; a write lease on it ([`Self::lease_created`]) is
+    /// given up here.
     fn write_handle_closed(&self, data: &InodeData, st: &stat64);
+    /// After such a handle's descriptor was dropped: the guest may still trust attributes
+    /// granted while it wrote, so the keeper may take a host lease again at once to cover
+    /// them.
+    fn write_handle_dropped(&self, _data: &InodeData) {}
+    /// CREATE opened `file` (the guest's new handle) on `data`: take a host lease on the
+    /// handle's own open file description if the kernel grants one (nobody else has the file
+    /// open), so the guest may cache the file it is writing. Whether one is held now; then
+    /// the reply's attributes are to be read again and granted under it.
+    fn lease_created(&self, _data: &InodeData, _file: &File) -> bool {
+        false
+    }
+    /// The daemon is about to open `data` read-only ([`PassthroughFs::open_read`]): a write
+    /// lease of ours on it would be broken by that open and hold it up like a host reader, so
+    /// the keeper gives it up first.
+    fn before_read_open(&self, _data: &InodeData) {}
 
     /// Descriptors the keeper holds now (one per host lease); counted against the guest's
     /// descriptor budget.

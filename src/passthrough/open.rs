@@ -92,6 +92,9 @@ impl PassthroughFs {
         if !is_safe_inode(data.mode) {
             return Err(ebadf());
         }
+        if let Some(keeper) = self.leases.get() {
+            keeper.before_read_open(data);
+        }
         let fd = data.fd()?;
         openat(
             self.proc_self_fd.as_raw_fd(),

@@ -744,11 +744,18 @@ impl FileSystem for PassthroughFs {
         if let (Some(context), true) = (&context, created) {
             self.label_created_file(dir.as_raw_fd(), name, &file, context)?;
         }
-        let entry = self.add_inode_of_open_file(&file, &p, Some(name))?;
+        let mut entry = self.add_inode_of_open_file(&file, &p, Some(name))?;
         let data = self.inode(entry.inode)?;
-        // The guest's cache of the new file starts as what the host has: the attributes just
-        // read for the entry.
         if let Some(keeper) = self.leases.get() {
+            // Nobody else has the new file open: a write lease on the guest's own handle
+            // lets it cache the file while it writes; the reply then says what the lease
+            // covers, read under it.
+            if keeper.lease_created(&data, &file) {
+                let st = statx_fd(file.as_raw_fd())?.st;
+                (entry.attr, entry.attr_timeout) = self.attr_reply(&data, st);
+            }
+            // The guest's cache of the new file starts as what the host has: the attributes
+            // just read for the entry.
             keeper.check_open(&data, &entry.attr);
         }
         let handle = self.handles.insert(&data, file, true, false);
@@ -844,14 +851,16 @@ impl FileSystem for PassthroughFs {
         lock_owner: Option<u64>,
     ) -> io::Result<()> {
         let h = self.handles.remove(handle, inode).ok_or_else(ebadf)?;
-        if h.writable {
-            if let (Some(keeper), Ok(data)) = (self.leases.get(), self.inode(inode)) {
+        let written = match (h.writable, self.leases.get()) {
+            (true, Some(keeper)) => self.inode(inode).ok().map(|data| {
                 // The handle's own descriptor: the inode as the guest's writes left it.
                 if let Ok(info) = statx_fd(h.as_raw_fd()) {
                     keeper.write_handle_closed(&data, &info.st);
                 }
-            }
-        }
+                (keeper, data)
+            }),
+            _ => None,
+        };
         if flock_release {
             // An in-flight request may still hold the descriptor open; unlock explicitly.
             // SAFETY: flock on a descriptor we own.
@@ -859,6 +868,10 @@ impl FileSystem for PassthroughFs {
         }
         if let Some(owner) = lock_owner {
             self.release_owner_locks(inode, owner);
+        }
+        drop(h);
+        if let Some((keeper, data)) = written {
+            keeper.write_handle_dropped(&data);
         }
         Ok(())
     }
