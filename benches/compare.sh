@@ -2,7 +2,7 @@
 # Compare leasefsd with virtiofsd 1.14 through leasefs's own vhost-user frontend
 # (target/release/leasefs-bench): same machine, same share directory, one run.
 #
-#   benches/compare.sh [--seconds S] [--threads "1 2"] [--workloads "getattr lookup ..."]
+#   benches/compare.sh [--seconds S] [--repeat N] [--threads "1 2"] [--workloads "getattr lookup ..."]
 #                      [--caches "default always"] [--virtiofsd-caches "auto always"]
 #                      [--out DIR] [--pin CPUS] [--leasefsd BIN --bench BIN [--label TEXT]]
 #
@@ -16,7 +16,13 @@
 # writes DIR/results.md and DIR/results.svg. Run it on an otherwise idle machine: before each
 # cell it waits (up to $WAIT_IDLE seconds, default 600) while rustc, cargo, a linker, QEMU or
 # valgrind is running, and flags runs that overlapped one. With the defaults (7 workloads,
-# 1 and 2 threads, 5 s) that is 70 runs, about 8 minutes.
+# 1 and 2 threads, 3 s, 3 repeats) that is 210 runs, about 17 minutes.
+#
+# --repeat N runs each cell's interleaved sequence N times (the order rotating each time);
+# the report gives each configuration's median run. On this 2-core machine one run's figure
+# depends on where the scheduler puts the daemon's and the bench's threads (the same CPU or
+# two: 52-56k against 36-37k lookups/s in one measurement), which a single run cannot
+# average out; --repeat 1 --seconds 5 is the old single-run matrix (about 8 minutes).
 #
 # --caches / --virtiofsd-caches choose the cache modes (leasefsd: default = no --cache flag).
 # --leasefsd and --bench use given binaries instead of building the work tree (--label then
@@ -26,7 +32,8 @@
 # of same-CPU or cross-CPU wake-ups, at the cost of measuring on one CPU.
 set -euo pipefail
 
-SECONDS_PER_RUN=5
+SECONDS_PER_RUN=3
+REPEAT=3
 THREADS="1 2"
 ALL_WORKLOADS="getattr lookup read4k write4k read1m create-unlink readdirplus"
 WORKLOADS="$ALL_WORKLOADS"
@@ -46,6 +53,8 @@ while [ $# -gt 0 ]; do
     case "$1" in
         --seconds) SECONDS_PER_RUN="$2"; shift 2 ;;
         --seconds=*) SECONDS_PER_RUN="${1#*=}"; shift ;;
+        --repeat) REPEAT="$2"; shift 2 ;;
+        --repeat=*) REPEAT="${1#*=}"; shift ;;
         --threads) THREADS="$2"; shift 2 ;;
         --threads=*) THREADS="${1#*=}"; shift ;;
         --workloads) WORKLOADS="$2"; shift 2 ;;
@@ -87,6 +96,9 @@ for c in $VIRTIOFSD_CACHES; do
         *) echo "compare.sh: bad virtiofsd cache mode '$c'" >&2; exit 2 ;;
     esac
 done
+case "$REPEAT" in
+    ''|*[!0-9]*|0) echo "compare.sh: bad --repeat '$REPEAT' (a count of 1 or more)" >&2; exit 2 ;;
+esac
 for t in $THREADS; do
     case "$t" in
         ''|*[!0-9]*|0) echo "compare.sh: bad thread count '$t'" >&2; exit 2 ;;
@@ -187,6 +199,7 @@ meta = {
     "load_start": $(json_str "$LOAD_START"),
     "load_end": $(json_str "${LOAD_END:-}"),
     "seconds": $(json_str "$SECONDS_PER_RUN"),
+    "repeat": $(json_str "$REPEAT"),
     "threads": $(json_str "$THREADS"),
     "workloads": $(json_str "$WORKLOADS"),
     "leasefs_rev": $(json_str "$GIT_REV"),
@@ -275,14 +288,16 @@ for w in $WORKLOADS; do
                 configs+=("leasefsd:$c:$t")
             done
         fi
-        # Rotate the order per cell so that no configuration always runs first.
+        # Rotate the order per cell and repeat so that no configuration always runs first.
         n=${#configs[@]}
         wait_idle
-        log "[$cell/$n_cells] $w, $t thread(s) (load $(loadavg))"
-        for ((k = 0; k < n; k++)); do
-            c="${configs[$(((k + cell) % n))]}"
-            IFS=: read -r c_daemon c_cache c_queues <<<"$c"
-            run_one "$c_daemon" "$c_cache" "$w" "$t" "$c_queues"
+        for ((r = 0; r < REPEAT; r++)); do
+            log "[$cell/$n_cells] $w, $t thread(s), run $((r + 1)) of $REPEAT (load $(loadavg))"
+            for ((k = 0; k < n; k++)); do
+                c="${configs[$(((k + cell + r) % n))]}"
+                IFS=: read -r c_daemon c_cache c_queues <<<"$c"
+                run_one "$c_daemon" "$c_cache" "$w" "$t" "$c_queues"
+            done
         done
     done
 done

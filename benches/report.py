@@ -155,7 +155,9 @@ def markdown(cells, meta, runs):
     lines.append("")
     m = meta
     loads = [float(r["loadavg"].split()[0]) for r in runs if r.get("loadavg")]
-    lines.append(f"- date: {m.get('date', '?')}; {m.get('seconds', '?')} s per run, one run per cell, "
+    repeat = str(m.get("repeat", "1"))
+    per_cell = "one run per cell" if repeat == "1" else f"{repeat} runs per cell, interleaved, the median shown"
+    lines.append(f"- date: {m.get('date', '?')}; {m.get('seconds', '?')} s per run, {per_cell}, "
                  f"a fresh daemon per run, all runs on one scratch share ({m.get('share_fs', '?')})")
     lines.append(f"- machine: {m.get('cpu_model', '?')}, nproc {m.get('nproc', '?')}, kernel {m.get('kernel', '?')}")
     load_line = f"- load average (1/5/15 min): {m.get('load_start', '?')} at start, {m.get('load_end', '?')} at end"
@@ -322,7 +324,7 @@ def svg(cells, meta):
     o.append(f'<text x="{left}" y="24" font-size="17" font-weight="bold">leasefsd vs virtiofsd 1.14, '
              f'driven by leasefs-bench (no VM)</text>')
     sub = (f"{meta.get('cpu_model', '?')}, {meta.get('nproc', '?')} CPUs, {meta.get('kernel', '?')}; "
-           f"{meta.get('seconds', '?')} s per run; {'taskset -c ' + meta['pin'] if meta.get('pin') else 'not pinned'}; load {meta.get('load_start', '?')} → {meta.get('load_end', '?')}; "
+           f"{meta.get('seconds', '?')} s per run, median of {meta.get('repeat', '1')}; {'taskset -c ' + meta['pin'] if meta.get('pin') else 'not pinned'}; load {meta.get('load_start', '?')} → {meta.get('load_end', '?')}; "
            f"{meta.get('date', '')}")
     o.append(f'<text x="{left}" y="42" font-size="11" fill="#444">{escape(sub)}</text>')
     for key, label, col, row in placed:
