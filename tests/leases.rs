@@ -621,3 +621,48 @@ fn after_the_guest_closes_a_file_it_created_host_writers_still_wait_for_its_leas
     // now waits for the rest of that lease, as for any leased file.
     host_write_held(&backend, &path, b"HOST!", granted);
 }
+
+#[test]
+fn a_file_the_guest_opens_for_writing_alone_stays_leased_while_it_writes() {
+    let (backend, fuse) = start("0.6");
+    let path = backend.share().join("rewritten");
+    fs::write(&path, b"old output").unwrap();
+    let entry = fuse.lookup(ROOT_ID, "rewritten").expect("LOOKUP");
+    assert_eq!(valid(entry.attr_valid, entry.attr_valid_nsec), LEASE);
+    // A rebuild rewriting its output: OPEN with O_TRUNC. The daemon gives its read lease up
+    // for the open and leases the guest's handle instead (nobody else has the file open).
+    let open = fuse
+        .open(entry.nodeid, libc::O_WRONLY | libc::O_TRUNC)
+        .expect("OPEN");
+    fuse.write(entry.nodeid, open.fh, 0, b"new output")
+        .expect("WRITE");
+    let attr = fuse.getattr(entry.nodeid).expect("GETATTR");
+    let granted = Instant::now();
+    assert_eq!(
+        valid(attr.attr_valid, attr.attr_valid_nsec),
+        LEASE,
+        "the guest's only open of the file is leased while it writes\n{}",
+        backend.log()
+    );
+    assert_eq!(attr.attr.size, 10);
+    host_write_held(&backend, &path, b"HOST", granted);
+    fuse.release(entry.nodeid, open.fh, libc::O_WRONLY)
+        .expect("RELEASE");
+    assert_eq!(fs::read(&path).unwrap(), b"HOSToutput");
+
+    // A file a host process keeps open for writing is not leased to the guest's open.
+    let logged = backend.share().join("logged");
+    fs::write(&logged, b"line\n").unwrap();
+    let logger = OpenOptions::new().append(true).open(&logged).unwrap();
+    let entry = fuse.lookup(ROOT_ID, "logged").expect("LOOKUP");
+    let open = fuse.open(entry.nodeid, libc::O_WRONLY).expect("OPEN");
+    let attr = fuse.getattr(entry.nodeid).expect("GETATTR");
+    assert_eq!(
+        valid(attr.attr_valid, attr.attr_valid_nsec),
+        Duration::ZERO,
+        "another writer has the file open: no lease, the guest revalidates"
+    );
+    fuse.release(entry.nodeid, open.fh, libc::O_WRONLY)
+        .expect("RELEASE");
+    drop(logger);
+}

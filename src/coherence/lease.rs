@@ -13,9 +13,10 @@
 //!   cached attributes: its next read asks for them, sees the new mtime and drops the stale
 //!   pages (FUSE_AUTO_INVAL_DATA). While a break is pending, or while the file is open for
 //!   writing anywhere (no lease can be had), its attributes are granted for 0 s: the guest
-//!   revalidates before every read. The one exception is a file the guest's CREATE opened
-//!   while nobody else had it open: a write lease (`F_WRLCK`) on the guest's own handle
-//!   ([`LeaseKeeper::lease_created`]) breaks before any other open, so it covers the file
+//!   revalidates before every read. The one exception is a file the guest's CREATE or OPEN
+//!   opened for writing while nobody else had it open: a write lease (`F_WRLCK`) on the
+//!   guest's own handle
+//!   ([`LeaseKeeper::lease_write_handle`]) breaks before any other open, so it covers the file
 //!   while the guest writes it; the daemon's own opens give it up first, and the guest's
 //!   close trades it for a read lease (docs/coherency.md, "Files the guest is writing").
 //! * **Names** (entries) are granted for the lease duration; the kernel has no event before a
@@ -113,8 +114,8 @@ pub use host_lease::block_signals;
 pub struct LeaseStats {
     /// Host file leases taken.
     pub acquired: AtomicU64,
-    /// Write leases taken on the descriptor of a file the guest created (see
-    /// [`LeaseKeeper::lease_created`]), and those given up for the guest's own opens or its
+    /// Write leases taken on the guest's handle of a file it opened for writing alone (see
+    /// [`LeaseKeeper::lease_write_handle`]), and those given up for the guest's own opens or its
     /// close before any host process broke them.
     pub write_leases: AtomicU64,
     pub write_leases_given_up: AtomicU64,
@@ -173,7 +174,7 @@ impl LeaseStats {
         let g = |c: &AtomicU64| c.load(Ordering::Relaxed);
         let held = g(&self.held);
         format!(
-            "leases: {entries} inodes tracked, {} file leases taken, {} write leases on files the guest created ({} given up for its own opens and closes), {} refused ({} open for writing, {} unsupported, {} not permitted, {} unreachable, {} over the descriptor budget; {} retries deferred by back-off), {} broken by host writers, {} given up for guest writes; {held} host writers held, mean {} us, max {} us ({}); {} revocations sent, {} holds ended by confirmation; {} requests answered ESTALE for a stale guest name, {} cache drops at open; {} holds ended by the pause bound while the guest was paused; adaptive: {} grants without lease time while cooling, {} host writers not held (the guest's lease had run out), {cooling}; names: {} directory delegations taken; {} leases or delegations given up for the guest's own name and attribute changes",
+            "leases: {entries} inodes tracked, {} file leases taken, {} write leases on files the guest writes alone ({} given up for its own opens and closes), {} refused ({} open for writing, {} unsupported, {} not permitted, {} unreachable, {} over the descriptor budget; {} retries deferred by back-off), {} broken by host writers, {} given up for guest writes; {held} host writers held, mean {} us, max {} us ({}); {} revocations sent, {} holds ended by confirmation; {} requests answered ESTALE for a stale guest name, {} cache drops at open; {} holds ended by the pause bound while the guest was paused; adaptive: {} grants without lease time while cooling, {} host writers not held (the guest's lease had run out), {cooling}; names: {} directory delegations taken; {} leases or delegations given up for the guest's own name and attribute changes",
             g(&self.acquired),
             g(&self.write_leases),
             g(&self.write_leases_given_up),
@@ -1059,6 +1060,13 @@ impl LeaseTable {
         }
     }
 
+    /// Give up `node`'s write lease before an open of ours would break it (see
+    /// [`take_write_lease`] for when it is kept).
+    fn give_up_write_lease_of(&self, node: u64) {
+        let fd = take_write_lease(&mut self.shard(node), node);
+        self.give_up_write_lease(fd);
+    }
+
     /// Give up a write lease [`take_write_lease`] took out of the table, if any.
     fn give_up_write_lease(&self, fd: Option<OwnedFd>) {
         if let Some(fd) = fd {
@@ -1272,7 +1280,7 @@ impl LeaseKeeper for LeaseTable {
         self.retake(node, now);
     }
 
-    fn lease_created(&self, data: &InodeData, file: &File) -> bool {
+    fn lease_write_handle(&self, data: &InodeData, file: &File) -> bool {
         if self.delegations || !is_reg(data.mode) || self.granted_lease(data).is_zero() {
             return false;
         }
@@ -1300,8 +1308,7 @@ impl LeaseKeeper for LeaseTable {
     }
 
     fn before_read_open(&self, data: &InodeData) {
-        let fd = take_write_lease(&mut self.shard(data.inode), data.inode);
-        self.give_up_write_lease(fd);
+        self.give_up_write_lease_of(data.inode);
     }
 
     fn end_write(&self, data: &InodeData) {
@@ -1731,6 +1738,41 @@ mod tests {
         // node is in no filesystem: nothing to take, nothing left marked).
         assert!(!s.acquiring.contains(&7));
         assert!(s.leases.get(&7).is_some_and(|l| l.file.is_none()));
+    }
+
+    #[test]
+    fn a_write_lease_is_given_up_before_our_own_open_and_only_a_write_lease() {
+        let (table, _host_ns, _clock, _fd) =
+            table_with_one_lease(Duration::from_secs(1), Duration::from_secs(30));
+        // A read lease stays: our read-only opens do not break it.
+        table.give_up_write_lease_of(7);
+        assert_eq!(table.descriptors(), 1);
+        table.shard(7).write_leased.insert(7);
+        table.give_up_write_lease_of(7);
+        assert_eq!(table.descriptors(), 0, "given up before our open breaks it");
+        assert!(table.shard(7).write_leased.is_empty());
+        assert_eq!(table.stats.write_leases_given_up.load(Ordering::Relaxed), 1);
+    }
+
+    #[test]
+    fn a_write_lease_a_host_opener_broke_is_kept_until_the_hold_ends() {
+        let (table, host_ns, _clock, fd) =
+            table_with_one_lease(Duration::from_secs(1), Duration::from_secs(30));
+        table.shard(7).write_leased.insert(7);
+        assert_eq!(table.host_break(7, fd), BreakFound::Handled);
+        // Our own open now waits behind the held host opener, like another one: giving the
+        // lease up would let that opener through while the guest may still use its cache.
+        table.give_up_write_lease_of(7);
+        assert_eq!(table.descriptors(), 1, "kept for the hold");
+        assert_eq!(
+            take_write_lease(&mut table.shard(7), 7).map(drop),
+            None,
+            "nor given up at the guest's close"
+        );
+        advance(&host_ns, Duration::from_millis(1_110));
+        assert!(!held(&table));
+        assert_eq!(table.descriptors(), 0, "the hold's end gave it up");
+        assert!(table.shard(7).write_leased.is_empty());
     }
 
     #[test]

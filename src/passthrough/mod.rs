@@ -113,18 +113,18 @@ pub trait LeaseKeeper: Send + Sync {
     fn end_write(&self, data: &InodeData);
     /// The guest closed a handle it had open for writing; `st` is the inode now. Its cached
     /// pages hold its own writes, so they may be kept across the next open. Called while the
-    /// handle's descriptor is still open; a write lease on it ([`Self::lease_created`]) is
+    /// handle's descriptor is still open; a write lease on it ([`Self::lease_write_handle`]) is
     /// given up here.
     fn write_handle_closed(&self, data: &InodeData, st: &stat64);
     /// After such a handle's descriptor was dropped: the guest may still trust attributes
     /// granted while it wrote, so the keeper may take a host lease again at once to cover
     /// them.
     fn write_handle_dropped(&self, _data: &InodeData) {}
-    /// CREATE opened `file` (the guest's new handle) on `data`: take a host lease on the
-    /// handle's own open file description if the kernel grants one (nobody else has the file
-    /// open), so the guest may cache the file it is writing. Whether one is held now; then
-    /// the reply's attributes are to be read again and granted under it.
-    fn lease_created(&self, _data: &InodeData, _file: &File) -> bool {
+    /// CREATE or OPEN opened `file` (the guest's new handle) on `data` for writing: take a
+    /// host write lease on the handle's own open file description if the kernel grants one
+    /// (nobody else has the file open), so the guest may cache the file it is writing.
+    /// Whether one is held now; a CREATE then reads the reply's attributes again under it.
+    fn lease_write_handle(&self, _data: &InodeData, _file: &File) -> bool {
         false
     }
     /// The daemon is about to open `data` read-only ([`PassthroughFs::open_read`]): a write

@@ -680,6 +680,13 @@ impl FileSystem for PassthroughFs {
                 self.open_read(&data, super::ReadOnly::new(flags)?)?
             }
         };
+        if writes && data.mode & libc::S_IFMT == libc::S_IFREG {
+            if let Some(keeper) = self.leases.get() {
+                // As at CREATE: the guest's only open of the file may be leased while it
+                // writes (the read lease, if any, was given up for this open).
+                keeper.lease_write_handle(&data, &file);
+            }
+        }
         let keep = self.check_open(&data, &file)?;
         let exec = raw_flags & FMODE_EXEC != 0 && !writes;
         let handle = self.handles.insert(&data, file, writes, exec);
@@ -750,7 +757,7 @@ impl FileSystem for PassthroughFs {
             // Nobody else has the new file open: a write lease on the guest's own handle
             // lets it cache the file while it writes; the reply then says what the lease
             // covers, read under it.
-            if keeper.lease_created(&data, &file) {
+            if keeper.lease_write_handle(&data, &file) {
                 let st = statx_fd(file.as_raw_fd())?.st;
                 (entry.attr, entry.attr_timeout) = self.attr_reply(&data, st);
             }
