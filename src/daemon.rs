@@ -95,6 +95,9 @@ pub fn run(options: Options) -> Result<(), DaemonError> {
                 notifier.clone(),
                 guest_clock.clone(),
                 adaptive_config(&options),
+                host_watcher
+                    .as_ref()
+                    .is_some_and(|w| w.reports_descriptors()),
             )
         })
         .flatten();

@@ -83,7 +83,11 @@ fn host_write_revokes_the_guest_cache_and_own_writes_do_not() {
     fuse.write(entry.nodeid, open.fh, 0, b"VERSION")
         .expect("WRITE");
     let own = inval_inodes(&device, &backend, Duration::from_millis(300));
-    assert!(own.is_empty(), "own write revoked {own:?}");
+    assert!(
+        own.is_empty(),
+        "own write revoked {own:?}\ndaemon log:\n{}",
+        backend.log()
+    );
 
     // Another process writes the file on the host.
     let started = Instant::now();
@@ -609,6 +613,14 @@ fn a_host_writer_of_a_file_the_guest_is_writing_waits_only_for_its_confirmation(
     );
     fuse.write(entry.nodeid, open.fh, 0, b"guest")
         .expect("WRITE");
+    // The guest's own write revokes nothing (a watcher that was told of it by descriptor
+    // once broke the lease itself here, and held its own thread for the guest's answer).
+    let own = inval_inodes(&device, &backend, Duration::from_millis(300));
+    assert!(
+        own.is_empty(),
+        "own write revoked {own:?}\ndaemon log:\n{}",
+        backend.log()
+    );
     let stop = Arc::new(AtomicBool::new(false));
     let driver = guest_driver(device.clone(), Duration::from_millis(1), stop.clone());
     let started = Instant::now();
@@ -630,4 +642,50 @@ fn a_host_writer_of_a_file_the_guest_is_writing_waits_only_for_its_confirmation(
     );
     fuse.release(entry.nodeid, open.fh, libc::O_WRONLY)
         .expect("RELEASE");
+}
+
+#[test]
+fn a_host_writer_that_opened_before_the_guest_is_told_after_each_write() {
+    // No lease can be had on a file a host process already has open for writing: its writes
+    // reach a notify-capable guest through the watcher's FAN_MODIFY (by file handle).
+    let backend = Backend::spawn(
+        env!("CARGO_BIN_EXE_leasefsd"),
+        &["--cache", "coherent", "--log-level", "debug"],
+    )
+    .expect("starting leasefsd");
+    let host_file = backend.share().join("log.txt");
+    fs::write(&host_file, b"first line\n").unwrap();
+    let mut writer = fs::OpenOptions::new()
+        .append(true)
+        .open(&host_file)
+        .unwrap();
+    let (device, fuse) = connect(&backend, true);
+    let entry = fuse.lookup(ROOT_ID, "log.txt").expect("LOOKUP");
+    let open = fuse.open(entry.nodeid, libc::O_RDONLY).expect("OPEN");
+    assert_eq!(
+        fuse.read(entry.nodeid, open.fh, 0, 64).unwrap(),
+        b"first line\n"
+    );
+    let quiet = inval_inodes(&device, &backend, Duration::from_millis(200));
+    assert!(quiet.is_empty(), "revoked before any change: {quiet:?}");
+    std::io::Write::write_all(&mut writer, b"second line\n").unwrap();
+    // The file's own watch revokes its pages too (offset 0); the directory's watch, which
+    // also hears a child's modification, revokes attributes only (offset -1).
+    let deadline = Instant::now() + Duration::from_secs(5);
+    let mut seen = Vec::new();
+    while !seen
+        .iter()
+        .any(|n: &Notice| n.node == entry.nodeid && n.offset >= 0)
+    {
+        assert!(
+            Instant::now() < deadline,
+            "no INVAL_INODE of node {}'s pages after a write through a descriptor opened before the guest's lookup: {seen:?}\ndaemon log:\n{}",
+            entry.nodeid,
+            backend.log()
+        );
+        for message in device.notifications().expect("draining notifications") {
+            seen.extend(Notice::parse(&message).filter(|n| n.code == FUSE_NOTIFY_INVAL_INODE));
+        }
+        std::thread::sleep(Duration::from_millis(5));
+    }
 }

@@ -381,6 +381,10 @@ pub struct LeaseTable {
     /// The host kernel and filesystem take directory delegations: a stock guest's names are
     /// then leased only under one ([`LeaseTable::grant_names`]).
     delegations: bool,
+    /// The host watcher's file events come with descriptors (kernels before 5.1): the kernel
+    /// opens a watched file for each event, which would break a write lease on it at the
+    /// guest's own writes, so watched files get none.
+    watch_by_descriptor: bool,
     pub stats: LeaseStats,
 }
 
@@ -435,6 +439,7 @@ impl LeaseTable {
             notifier,
             max_host_leases: host_lease::budget(),
             delegations: false,
+            watch_by_descriptor: false,
             stats: LeaseStats::default(),
         }
     }
@@ -467,6 +472,11 @@ impl LeaseTable {
     /// [`host_lease::probe_delegations`]) instead of by time alone.
     pub fn with_delegations(mut self, on: bool) -> Self {
         self.delegations = on;
+        self
+    }
+
+    pub fn with_watch_by_descriptor(mut self, on: bool) -> Self {
+        self.watch_by_descriptor = on;
         self
     }
 
@@ -1281,7 +1291,11 @@ impl LeaseKeeper for LeaseTable {
     }
 
     fn lease_write_handle(&self, data: &InodeData, file: &File) -> bool {
-        if self.delegations || !is_reg(data.mode) || self.granted_lease(data).is_zero() {
+        if self.delegations
+            || !is_reg(data.mode)
+            || self.granted_lease(data).is_zero()
+            || (self.watch_by_descriptor && data.watched.load(Ordering::Relaxed))
+        {
             return false;
         }
         let node = data.inode;
@@ -1398,6 +1412,7 @@ pub fn start(
     notifier: Arc<Notifier>,
     clock: Arc<GuestClock>,
     adaptive: Option<AdaptiveConfig>,
+    watched_by_descriptor: bool,
 ) -> Option<Arc<LeaseTable>> {
     let mut pause_bound = PAUSE_BOUND;
     if let Some(max) = host_lease::break_time() {
@@ -1434,7 +1449,8 @@ pub fn start(
             pause_bound,
         )
         .with_adaptive(adaptive)
-        .with_delegations(delegations == host_lease::Delegations::OnDirectories),
+        .with_delegations(delegations == host_lease::Delegations::OnDirectories)
+        .with_watch_by_descriptor(watched_by_descriptor),
     );
     if let Err(e) = table.spawn() {
         warn!("leases unavailable ({e}); guests revalidate every access");

@@ -1,8 +1,12 @@
 //! Host change events: fanotify listeners that revoke what a notify-capable guest caches when
 //! another process changes the share.
 //!
-//! * **Data** (one fanotify group reporting descriptors): each regular file the guest knows
-//!   (from its first LOOKUP to its last FORGET) carries a FAN_MODIFY mark. When a process
+//! * **Data** (one fanotify group reporting file handles, FAN_REPORT_FID): each regular file
+//!   the guest knows (from its first LOOKUP to its last FORGET) carries a FAN_MODIFY mark.
+//!   Handles, not descriptors: the kernel opening a descriptor for each event would break a
+//!   write lease we hold on the guest's own write handle (src/coherence/lease.rs) at the
+//!   guest's own writes, holding this thread up like a host reader. (Kernels before 5.1 get
+//!   descriptors; there the lease table takes no write leases on watched files.) When a process
 //!   other than this daemon modifies it, the guest gets INVAL_INODE for every node id of the
 //!   inode. This is the post-change path, for writers that opened the file before the guest's
 //!   lease (no lease break held them); the lease table's breaks cover the rest, before the
@@ -118,6 +122,9 @@ pub struct HostWatcher {
     /// Whether directory events name their child (FAN_REPORT_TARGET_FID), and then regular
     /// file handle -> node ids, to tell the guest which inode a host unlink deleted.
     target_fid: bool,
+    /// Whether the file group reports handles (FAN_REPORT_FID) rather than descriptors; then
+    /// its events are looked up in `files` too.
+    files_fid: bool,
     files: Mutex<HashMap<Vec<u8>, Vec<u64>>>,
     /// `/proc/self/fd`, to name our O_PATH inode descriptors to fanotify_mark (which refuses
     /// O_PATH descriptors themselves); opened before the sandbox hides /proc.
@@ -134,13 +141,21 @@ impl HostWatcher {
     /// Set up the listener. Needs CAP_SYS_ADMIN; without it the caller serves without
     /// notifications, which stays correct for every guest (they revalidate).
     pub fn new(notifier: Arc<Notifier>) -> io::Result<Self> {
-        // SAFETY: plain syscall; the result is checked.
-        let fd = unsafe {
-            libc::fanotify_init(
-                FAN_CLASS_NOTIF | FAN_CLOEXEC,
-                (libc::O_RDONLY | libc::O_LARGEFILE | libc::O_CLOEXEC) as libc::c_uint,
-            )
+        let files_group = |report: libc::c_uint| {
+            // SAFETY: plain syscall; the result is checked.
+            unsafe {
+                libc::fanotify_init(
+                    FAN_CLASS_NOTIF | FAN_CLOEXEC | report,
+                    (libc::O_RDONLY | libc::O_LARGEFILE | libc::O_CLOEXEC) as libc::c_uint,
+                )
+            }
         };
+        let mut files_fid = true;
+        let mut fd = files_group(FAN_REPORT_FID);
+        if fd < 0 {
+            files_fid = false;
+            fd = files_group(0);
+        }
         if fd < 0 {
             return Err(io::Error::last_os_error());
         }
@@ -179,6 +194,7 @@ impl HostWatcher {
             names,
             dirs: Mutex::new(HashMap::new()),
             target_fid,
+            files_fid,
             files: Mutex::new(HashMap::new()),
             proc_self_fd,
             notifier,
@@ -233,20 +249,24 @@ impl HostWatcher {
         thread::Builder::new()
             .name("leasefs-watcher".into())
             .spawn(move || {
-                read_events(self.fanotify.as_raw_fd(), &self.notifier, |event, _| {
-                    self.handle(&fs, event, own_pid())
-                })
+                read_events(
+                    self.fanotify.as_raw_fd(),
+                    &self.notifier,
+                    |event, record| self.handle(&fs, event, record, own_pid()),
+                )
             })
             .map(|_| ())
     }
 
-    fn handle(&self, fs: &PassthroughFs, event: &EventMetadata, own_pid: i32) {
+    fn handle(&self, fs: &PassthroughFs, event: &EventMetadata, record: &[u8], own_pid: i32) {
         if event.fd < 0 {
             if event.mask & FAN_Q_OVERFLOW != 0 {
                 warn!(
                     "host watcher: file event queue overflow; revoking everything the guest caches"
                 );
                 self.revoke_everything(fs);
+            } else if self.files_fid {
+                self.handle_fid(event, record, own_pid);
             }
             return;
         }
@@ -271,6 +291,37 @@ impl HostWatcher {
                 len: 0,
             });
         }
+    }
+}
+
+impl HostWatcher {
+    /// A FAN_REPORT_FID file event: revoke every node id of the file its handle names.
+    fn handle_fid(&self, event: &EventMetadata, record: &[u8], own_pid: i32) {
+        if event.pid == own_pid {
+            // The guest's own write through us: its cache is already right.
+            self.stats.own_changes.fetch_add(1, Ordering::Relaxed);
+            return;
+        }
+        self.stats.host_changes.fetch_add(1, Ordering::Relaxed);
+        let Some(key) = target_fid(record, event.metadata_len as usize) else {
+            return;
+        };
+        let nodes = self.files.lock().unwrap().get(&key).cloned();
+        for ino in nodes.unwrap_or_default() {
+            debug!("host changed node {ino}: revoking");
+            self.stats.revocations.fetch_add(1, Ordering::Relaxed);
+            self.notifier.send(Notification::InvalInode {
+                ino,
+                offset: 0,
+                len: 0,
+            });
+        }
+    }
+
+    /// Whether file events come with descriptors (kernels before 5.1): the kernel then opens
+    /// each watched file for each event, which breaks a write lease on it.
+    pub fn reports_descriptors(&self) -> bool {
+        !self.files_fid
     }
 }
 
@@ -384,7 +435,8 @@ fn dfid_name(record: &[u8], metadata_len: usize) -> Option<(Vec<u8>, Vec<u8>)> {
     Some((key, name.to_bytes().to_vec()))
 }
 
-/// The child's handle key in an entry event of a FAN_REPORT_TARGET_FID group.
+/// The file's handle key in an event of a FAN_REPORT_FID group (the child's, in an entry
+/// event of a FAN_REPORT_TARGET_FID group).
 fn target_fid(record: &[u8], metadata_len: usize) -> Option<Vec<u8>> {
     let (_, this) = info_records(record, metadata_len)
         .find(|&(info_type, _)| info_type == FAN_EVENT_INFO_TYPE_FID)?;
@@ -648,7 +700,7 @@ impl HostWatcher {
     /// Returns whether another node id (an alias of the same host inode) still needs the
     /// file's mark.
     fn track_file(&self, data: &InodeData, add: bool) -> bool {
-        if !self.target_fid {
+        if !self.target_fid && !self.files_fid {
             return false;
         }
         let Ok(key) = key_of(data) else {
@@ -751,6 +803,13 @@ impl InodeObserver for HostWatcher {
         }
         if data.mode & libc::S_IFMT != libc::S_IFREG {
             return;
+        }
+        // Its events name the file by handle: one we cannot compute could not be told.
+        if self.files_fid {
+            if let Err(e) = key_of(data) {
+                self.mark_failed(data, &e);
+                return;
+            }
         }
         match self.mark(FAN_MARK_ADD, data) {
             Ok(()) => {
