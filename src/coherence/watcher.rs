@@ -259,55 +259,37 @@ impl HostWatcher {
     }
 
     fn handle(&self, fs: &PassthroughFs, event: &EventMetadata, record: &[u8], own_pid: i32) {
-        if event.fd < 0 {
-            if event.mask & FAN_Q_OVERFLOW != 0 {
-                warn!(
-                    "host watcher: file event queue overflow; revoking everything the guest caches"
-                );
-                self.revoke_everything(fs);
-            } else if self.files_fid {
-                self.handle_fid(event, record, own_pid);
+        // A descriptor (groups reporting descriptors) is ours to close, whatever the event.
+        // SAFETY: the kernel opened it for us; nobody else owns it.
+        let file = (event.fd >= 0).then(|| unsafe { File::from_raw_fd(event.fd) });
+        if file.is_none() && event.mask & FAN_Q_OVERFLOW != 0 {
+            warn!("host watcher: file event queue overflow; revoking everything the guest caches");
+            self.revoke_everything(fs);
+            return;
+        }
+        if file.is_none() && !self.files_fid {
+            return;
+        }
+        if event.pid == own_pid {
+            // The guest's own write through us: its cache is already right.
+            self.stats.own_changes.fetch_add(1, Ordering::Relaxed);
+            return;
+        }
+        self.stats.host_changes.fetch_add(1, Ordering::Relaxed);
+        let nodes = match file {
+            // FAN_REPORT_FID: the file's handle, among those of the files the guest knows.
+            None => target_fid(record, event.metadata_len as usize)
+                .and_then(|key| self.files.lock().unwrap().get(&key).cloned())
+                .unwrap_or_default(),
+            Some(file) => {
+                use std::os::unix::fs::MetadataExt;
+                match file.metadata() {
+                    Ok(meta) => fs.find_inodes_by_dev_ino(meta.dev(), meta.ino()),
+                    Err(_) => return,
+                }
             }
-            return;
-        }
-        // SAFETY: the kernel opened this descriptor for us; we own and close it.
-        let file = unsafe { File::from_raw_fd(event.fd) };
-        if event.pid == own_pid {
-            // The guest's own write through us: its cache is already right.
-            self.stats.own_changes.fetch_add(1, Ordering::Relaxed);
-            return;
-        }
-        self.stats.host_changes.fetch_add(1, Ordering::Relaxed);
-        let Ok(meta) = file.metadata() else {
-            return;
         };
-        use std::os::unix::fs::MetadataExt;
-        for ino in fs.find_inodes_by_dev_ino(meta.dev(), meta.ino()) {
-            debug!("host changed node {ino}: revoking");
-            self.stats.revocations.fetch_add(1, Ordering::Relaxed);
-            self.notifier.send(Notification::InvalInode {
-                ino,
-                offset: 0,
-                len: 0,
-            });
-        }
-    }
-}
-
-impl HostWatcher {
-    /// A FAN_REPORT_FID file event: revoke every node id of the file its handle names.
-    fn handle_fid(&self, event: &EventMetadata, record: &[u8], own_pid: i32) {
-        if event.pid == own_pid {
-            // The guest's own write through us: its cache is already right.
-            self.stats.own_changes.fetch_add(1, Ordering::Relaxed);
-            return;
-        }
-        self.stats.host_changes.fetch_add(1, Ordering::Relaxed);
-        let Some(key) = target_fid(record, event.metadata_len as usize) else {
-            return;
-        };
-        let nodes = self.files.lock().unwrap().get(&key).cloned();
-        for ino in nodes.unwrap_or_default() {
+        for ino in nodes {
             debug!("host changed node {ino}: revoking");
             self.stats.revocations.fetch_add(1, Ordering::Relaxed);
             self.notifier.send(Notification::InvalInode {
