@@ -274,7 +274,7 @@ impl Default for CacheMark {
 #[derive(Default)]
 struct Lease {
     /// The descriptor carrying our host file lease (regular files only): an O_RDONLY one of
-    /// our own, or, for a node in [`Shard::write_leased`], a duplicate of the guest's CREATE
+    /// our own, or, for a node in [`Shard::write_leased`], a duplicate of the guest's write
     /// handle carrying a write lease.
     file: Option<OwnedFd>,
     /// When the last attribute lease we granted runs out; a host writer is held until then.
@@ -332,7 +332,7 @@ struct Shard {
     own_writers: FxHashMap<u64, u32>,
     /// Nodes whose host lease is being taken outside the lock.
     acquiring: FxHashSet<u64>,
-    /// Nodes whose `file` carries a write lease on the guest's CREATE handle rather than a
+    /// Nodes whose `file` carries a write lease on the guest's write handle rather than a
     /// read lease: any open of ours, for reading too, must give it up first.
     write_leased: FxHashSet<u64>,
     refused: FxHashMap<u64, Refusal>,
@@ -1336,7 +1336,7 @@ impl LeaseKeeper for LeaseTable {
     }
 }
 
-/// `node`'s write lease on the guest's CREATE handle, taken out of the table to be given up
+/// `node`'s write lease on the guest's write handle, taken out of the table to be given up
 /// before an open of ours would break it or the handle closes. None if it has none, or if a
 /// host opener is already held on it: then our open waits behind that one like another, and
 /// the hold's end gives the lease up.
