@@ -57,15 +57,40 @@ fn inval_inodes(device: &Device, backend: &Backend, wait: Duration) -> Vec<u64> 
     }
 }
 
-#[test]
-fn host_write_revokes_the_guest_cache_and_own_writes_do_not() {
+/// WRITE `data` at 0 through handle `fh` of `node` as the guest, and check that no
+/// INVAL_INODE follows within 300 ms: the guest's own write leaves its cache right.
+fn own_write_revokes_nothing(
+    device: &Device,
+    fuse: &FuseClient,
+    backend: &Backend,
+    node: u64,
+    fh: u64,
+    data: &[u8],
+) {
+    fuse.write(node, fh, 0, data).expect("WRITE");
+    let own = inval_inodes(device, backend, Duration::from_millis(300));
+    assert!(
+        own.is_empty(),
+        "own write revoked {own:?}\ndaemon log:\n{}",
+        backend.log()
+    );
+}
+
+/// A coherent leasefsd logging at debug level, with `name` holding `contents` on its share.
+fn with_host_file(name: &str, contents: &[u8]) -> (Backend, std::path::PathBuf) {
     let backend = Backend::spawn(
         env!("CARGO_BIN_EXE_leasefsd"),
         &["--cache", "coherent", "--log-level", "debug"],
     )
     .expect("starting leasefsd");
-    let host_file = backend.share().join("cached.txt");
-    fs::write(&host_file, b"version one").unwrap();
+    let host_file = backend.share().join(name);
+    fs::write(&host_file, contents).unwrap();
+    (backend, host_file)
+}
+
+#[test]
+fn host_write_revokes_the_guest_cache_and_own_writes_do_not() {
+    let (backend, host_file) = with_host_file("cached.txt", b"version one");
     let (device, fuse) = connect(&backend, true);
     assert!(
         device.has_notification_queue(),
@@ -80,14 +105,7 @@ fn host_write_revokes_the_guest_cache_and_own_writes_do_not() {
     );
 
     // The guest's own write goes through the daemon: nothing to revoke.
-    fuse.write(entry.nodeid, open.fh, 0, b"VERSION")
-        .expect("WRITE");
-    let own = inval_inodes(&device, &backend, Duration::from_millis(300));
-    assert!(
-        own.is_empty(),
-        "own write revoked {own:?}\ndaemon log:\n{}",
-        backend.log()
-    );
+    own_write_revokes_nothing(&device, &fuse, &backend, entry.nodeid, open.fh, b"VERSION");
 
     // Another process writes the file on the host.
     let started = Instant::now();
@@ -611,16 +629,9 @@ fn a_host_writer_of_a_file_the_guest_is_writing_waits_only_for_its_confirmation(
         "a file only the guest has open is leased\n{}",
         backend.log()
     );
-    fuse.write(entry.nodeid, open.fh, 0, b"guest")
-        .expect("WRITE");
     // The guest's own write revokes nothing (a watcher that was told of it by descriptor
     // once broke the lease itself here, and held its own thread for the guest's answer).
-    let own = inval_inodes(&device, &backend, Duration::from_millis(300));
-    assert!(
-        own.is_empty(),
-        "own write revoked {own:?}\ndaemon log:\n{}",
-        backend.log()
-    );
+    own_write_revokes_nothing(&device, &fuse, &backend, entry.nodeid, open.fh, b"guest");
     let stop = Arc::new(AtomicBool::new(false));
     let driver = guest_driver(device.clone(), Duration::from_millis(1), stop.clone());
     let started = Instant::now();
@@ -648,13 +659,7 @@ fn a_host_writer_of_a_file_the_guest_is_writing_waits_only_for_its_confirmation(
 fn a_host_writer_that_opened_before_the_guest_is_told_after_each_write() {
     // No lease can be had on a file a host process already has open for writing: its writes
     // reach a notify-capable guest through the watcher's FAN_MODIFY (by file handle).
-    let backend = Backend::spawn(
-        env!("CARGO_BIN_EXE_leasefsd"),
-        &["--cache", "coherent", "--log-level", "debug"],
-    )
-    .expect("starting leasefsd");
-    let host_file = backend.share().join("log.txt");
-    fs::write(&host_file, b"first line\n").unwrap();
+    let (backend, host_file) = with_host_file("log.txt", b"first line\n");
     let mut writer = fs::OpenOptions::new()
         .append(true)
         .open(&host_file)
