@@ -105,8 +105,9 @@ pub fn take_delegation(fs: &PassthroughFs, data: &InodeData) -> Result<OwnedFd, 
     Ok(fd)
 }
 
-/// Take a write lease on the open file description of `file`, the descriptor a guest CREATE
-/// just opened: the kernel grants it only while that description is the file's only open, and
+/// Take a write lease on the open file description of `file`, the descriptor a guest CREATE or
+/// OPEN for writing just opened: the kernel grants it only while that description is the
+/// file's only open, and
 /// breaks it before any other open (for reading too) or truncation. It lives on a duplicate
 /// of the descriptor, which the lease table keeps and gives up with [`release`] (closing the
 /// duplicate alone would not end it: the guest's handle shares the description).

@@ -680,12 +680,11 @@ impl FileSystem for PassthroughFs {
                 self.open_read(&data, super::ReadOnly::new(flags)?)?
             }
         };
-        if writes && data.mode & libc::S_IFMT == libc::S_IFREG {
-            if let Some(keeper) = self.leases.get() {
-                // As at CREATE: the guest's only open of the file may be leased while it
-                // writes (the read lease, if any, was given up for this open).
-                keeper.lease_write_handle(&data, &file);
-            }
+        if let (true, Some(keeper)) = (writes, self.leases.get()) {
+            // As at CREATE: the guest's only open of a file may be leased while it writes
+            // (the read lease, if any, was given up for this open; the keeper leases regular
+            // files only).
+            keeper.lease_write_handle(&data, &file);
         }
         let keep = self.check_open(&data, &file)?;
         let exec = raw_flags & FMODE_EXEC != 0 && !writes;
