@@ -1097,8 +1097,14 @@ impl LeaseTable {
                     .remaining(Tick::now(now), self.longest_ms)
                     .is_some()
         });
-        if !outstanding
-            || s.acquiring.contains(&node)
+        outstanding && self.claim_for_acquiring(s, node)
+    }
+
+    /// Mark `node` acquiring, unless a lease is being taken for it already, a host writer is
+    /// held on it, the guest is changing it, or no descriptor is left for another lease.
+    /// Whether it was marked.
+    fn claim_for_acquiring(&self, s: &mut Shard, node: u64) -> bool {
+        if s.acquiring.contains(&node)
             || s.holds.contains_key(&node)
             || s.own_writers.contains_key(&node)
             || !self.within_budget()
@@ -1304,14 +1310,10 @@ impl LeaseKeeper for LeaseTable {
             let mut guard = self.shard(node);
             let s = &mut *guard;
             if s.leases.get(&node).is_some_and(|l| l.file.is_some())
-                || s.holds.contains_key(&node)
-                || s.own_writers.contains_key(&node)
-                || s.acquiring.contains(&node)
-                || !self.within_budget()
+                || !self.claim_for_acquiring(s, node)
             {
                 return false;
             }
-            s.acquiring.insert(node);
         }
         let taken = host_lease::take_write(file, data);
         let installed = self.install(node, taken, now, Duration::ZERO, true);
