@@ -152,6 +152,7 @@ declare -A cfg_daemon=(
     [leasefsd-nopoll]=leasefsd
     [leasefsd-trace]=leasefsd
     [virtiofsd-auto-trace]=virtiofsd
+    [virtiofsd-always-trace]=virtiofsd
     [two-leasefsd]=leasefsd
 )
 declare -A cfg_args=(
@@ -164,6 +165,7 @@ declare -A cfg_args=(
     [leasefsd-nopoll]="--queue-poll-us 0 --sandbox none"
     [leasefsd-trace]="--log-level trace --sandbox none"
     [virtiofsd-auto-trace]="--cache auto --log-level trace --sandbox none"
+    [virtiofsd-always-trace]="--cache always --log-level trace --sandbox none"
     [two-leasefsd]="--sandbox none"
 )
 

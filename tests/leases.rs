@@ -13,6 +13,7 @@ use leasefs::frontend::process::Backend;
 use leasefs::frontend::{Device, FrontendConfig, FuseClient, ROOT_ID};
 
 const FOPEN_KEEP_CACHE: u32 = 1 << 1;
+const FOPEN_CACHE_DIR: u32 = 1 << 3;
 const LEASE: Duration = Duration::from_millis(600);
 
 fn start(lease: &str) -> (Backend, FuseClient) {
@@ -219,6 +220,51 @@ fn cached_pages_are_kept_across_opens_only_while_unchanged() {
     // Once an open has dropped the pages, keeping the cache is safe again.
     let third = fuse.open(entry.nodeid, libc::O_RDONLY).expect("OPEN");
     assert_ne!(third.open_flags & FOPEN_KEEP_CACHE, 0);
+}
+
+/// A directory's cached listing, like a file's pages: kept across OPENDIRs (CACHE_DIR and
+/// KEEP_CACHE; without KEEP_CACHE Linux drops the listing at every open) only while the host
+/// has not changed the directory since the guest last opened it.
+#[test]
+fn cached_listings_are_kept_across_opendirs_only_while_unchanged() {
+    let (backend, fuse) = start("0.3");
+    let dir = backend.share().join("listed");
+    fs::create_dir(&dir).unwrap();
+    fs::write(dir.join("a"), b"a").unwrap();
+    thread::sleep(Duration::from_millis(50)); // past the create's timestamp tick
+    let entry = fuse.lookup(ROOT_ID, "listed").expect("LOOKUP");
+    let both = FOPEN_KEEP_CACHE | FOPEN_CACHE_DIR;
+    fuse.opendir(entry.nodeid).expect("OPENDIR");
+    let unchanged = fuse.opendir(entry.nodeid).expect("OPENDIR");
+    assert_eq!(
+        unchanged.open_flags & both,
+        both,
+        "unchanged since the last OPENDIR: keep the listing"
+    );
+    // Each way the host changes what the directory lists drops the cached listing.
+    let changes: [(&str, &dyn Fn()); 3] = [
+        ("create", &|| fs::write(dir.join("b"), b"b").unwrap()),
+        ("unlink", &|| fs::remove_file(dir.join("a")).unwrap()),
+        ("rename", &|| {
+            fs::rename(dir.join("b"), dir.join("c")).unwrap()
+        }),
+    ];
+    for (what, change) in changes {
+        change();
+        thread::sleep(Duration::from_millis(50)); // past the change's timestamp tick
+        let changed = fuse.opendir(entry.nodeid).expect("OPENDIR");
+        assert_eq!(
+            changed.open_flags & both,
+            0,
+            "a host {what} in the directory: the guest must read the listing afresh"
+        );
+        let again = fuse.opendir(entry.nodeid).expect("OPENDIR");
+        assert_eq!(
+            again.open_flags & both,
+            both,
+            "after the {what}, read afresh once"
+        );
+    }
 }
 
 #[test]

@@ -500,9 +500,14 @@ impl PassthroughFs {
         }
     }
 
+    /// CACHE_DIR lets the guest cache the listing; KEEP_CACHE keeps it across this open
+    /// (Linux 6.12 drops a directory's cached listing at every OPENDIR reply without it, as it
+    /// drops a file's pages), as virtiofsd 1.14 `--cache always` answers.
     fn dir_open_options(&self) -> OpenOptions {
         match self.cfg.cache {
-            CachePolicy::Always | CachePolicy::Coherent => OpenOptions::CACHE_DIR,
+            CachePolicy::Always | CachePolicy::Coherent => {
+                OpenOptions::CACHE_DIR | OpenOptions::KEEP_CACHE
+            }
             _ => OpenOptions::empty(),
         }
     }
