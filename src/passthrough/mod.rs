@@ -500,14 +500,13 @@ impl PassthroughFs {
         }
     }
 
-    /// CACHE_DIR lets the guest cache the listing; KEEP_CACHE keeps it across this open
-    /// (Linux 6.12 drops a directory's cached listing at every OPENDIR reply without it, as it
-    /// drops a file's pages), as virtiofsd 1.14 `--cache always` answers.
+    /// CACHE_DIR without KEEP_CACHE: the guest caches the listing for one open (Linux drops
+    /// it at the next OPENDIR). Not virtiofsd `--cache always`'s KEEP_CACHE: our names expire
+    /// with the lease, and a listing read afresh (READDIRPLUS) renews them all in a few
+    /// requests, where a kept listing left each to its own LOOKUP (docs/performance.md).
     fn dir_open_options(&self) -> OpenOptions {
         match self.cfg.cache {
-            CachePolicy::Always | CachePolicy::Coherent => {
-                OpenOptions::CACHE_DIR | OpenOptions::KEEP_CACHE
-            }
+            CachePolicy::Always | CachePolicy::Coherent => OpenOptions::CACHE_DIR,
             _ => OpenOptions::empty(),
         }
     }

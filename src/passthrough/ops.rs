@@ -945,9 +945,8 @@ impl FileSystem for PassthroughFs {
         let handle = self.handles.insert(&data, file, false, false);
         let mut opts = self.dir_open_options();
         if !keep {
-            // The listing changed since the guest last opened the directory: read it afresh
-            // (without KEEP_CACHE the guest drops what it cached).
-            opts.remove(OpenOptions::CACHE_DIR | OpenOptions::KEEP_CACHE);
+            // The listing changed since the guest's attributes say: read it afresh.
+            opts.remove(OpenOptions::CACHE_DIR);
         }
         Ok((Some(handle), opts))
     }
