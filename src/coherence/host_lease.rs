@@ -107,10 +107,10 @@ pub fn take_delegation(fs: &PassthroughFs, data: &InodeData) -> Result<OwnedFd, 
 
 /// Take a write lease on the open file description of `file`, the descriptor a guest CREATE or
 /// OPEN for writing just opened: the kernel grants it only while that description is the
-/// file's only open, and
-/// breaks it before any other open (for reading too) or truncation. It lives on a duplicate
-/// of the descriptor, which the lease table keeps and gives up with [`release`] (closing the
-/// duplicate alone would not end it: the guest's handle shares the description).
+/// file's only open, and breaks it before any other open (for reading too) or truncation. It
+/// lives on a duplicate of the descriptor, which the lease table keeps and gives up with
+/// [`release`] (closing the duplicate alone would not end it: the guest's handle shares the
+/// description).
 pub fn take_write(file: &impl AsRawFd, data: &InodeData) -> Result<OwnedFd, Refused> {
     // SAFETY: F_DUPFD_CLOEXEC on a descriptor the caller keeps open; checked.
     let dup = unsafe { libc::fcntl(file.as_raw_fd(), libc::F_DUPFD_CLOEXEC, 0) };

@@ -945,7 +945,8 @@ impl FileSystem for PassthroughFs {
         let handle = self.handles.insert(&data, file, false, false);
         let mut opts = self.dir_open_options();
         if !keep {
-            // The listing changed since the guest's attributes say: read it afresh.
+            // The directory changed since the guest last opened it (its ctime): no cached
+            // listing even for this open.
             opts.remove(OpenOptions::CACHE_DIR);
         }
         Ok((Some(handle), opts))
